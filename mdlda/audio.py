@@ -103,3 +103,49 @@ def to_pcm16(x: np.ndarray) -> np.ndarray:
 def from_pcm16(x: np.ndarray) -> np.ndarray:
     """int16 -> float32 [-1, 1]."""
     return x.astype(np.float32) / PCM_SCALE
+
+
+def stream_segments(
+    path: str | Path, target_sr: int = SAMPLE_RATE, block_seconds: float = 10.0
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode a long recording block by block and yield its non-overlapping 15-s segments.
+
+    Memory stays at a few blocks whatever the recording's length (a 20-min MAESTRO WAV is never held whole).
+    Yields ``(index, float32 window)``; the last partial window is dropped. Raises :class:`AudioError`.
+    """
+    import soundfile as sf
+    import soxr
+
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: file is empty (0 bytes)")
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as exc:
+        raise AudioError(f"{path}: cannot decode ({exc})") from exc
+    with f:
+        sr = f.samplerate
+        stream = None if sr == target_sr else soxr.ResampleStream(sr, target_sr, 1, dtype="float32", quality="HQ")
+        buf = np.zeros(0, dtype=np.float32)
+        index = 0
+        block = max(1, int(block_seconds * sr))
+        while True:
+            try:
+                x = f.read(block, dtype="float32", always_2d=True)
+            except Exception as exc:
+                raise AudioError(f"{path}: decoding failed at {f.tell() / sr:.1f} s ({exc})") from exc
+            last = len(x) < block
+            x = to_mono(x)
+            if not np.isfinite(x).all():
+                raise AudioError(f"{path}: decoded audio contains NaN or infinite samples")
+            if stream is not None:
+                x = stream.resample_chunk(x, last=last)
+            buf = np.concatenate([buf, x])
+            while len(buf) >= SEGMENT_SAMPLES:
+                yield index, buf[:SEGMENT_SAMPLES]
+                buf = buf[SEGMENT_SAMPLES:]
+                index += 1
+            if last:
+                break

@@ -1,0 +1,41 @@
+# The two commands of a fresh machine: `make demo` and `make test`. Each creates .venv when missing and
+# installs the project into it; the stamp file makes a second run install nothing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mdlda-installed
+WORKDIR ?= demo_work
+
+# Quiet, local, token-free Ray for tests and the demo (see ../shared/NOTES-ray-mlflow.md).
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_DEDUP_LOGS ?= 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mdlda demo-data --out $(WORKDIR)/data --size small
+	$(BIN)/mdlda run --config tune_spaces/demo.yaml --data $(WORKDIR)/data --workdir $(WORKDIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs --durations=15
+
+bench: $(STAMP)
+	$(BIN)/python bench/prepare.py
+	$(BIN)/python bench/train_step.py --width 16 --steps 3
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(WORKDIR) .pytest_cache

@@ -1,0 +1,142 @@
+"""Typed configuration of the chain and its stages, read from the YAML files in ``tune_spaces/``.
+
+One override mechanism: ``load_chain_config(path, overrides=["teachers.num_samples=8", ...])`` applies dotted
+``key=value`` pairs (values parsed as YAML) on top of the file before validation. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SweepConfig(_Strict):
+    """A Ray Tune sweep of one model family (teachers, or a baseline when ``mode`` is 'supervised')."""
+
+    name: str = "teachers"
+    model: str = "rfresnet"
+    model_overrides: dict[str, Any] = Field(default_factory=dict, description="Fixed create_model overrides.")
+    mode: Literal["dann", "supervised"] = "dann"
+    search: dict[str, Any] = Field(default_factory=dict, description="Search space (see tune_spaces/README).")
+    train: dict[str, Any] = Field(default_factory=dict, description="Fixed TrainConfig fields.")
+    num_samples: int = 16
+    max_concurrent: int | None = Field(None, description="Concurrent trials; None sizes from the cluster.")
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 5
+    reduction_factor: int = 2
+    metric: str = "val_r_mean"
+    mode_metric: Literal["max", "min"] = "max"
+    top_k: int = 4
+    allow_fewer: bool = False
+    register: bool = True
+    time_budget_s: float | None = None
+    max_failures_per_trial: int = 0
+
+
+class PseudoLabelConfig(_Strict):
+    num_segments: int | None = 500
+    fraction: float | None = Field(None, description="Of the labelled source train size; overrides num_segments.")
+    seed: int = 0
+    batch_size: int = 16
+    concurrency: int | None = None
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    splits: list[str] | None = Field(None, description="MAESTRO splits to draw from (default all).")
+
+
+class StudentConfig(_Strict):
+    model: str = "rfresnet"
+    model_overrides: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+    register: bool = True
+
+
+class DataConfig(_Strict):
+    """Where the raw datasets are (relative paths are resolved against the data root given on the CLI)."""
+
+    midlevel_root: str = "midlevel"
+    piano_ids: str | None = "midlevel/piano_ids.csv"
+    maestro_root: str = "maestro"
+    maestro_splits: list[str] | None = None
+    max_performances: int | None = None
+    seed: int = 0
+    max_failure_share: float = 0.1
+
+
+class ChainConfig(_Strict):
+    experiment: str = "mdlda"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teachers: SweepConfig = Field(default_factory=SweepConfig)
+    baselines: list[SweepConfig] = Field(default_factory=list)
+    pseudolabel: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    materialize_max_gb: float = Field(2.0, description="Hold datasets up to this size in the object store.")
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> ChainConfig:
+        names = [self.teachers.name] + [b.name for b in self.baselines]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sweep names must be unique, got {names}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message names the file and the key."""
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+    d[parts[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_chain_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ChainConfig:
+    """Read a chain config (default: all defaults) and apply ``key=value`` overrides."""
+    data = load_yaml(path) if path else {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. teachers.num_samples=8")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    try:
+        return ChainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from exc
+
+
+def config_digest(obj: Any) -> str:
+    """A short stable digest of a JSON-able config (used to tell whether a stage's outputs match)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

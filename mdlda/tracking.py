@@ -1,0 +1,145 @@
+"""MLflow: where runs go, how models are logged, registered and found again.
+
+Default store: ``sqlite:///<abs workdir>/mlflow.db`` with artifacts under ``<workdir>/mlartifacts`` (no server).
+``MLFLOW_TRACKING_URI`` overrides it (a tracking server on a cluster). Registered models are exported with
+torch.export ("pt2", no pickle) and take 22.05 kHz mono audio (B, 330750) float32, giving the 7 features on
+the 1..10 scale.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mdlda.params import FEATURES, LABEL_SCALE, SEGMENT_SAMPLES
+
+TEACHER_MODEL = "mdlda-teacher"
+STUDENT_MODEL = "mdlda-student"
+CHAMPION = "champion"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be reached or used; the message names the URI and the fix."""
+
+
+def tracking_uri(workdir: str | Path) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def setup_tracking(workdir: str | Path, experiment: str) -> str:
+    """Point MLflow at the store, check it answers, and get or create ``experiment``; returns its id.
+
+    Done in the driver before any trial starts: the experiment's artifact location is fixed at creation.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(workdir)
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # Ray workers started after this inherit it through the runtime env
+    client = MlflowClient(uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if uri.startswith("sqlite:"):
+                location = (workdir / "mlartifacts").as_uri()
+            exp_id = client.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+    except Exception as exc:  # connection refused, bad URI, locked or corrupt database
+        raise TrackingError(
+            f"MLflow tracking store {uri} is not usable ({type(exc).__name__}: {exc}). "
+            "Start the tracking server (see cluster/README.md) or unset MLFLOW_TRACKING_URI to use the embedded "
+            "SQLite store."
+        ) from exc
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+class RatingModel(nn.Module):
+    """The served form of a model: audio (B, N) float32 in [-1, 1] -> 7 features on the 1..10 scale."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.model(audio) * LABEL_SCALE  # (B, 7)
+
+
+def _pip_requirements() -> list[str]:
+    import mlflow
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"]
+
+
+def log_model(model: nn.Module, name: str = "model", registered_model_name: str | None = None,
+              tags: dict[str, Any] | None = None):
+    """Log ``model`` (wrapped in :class:`RatingModel`, eval mode, CPU) as a pt2 export with a signature.
+
+    The input example is a batch of 2 so the exported batch dimension stays dynamic.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    served = RatingModel(model).eval().to("cpu")
+    example = np.zeros((2, SEGMENT_SAMPLES), dtype=np.float32)
+    example[1, ::50] = 0.1
+    with torch.no_grad():
+        out = served(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, out)
+    return mlflow.pytorch.log_model(
+        served, name=name, input_example=example, signature=signature, serialization_format="pt2",
+        pip_requirements=_pip_requirements(), registered_model_name=registered_model_name,
+        metadata={"features": list(FEATURES), "output_scale": "ratings 1..10", "sample_rate": 22050},
+        tags=tags,
+    )
+
+
+def load_served(uri: str) -> nn.Module:
+    """Load a logged or registered model (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/...``)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.pytorch.load_model(uri)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot load model {uri!r}: {exc.message}") from exc
+
+
+def latest_version(registered_model: str, run_id: str):
+    """The registry version of ``registered_model`` that was made from ``run_id`` (newest first)."""
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient().search_model_versions(f"name='{registered_model}' and run_id='{run_id}'")
+    return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def move_champion_if_better(name: str, version: str, score: float, tag: str = "val_r_mean") -> bool:
+    """Point ``name@champion`` at ``version`` when its ``score`` beats the current champion's tagged score."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, tag, f"{score:.6f}")
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    if current is not None:
+        best = float(current.tags.get(tag, "-inf"))
+        if not score > best:
+            return False
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return True

@@ -1,0 +1,362 @@
+"""The one training loop, shared by the teachers (DANN), the baselines (supervised) and the student (distill).
+
+The caller decides what data and which losses go in; :func:`fit` does the rest the same way for all of them:
+Adam + MultiStepLR, early stopping on the validation mean Pearson r with the best weights kept, optional mixed
+precision (CUDA) and gradient clipping, an ``on_epoch`` callback (Ray Tune / Ray Train report from there and
+may stop the run), exact resumption from a saved state, and a NaN/inf loss ending the run at once with
+``status == "nan"``. No Ray here: a Tune trainable or a Ray Train worker passes its own batches and callback.
+
+Epochs are numbered from 0: ``train_batches(epoch)``, :func:`mdlda.adapt.dann_lambda` and
+:attr:`EpochResult.epoch` all use the same number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mdlda.adapt import dann_lambda
+from mdlda.checkpoints import capture_rng_state, restore_rng_state, seed_everything, to_cpu
+from mdlda.steps import MODES, Precision, evaluate, resolve_device, train_one_epoch
+
+logger = logging.getLogger(__name__)
+
+Batch = Mapping[str, Any]
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything :func:`fit` needs besides the model and the data. Override with ``dataclasses.replace`` or
+    :meth:`from_dict`; :meth:`to_dict` is the JSON-friendly form logged with every run."""
+
+    mode: Literal["supervised", "dann", "distill"] = "supervised"
+    lr: float = 1e-3
+    weight_decay: float = 1e-5  # Adam's L2 weight decay
+    lr_milestones: tuple[int, ...] = (2, 5, 10, 15, 20)  # after these epochs the lr is multiplied by lr_gamma
+    lr_gamma: float = 0.5
+    max_epochs: int = 99
+    patience: int = 14  # stop after this many epochs without a better validation r_mean
+    adv_scale: float = 1.0  # DANN: scale of the gradient-reversal weight schedule (mdlda.adapt.dann_lambda)
+    lambda_schedule_epochs: int = 20  # DANN: epochs over which the reversal weight ramps up to adv_scale
+    lambda_gamma: float = 10.0  # DANN: steepness of Ganin's ramp
+    seed: int = 0
+    device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available)
+    mixed_precision: bool = False  # autocast on CUDA; ignored with a logged note on CPU
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds a GradScaler
+    grad_clip_norm: float | None = None  # clip the global gradient norm to this value
+    deterministic: bool = True  # torch.use_deterministic_algorithms(True, warn_only=True) during fit
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not (self.lr > 0 and self.weight_decay >= 0 and 0 < self.lr_gamma <= 1):
+            problems.append(
+                f"need lr > 0, weight_decay >= 0, 0 < lr_gamma <= 1; got {self.lr}, "
+                f"{self.weight_decay}, {self.lr_gamma}"
+            )
+        if min(self.max_epochs, self.patience, self.lambda_schedule_epochs) < 1:
+            problems.append("max_epochs, patience and lambda_schedule_epochs must be >= 1")
+        if self.adv_scale < 0:
+            problems.append(f"adv_scale must be >= 0, got {self.adv_scale}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            problems.append(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
+        if self.amp_dtype not in ("bfloat16", "float16"):
+            problems.append(f"amp_dtype must be 'bfloat16' or 'float16', got {self.amp_dtype!r}")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            problems.append(f"grad_clip_norm must be > 0 or None, got {self.grad_clip_norm}")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "lr_milestones": list(self.lr_milestones)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """Build from a (partial) dict; unknown keys are an error naming the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig option(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class EpochResult:
+    """What :func:`fit` hands to ``on_epoch`` after every epoch.
+
+    ``train``: each step loss averaged over the epoch's batches. ``valid``: ``"loss"`` (MSE, 0..1 scale) and
+    :func:`mdlda.metrics.regression_metrics` (``"r_mean"`` is the early-stopping score). ``lr``: the rate used
+    in this epoch. ``seconds``: training + validation time; ``samples_per_s``: segments (source + target)
+    through the model per training second; ``data_wait_fraction``: time spent waiting for the next training
+    batch / training time. :meth:`state` is the resumable state; it can only be taken inside the callback.
+    """
+
+    epoch: int
+    train: dict[str, float]
+    valid: dict[str, float]
+    lr: float
+    seconds: float
+    train_seconds: float
+    samples_per_s: float
+    data_wait_fraction: float
+    is_best: bool
+    best_epoch: int | None
+    best_score: float
+    get_state: Callable[[], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+
+    def state(self) -> dict[str, Any]:
+        """The full training state after this epoch (CPU tensors; ``checkpoints.save_training_state``)."""
+        if self.get_state is None:
+            raise RuntimeError("the training state can only be taken inside the on_epoch callback")
+        return self.get_state()
+
+    def summary(self) -> str:
+        best = " (best)" if self.is_best else ""
+        return (
+            f"train loss {self.train['loss']:.4f}, valid r_mean {self.valid['r_mean']:.4f}{best}, "
+            f"{self.seconds:.1f} s"
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """Flat ``{name: number}`` for MLflow / Tune: ``train_loss``, ``valid_r_mean``, ``lr``, ..."""
+        return {
+            "epoch": self.epoch,
+            **{f"train_{k}": v for k, v in self.train.items()},
+            **{f"valid_{k}": v for k, v in self.valid.items()},
+            "lr": self.lr,
+            "seconds": self.seconds,
+            "train_seconds": self.train_seconds,
+            "samples_per_s": self.samples_per_s,
+            "data_wait_fraction": self.data_wait_fraction,
+            "is_best": float(self.is_best),
+            "best_score": self.best_score,
+        }
+
+
+@dataclass
+class FitResult:
+    """How a :func:`fit` ended. ``status``: "completed" (max_epochs), "early_stopped" (patience), "stopped"
+    (``on_epoch`` returned True) or "nan" (a NaN/inf loss; ``message`` says where and why). When fit returns,
+    the model holds the best epoch's weights (``best_state_dict``, CPU copies) if any epoch was validated.
+    ``history``: :meth:`EpochResult.metrics` of every epoch, including those before a resume."""
+
+    status: Literal["completed", "early_stopped", "stopped", "nan"]
+    message: str
+    epochs_run: int
+    best_epoch: int | None
+    best_score: float
+    best_state_dict: dict[str, Tensor] | None
+    best_domain_head_state_dict: dict[str, Tensor] | None
+    history: list[dict[str, float]]
+
+
+def fit(
+    model: nn.Module,
+    train_batches: Callable[[int], Iterable[Batch]],
+    valid_batches: Callable[[], Iterable[Batch]],
+    config: TrainConfig,
+    domain_head: nn.Module | None = None,
+    on_epoch: Callable[[EpochResult], bool | None] | None = None,
+    state: Mapping[str, Any] | None = None,
+    after_backward: Callable[[list[Tensor]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` (and ``domain_head`` in "dann" mode) and keep the weights of the best validation epoch.
+
+    ``train_batches(epoch)`` yields batch dicts: ``"audio"`` (B, N) float/int16 and ``"labels"`` (B, 7),
+    ratings 1..10; "dann" adds ``"target_audio"`` (as many segments as the source); "distill" adds
+    ``"target_audio"`` and ``"target_labels"``. ``valid_batches()`` yields ``{"audio", "labels"}``.
+    ``on_epoch(result)`` runs after every epoch and may return True to stop. ``state``: an
+    :meth:`EpochResult.state` (or ``checkpoints.load_training_state``) to resume from; given the same data,
+    the run then continues exactly as if never interrupted. A fresh run is seeded with ``config.seed`` (call
+    :func:`mdlda.checkpoints.seed_everything` before building the model for a fully reproducible run).
+    ``after_backward(params)`` runs after every backward pass, before clipping and the optimiser step: Ray
+    Train workers can average their gradients there instead of wrapping the model in DDP.
+    """
+    if config.mode == "dann" and domain_head is None:
+        raise ValueError("mode 'dann' needs a domain_head (mdlda.adapt.DomainHead)")
+    if config.mode != "dann" and domain_head is not None:
+        logger.warning("domain_head is ignored in mode %r", config.mode)
+        domain_head = None
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _Fit(model, domain_head, config, after_backward).run(
+            train_batches, valid_batches, on_epoch, state
+        )
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def _state_of(module: nn.Module | None) -> dict[str, Tensor] | None:
+    return None if module is None else to_cpu(module.state_dict())
+
+
+class _Fit:
+    """The loop and its state; :meth:`snapshot` and :meth:`restore` mirror each other line by line."""
+
+    def __init__(self, model: nn.Module, head: nn.Module | None, config: TrainConfig, after_backward) -> None:
+        self.model, self.head, self.config, self.after_backward = model, head, config, after_backward
+        self.device = resolve_device(config.device)
+        params = list(model.to(self.device).parameters())
+        if head is not None:
+            params += list(head.to(self.device).parameters())
+        self.precision = Precision(config.mixed_precision, self.device, config.amp_dtype)
+        self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=list(config.lr_milestones), gamma=config.lr_gamma
+        )
+        self.next_epoch, self.bad_epochs = 0, 0
+        self.best_score, self.best_epoch = -math.inf, None
+        self.best_model: dict[str, Tensor] | None = None
+        self.best_head: dict[str, Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+        self.rng: dict[str, Any] = {}
+
+    def snapshot(self) -> dict[str, Any]:
+        scaler = self.precision.scaler
+        return {
+            "format": STATE_FORMAT,
+            "config": self.config.to_dict(),
+            "next_epoch": self.next_epoch,
+            "model": _state_of(self.model),
+            "domain_head": _state_of(self.head),
+            "optimizer": to_cpu(self.optimizer.state_dict()),
+            "scheduler": to_cpu(self.scheduler.state_dict()),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "best_model": self.best_model,
+            "best_domain_head": self.best_head,
+            "history": [dict(h) for h in self.history],
+            "rng": self.rng,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"training state format {state.get('format')!r}; this code reads {STATE_FORMAT}")
+        saved, now = state["config"], self.config.to_dict()
+        if saved.get("mode") != now["mode"]:
+            raise ValueError(f"cannot resume a {saved.get('mode')!r} run in mode {now['mode']!r}")
+        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+        if changed:
+            logger.warning("resuming with a changed config: %s", ", ".join(changed))
+        self.model.load_state_dict(state["model"])
+        if self.head is not None:
+            self.head.load_state_dict(state["domain_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.precision.scaler is not None and state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+        self.next_epoch, self.bad_epochs = int(state["next_epoch"]), int(state["bad_epochs"])
+        self.best_score, self.best_epoch = float(state["best_score"]), state["best_epoch"]
+        self.best_model, self.best_head = state["best_model"], state["best_domain_head"]
+        self.history = [dict(h) for h in state["history"]]
+        self.rng = state["rng"]
+        restore_rng_state(state["rng"])
+
+    def run(self, train_batches, valid_batches, on_epoch, state) -> FitResult:
+        cfg = self.config
+        if state is not None:
+            self.restore(state)
+            logger.info("resuming at epoch %d (best r_mean %.4f)", self.next_epoch, self.best_score)
+        else:
+            seed_everything(cfg.seed)
+        while self.next_epoch < cfg.max_epochs:
+            if self.bad_epochs >= cfg.patience:  # only when resuming from a state that had already run out
+                return self._finish("early_stopped", self._patience_message())
+            epoch = self.next_epoch
+            t0 = time.perf_counter()
+            adv_lambda = 0.0
+            if self.head is not None:
+                adv_lambda = dann_lambda(epoch, cfg.lambda_schedule_epochs, cfg.adv_scale, cfg.lambda_gamma)
+            train = train_one_epoch(
+                self.model,
+                train_batches(epoch),
+                cfg.mode,
+                self.optimizer,
+                self.precision,
+                self.device,
+                domain_head=self.head,
+                adv_lambda=adv_lambda,
+                grad_clip_norm=cfg.grad_clip_norm,
+                after_backward=self.after_backward,
+            )
+            if train.error is not None:
+                return self._finish("nan", f"epoch {epoch}, {train.error}")
+            lr = self.optimizer.param_groups[0]["lr"]
+            valid = evaluate(self.model, valid_batches(), self.device, self.precision)
+            if not (math.isfinite(valid["loss"]) and math.isfinite(valid["r_mean"])):
+                return self._finish(
+                    "nan",
+                    f"epoch {epoch}: validation loss={valid['loss']}, "
+                    f"r_mean={valid['r_mean']} are not finite; the model diverged",
+                )
+            self.scheduler.step()
+            is_best = valid["r_mean"] > self.best_score
+            if is_best:
+                self.best_score, self.best_epoch, self.bad_epochs = valid["r_mean"], epoch, 0
+                self.best_model, self.best_head = _state_of(self.model), _state_of(self.head)
+            else:
+                self.bad_epochs += 1
+            self.next_epoch = epoch + 1
+            self.rng = capture_rng_state(self.device)
+            result = EpochResult(
+                epoch=epoch,
+                train=train.losses,
+                valid=valid,
+                lr=lr,
+                seconds=time.perf_counter() - t0,
+                train_seconds=train.seconds,
+                samples_per_s=train.samples / max(train.seconds, 1e-9),
+                data_wait_fraction=train.data_wait / max(train.seconds, 1e-9),
+                is_best=is_best,
+                best_epoch=self.best_epoch,
+                best_score=self.best_score,
+                get_state=self.snapshot,
+            )
+            self.history.append(result.metrics())
+            logger.info("epoch %d: %s", epoch, result.summary())
+            stop = on_epoch(result) if on_epoch is not None else False
+            result.get_state = None
+            if stop:
+                return self._finish("stopped", f"on_epoch asked to stop after epoch {epoch}")
+            if self.bad_epochs >= cfg.patience:
+                return self._finish("early_stopped", self._patience_message())
+        return self._finish("completed", f"reached max_epochs={cfg.max_epochs}")
+
+    def _patience_message(self) -> str:
+        return (
+            f"no better validation r_mean for {self.config.patience} epochs; best {self.best_score:.4f} "
+            f"at epoch {self.best_epoch}"
+        )
+
+    def _finish(self, status: str, message: str) -> FitResult:
+        (logger.error if status == "nan" else logger.info)("training ended (%s): %s", status, message)
+        if self.best_model is not None:
+            self.model.load_state_dict(self.best_model)
+            if self.head is not None and self.best_head is not None:
+                self.head.load_state_dict(self.best_head)
+        return FitResult(
+            status=status,
+            message=message,
+            epochs_run=self.next_epoch,
+            best_epoch=self.best_epoch,
+            best_score=self.best_score,
+            best_state_dict=self.best_model,
+            best_domain_head_state_dict=self.best_head,
+            history=self.history,
+        )

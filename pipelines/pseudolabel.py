@@ -1,0 +1,146 @@
+"""Stage 4, `mdlda pseudolabel`: label a seeded subset of MAESTRO segments with the teachers' mean prediction.
+
+Ray Data batch inference: an actor pool whose actors each hold the k registered teachers (loaded from the
+MLflow registry, on the GPU when there is one). Output: shards in the DESIGN schema (labels = teacher mean on
+the 1..10 scale) plus ``teacher_spread`` (std across teachers, averaged over the 7 features) and a manifest
+that names the teacher versions, so a rerun with the same teachers and seed does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.data.expressions import col
+from ray.data.extensions import ArrowTensorArray
+
+from mdlda.config import PseudoLabelConfig, config_digest
+from mdlda.manifest import DATA_DIR, MANIFEST, build_manifest, read_manifest, row_digest, write_manifest
+from mdlda.params import NUM_FEATURES, PCM_SCALE
+from pipelines.shards import labels_array, read_shards
+
+
+@dataclass
+class PseudoLabelResult:
+    out: str
+    manifest: dict
+    skipped_work: bool
+
+
+class TeacherEnsemble:
+    """Ray Data actor: holds the teachers, returns the batch with mean labels and the teacher spread."""
+
+    def __init__(self, uris: list[str], tracking_uri: str) -> None:
+        import mlflow
+        import torch
+
+        mlflow.set_tracking_uri(tracking_uri)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.teachers = []
+        for uri in uris:
+            model = mlflow.pytorch.load_model(uri)
+            self.teachers.append(model.to(self.device) if hasattr(model, "to") else model)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        audio = torch.from_numpy(np.asarray(batch["audio"]).astype(np.float32) / PCM_SCALE).to(self.device)
+        with torch.no_grad():
+            preds = np.stack([t(audio).float().cpu().numpy() for t in self.teachers])  # (k, B, 7) on 1..10
+        table = {k: pa.array(v) for k, v in batch.items() if k != "audio"}
+        table["audio"] = ArrowTensorArray.from_numpy(np.asarray(batch["audio"]))
+        table["labels"] = labels_array(preds.mean(axis=0))
+        table["teacher_spread"] = pa.array(preds.std(axis=0).mean(axis=1).astype(np.float32))
+        return pa.table(table)
+
+
+def choose_segments(maestro_shards: str | Path, n: int, seed: int, splits: list[str] | None) -> list[str]:
+    """A seeded random subset of ``n`` segment ids (sorted), or all when there are fewer."""
+    ds, _ = read_shards(maestro_shards, splits=splits, columns=["clip_id"])
+    ids = sorted(ds.to_pandas().clip_id)
+    if n >= len(ids):
+        return ids
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(ids, size=n, replace=False).tolist())
+
+
+def pseudolabel(cfg: PseudoLabelConfig, teacher_uris: list[str], maestro_shards: str | Path, out: str | Path,
+                source_train_count: int, tracking_uri: str) -> PseudoLabelResult:
+    out = Path(out).resolve()
+    src_manifest = read_manifest(maestro_shards)
+    n = round(cfg.fraction * source_train_count) if cfg.fraction else cfg.num_segments
+    if not n or n < 1:
+        raise ValueError("pseudolabel: num_segments (or fraction x source train size) must be at least 1")
+    key = config_digest({"cfg": cfg.model_dump(mode="json"), "teachers": teacher_uris, "n": n,
+                         "maestro": src_manifest["content_digest"]})
+    if (out / MANIFEST).exists():
+        manifest = read_manifest(out)
+        if manifest.get("index_digest") == key:
+            return PseudoLabelResult(str(out), manifest, skipped_work=True)
+    shutil.rmtree(out, ignore_errors=True)
+    ids = choose_segments(maestro_shards, n, cfg.seed, cfg.splits)
+    cols = ["clip_id", "dataset", "domain", "split", "group", "offset_s", "audio"]
+    ds, _ = read_shards(maestro_shards, splits=cfg.splits, columns=cols)  # unlabelled: never read the null labels
+    ds = ds.filter(expr=col("clip_id").is_in(ids))
+    resources = {"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}
+    ds = ds.map_batches(
+        TeacherEnsemble, fn_constructor_kwargs={"uris": teacher_uris, "tracking_uri": tracking_uri},
+        batch_size=cfg.batch_size, batch_format="numpy", concurrency=cfg.concurrency or 1,
+        num_cpus=cfg.cpus_per_actor, **resources,
+    )
+    ds.write_parquet(str(out / DATA_DIR), min_rows_per_file=256)
+    meta = pq.read_table(out / DATA_DIR, columns=["clip_id", "split", "labels", "teacher_spread"]).to_pandas()
+    _check_labels(meta)
+    digests = {r.clip_id: row_digest(r.clip_id, r.split, r.labels, b"") for r in meta.itertuples()}
+    counts = meta.split.value_counts().to_dict()
+    manifest = build_manifest(
+        dataset="maestro-pseudo", source_root=str(Path(maestro_shards).resolve()), counts=counts, skipped=[],
+        row_digests=digests, index_digest=key,
+        options={"teachers": teacher_uris, "num_segments": n, "seed": cfg.seed, "splits": cfg.splits,
+                 "source_content_digest": src_manifest["content_digest"],
+                 "teacher_spread": _spread_summary(meta.teacher_spread.to_numpy())},
+        decoder=src_manifest.get("decoder", {}),
+    )
+    write_manifest(out, manifest)
+    return PseudoLabelResult(str(out), manifest, skipped_work=False)
+
+
+def _check_labels(meta) -> None:
+    labels = np.stack(meta.labels.to_numpy())
+    if labels.shape[1] != NUM_FEATURES or not np.isfinite(labels).all():
+        raise RuntimeError("pseudolabel: the teachers produced non-finite or mis-shaped predictions")
+
+
+def _spread_summary(spread: np.ndarray) -> dict:
+    q = np.quantile(spread, [0.0, 0.25, 0.5, 0.75, 0.95, 1.0])
+    return {"mean": float(spread.mean()), **{f"q{int(p * 100)}": float(v) for p, v in
+                                              zip([0, 0.25, 0.5, 0.75, 0.95, 1.0], q, strict=True)}}
+
+
+def log_spread(result: PseudoLabelResult, run_dir: Path) -> list[Path]:
+    """A histogram PNG of the teacher spread and the summary JSON (logged as artifacts by the caller)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spread = pq.read_table(Path(result.out) / DATA_DIR, columns=["teacher_spread"]).column(0).to_numpy()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(spread, bins=30, color="#4c72b0")
+    ax.set_xlabel("teacher spread (std across teachers, 1..10 scale, mean over features)")
+    ax.set_ylabel("segments")
+    fig.tight_layout()
+    png = run_dir / "teacher_spread.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    summary = run_dir / "teacher_spread.json"
+    summary.write_text(json.dumps(_spread_summary(spread), indent=2))
+    return [png, summary]
+

@@ -1,0 +1,26 @@
+"""Connecting to Ray: the cluster when there is one, a local Ray otherwise."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> dict:
+    """Start or join Ray once per process and return the cluster resources.
+
+    ``address=None`` joins a running cluster when ``RAY_ADDRESS`` is set (e.g. under ``ray job submit``) and
+    starts a local Ray otherwise; ``"auto"`` insists on a running cluster.
+    """
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": not quiet}
+        if address is None and num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+        ray.init(address=address, **kwargs)
+    if quiet:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+    return ray.cluster_resources()

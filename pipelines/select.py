@@ -1,0 +1,113 @@
+"""Automatic selection: rank a finished sweep's trials and register the top k as `mdlda-teacher` versions.
+
+Ranking rule (recorded in MLflow with the table): only trials that finished without error and reported a
+finite score; higher best validation mean Pearson r first; ties broken by the lower validation loss at that
+epoch, then by trial id. The same table is produced from a live ResultGrid and from the sweep's storage folder.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from mdlda.checkpoints import load_training_state
+from mdlda.tracking import TEACHER_MODEL, log_model
+from pipelines.trial import build_model, split_trial_config
+
+TIE_RULE = "best valid_r_mean desc, then valid_loss at that epoch asc, then trial_id asc"
+
+
+class SelectionError(RuntimeError):
+    """Fewer trials finished than the selection needs."""
+
+
+def rank_trials(results, metric: str = "valid_r_mean") -> pd.DataFrame:
+    """One row per trial: status, best score, loss at the best epoch, epochs, checkpoint; ranked."""
+    rows = []
+    for r in results:
+        df = r.metrics_dataframe
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        row = {"trial_id": trial_id, "status": "error" if r.error else "finished", "score": math.nan,
+               "valid_loss": math.nan, "best_epoch": None, "epochs": 0, "path": r.path,
+               "checkpoint": r.checkpoint.path if r.checkpoint else None, "error": str(r.error or "")[:300]}
+        if df is not None and metric in df and len(df):
+            s = pd.to_numeric(df[metric], errors="coerce")
+            row["epochs"] = int(len(df))
+            if s.notna().any():
+                i = s.idxmax()
+                row["score"] = float(s[i])
+                row["valid_loss"] = float(df.loc[i, "valid_loss"]) if "valid_loss" in df else math.nan
+                row["best_epoch"] = int(df.loc[i, "epoch"]) if "epoch" in df else None
+        if row["status"] == "finished" and not math.isfinite(row["score"]):
+            row["status"] = "no_score"
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    ok = table.status == "finished"
+    ranked = table[ok].sort_values(["score", "valid_loss", "trial_id"], ascending=[False, True, True])
+    ranked = ranked.assign(rank=range(1, len(ranked) + 1))
+    rest = table[~ok].assign(rank=pd.NA).sort_values("trial_id")
+    return pd.concat([ranked, rest], ignore_index=True)
+
+
+def select_top_k(table: pd.DataFrame, k: int, allow_fewer: bool = False) -> pd.DataFrame:
+    chosen = table[table.status == "finished"].head(k)
+    if len(chosen) < k:
+        failed = table[table.status != "finished"]
+        msg = (f"only {len(chosen)} of {len(table)} trials finished with a score; {k} teachers were asked for "
+               f"({len(failed)} failed or diverged)")
+        if not allow_fewer or chosen.empty:
+            raise SelectionError(msg + ". Rerun with more samples, or allow_fewer=true to continue with fewer.")
+    return chosen
+
+
+def best_model_from_checkpoint(checkpoint_dir: str, config: dict, frontend_stats):
+    """Rebuild a trial's model with its best epoch's weights from its latest checkpoint."""
+    model_name, overrides, _, _ = split_trial_config(config)
+    model = build_model(model_name, overrides, frontend_stats)
+    state = load_training_state(checkpoint_dir)
+    model.load_state_dict(state["best_model"] if state.get("best_model") else state["model"])
+    return model.eval()
+
+
+def _trial_run_id(client, experiment_id: str, trial_id: str, sweep: str) -> str | None:
+    runs = client.search_runs([experiment_id], f"tags.trial_name LIKE '%{trial_id}' and tags.sweep = '{sweep}'")
+    return runs[0].info.run_id if runs else None
+
+
+def register_top_k(chosen: pd.DataFrame, results, sweep_name: str, sweep_id: str, experiment_id: str,
+                   frontend_stats, registered_model: str = TEACHER_MODEL) -> list[dict]:
+    """Log each chosen trial's best model into its trial run and register it; idempotent per (sweep, trial)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    configs = {(r.metrics or {}).get("trial_id"): r.config for r in results}
+    existing = {}
+    try:
+        for v in client.search_model_versions(f"name='{registered_model}'"):
+            if v.tags.get("sweep_id") == sweep_id:
+                existing[v.tags.get("trial_id")] = v
+    except Exception:  # the registered model does not exist yet
+        existing = {}
+    out = []
+    for row in chosen.itertuples(index=False):
+        tags = {"sweep_id": sweep_id, "rank": str(row.rank), "val_r_mean": f"{row.score:.6f}",
+                "trial_id": row.trial_id, "sweep": sweep_name}
+        if row.trial_id in existing:
+            v = existing[row.trial_id]
+        else:
+            model = best_model_from_checkpoint(row.checkpoint, configs[row.trial_id], frontend_stats)
+            run_id = _trial_run_id(client, experiment_id, row.trial_id, sweep_name)
+            with mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
+                                  run_name=None if run_id else f"{sweep_name}-{row.trial_id}"):
+                info = log_model(model, registered_model_name=registered_model)
+            v = client.get_model_version(registered_model, str(info.registered_model_version))
+        for key, value in tags.items():
+            client.set_model_version_tag(registered_model, v.version, key, value)
+        out.append({**tags, "version": str(v.version), "run_id": v.run_id,
+                    "uri": f"models:/{registered_model}/{v.version}"})
+    return out

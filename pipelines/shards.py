@@ -1,0 +1,53 @@
+"""Reading shard folders back as Ray Datasets, after checking their manifests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data.expressions import col
+
+from mdlda.manifest import DATA_DIR, ShardError, read_manifest
+
+
+def read_shards(
+    folder: str | Path,
+    splits: Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
+) -> tuple[ray.data.Dataset, dict]:
+    """A lazy Ray Dataset over a finished shard folder, optionally only some splits and columns.
+
+    Refuses (``ShardError`` / ``AudioParamsMismatch``) a folder without a manifest, one made with other audio
+    parameters, or a request for a split the folder does not have.
+    """
+    folder = Path(folder).resolve()
+    manifest = read_manifest(folder)
+    if splits is not None:
+        unknown = sorted(set(splits) - set(manifest["counts"]))
+        if unknown:
+            raise ShardError(
+                f"{folder}: no rows in split(s) {unknown}; it has {sorted(manifest['counts'])}"
+            )
+    ds = ray.data.read_parquet(str(folder / DATA_DIR))
+    if splits is not None:
+        ds = ds.filter(expr=col("split").is_in(list(splits)))
+    if columns is not None:
+        ds = ds.select_columns(list(columns))
+    return ds, manifest
+
+
+def labels_array(labels: np.ndarray) -> pa.ListArray:
+    """(B, 7) float labels -> the shard schema's labels column (list<float32> of 7 per row)."""
+    labels = np.ascontiguousarray(labels, dtype=np.float32)
+    n, k = labels.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(labels.reshape(-1)))
+
+
+def split_count(manifest: dict, splits: Sequence[str] | None = None) -> int:
+    """Rows in the given splits according to the manifest (no data read)."""
+    counts = manifest["counts"]
+    return int(sum(v for k, v in counts.items() if splits is None or k in splits))

@@ -1,0 +1,131 @@
+"""Stage 5, `mdlda student`: Ray Train distils one RF-ResNet on labelled source + pseudo-labelled piano segments.
+
+Data-parallel over ``num_workers`` (CPU or GPU by config): each worker reads its shard of the source and the
+pseudo-labelled target through ``get_dataset_shard`` and validates on the whole validation split, so every
+rank takes the same early-stopping decision. Gradients are averaged with an all-reduce after each backward
+(per-domain forward passes, as the shared loop does, do not fit DDP's one-forward-per-step contract). Rank 0
+checkpoints every epoch; a failed worker group restarts from the last checkpoint (FailureConfig), and rerunning
+the same command resumes the same run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import DataConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from mdlda.checkpoints import load_training_state, save_training_state, seed_everything
+from mdlda.config import StudentConfig
+from pipelines.data import StageData, train_batches, valid_batches
+from pipelines.trial import build_model, split_trial_config
+
+
+@dataclass
+class StudentResult:
+    result: Any  # ray.train.Result
+    path: str
+    best_score: float
+    checkpoint_dir: str
+
+
+def _allreduce_grads(params) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def _broadcast_params(model: torch.nn.Module) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def student_loop(config: dict) -> None:
+    """Ray Train worker loop: the shared ``fit`` in mode "distill"."""
+    from mdlda.training import fit
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    trial_cfg = dict(config["trial"])
+    if config.get("use_gpu"):
+        trial_cfg["device"] = str(ray.train.torch.get_device())
+    model_name, overrides, train_cfg, batch = split_trial_config(trial_cfg)
+    seed_everything(train_cfg.seed)
+    model = build_model(model_name, overrides, config["frontend_stats"])
+    _broadcast_params(model)
+    source = ray.train.get_dataset_shard("source")
+    target = ray.train.get_dataset_shard("target")
+    valid = ray.train.get_dataset_shard("valid")
+
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_training_state(d)
+
+    def on_epoch(res) -> None:
+        metrics = {**res.metrics(), "best_valid_r_mean": res.best_score}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                save_training_state(res.state(), d)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)  # a barrier: every rank reports every epoch
+
+    result = fit(
+        model,
+        lambda epoch: train_batches(source, batch["batch_size"], train_cfg.seed + 1000 * rank, epoch, target,
+                                    target_labelled=True, shuffle_buffer=batch["shuffle_buffer"]),
+        lambda: valid_batches(valid, batch["valid_batch_size"]),
+        train_cfg,
+        on_epoch=on_epoch,
+        state=state,
+        after_backward=_allreduce_grads,
+    )
+    if result.status == "nan":
+        raise RuntimeError(f"student training diverged: {result.message}")
+
+
+def student_trial_config(cfg: StudentConfig) -> dict[str, Any]:
+    return {"model": cfg.model, **cfg.model_overrides, **cfg.train, "mode": "distill"}
+
+
+def train_student(cfg: StudentConfig, data: StageData, frontend_stats, storage: str | Path, name: str,
+                  ) -> StudentResult:
+    """Fit (or resume) the student run ``name`` under ``storage``."""
+    storage = str(Path(storage).resolve()) if "://" not in str(storage) else str(storage)
+    if data.target is None:
+        raise ValueError("the student needs the pseudo-labelled target set")
+    trainer = TorchTrainer(
+        student_loop,
+        train_loop_config={"trial": student_trial_config(cfg), "frontend_stats": frontend_stats,
+                           "use_gpu": cfg.use_gpu},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        datasets={"source": data.source_train, "target": data.target, "valid": data.source_valid},
+        dataset_config=DataConfig(datasets_to_split=["source", "target"]),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    df = result.metrics_dataframe
+    best = float(df["valid_r_mean"].max()) if df is not None and "valid_r_mean" in df else float("nan")
+    return StudentResult(result, f"{storage}/{name}", best, result.checkpoint.path)

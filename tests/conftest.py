@@ -1,0 +1,43 @@
+"""Shared fixtures: one local Ray per test session, and one tiny generated dataset (real on-disk formats)."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports ray: no token auth, no usage stats, quiet logs (../shared/NOTES-ray-mlflow.md).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """A local 2-CPU Ray shared by every stage test of the session."""
+    import ray
+
+    from pipelines.raysetup import init_ray
+
+    tmp = tmp_path_factory.mktemp("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=str(Path("/tmp") / f"ray_{os.getpid()}"),
+                 runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}})
+    init_ray()
+    yield tmp
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """The tiny generated demo dataset: <root>/midlevel and <root>/maestro in the real formats."""
+    from mdlda.datasets import generate_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo(root, seed=0, size="tiny")
+    return root

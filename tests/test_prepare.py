@@ -1,0 +1,175 @@
+"""The prepare stage on a local Ray: real decoding of the generated dataset into Parquet shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mdlda.manifest import DATA_DIR, MANIFEST
+from mdlda.params import SEGMENT_SAMPLES, AudioParamsMismatch
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(root: Path, out: Path, **kw):
+    from pipelines.prepare import PrepareConfig
+
+    ml = root / "midlevel"
+    return PrepareConfig(dataset="midlevel", root=str(ml), out=str(out), piano_ids=str(ml / "piano_ids.csv"),
+                         progress=False, **kw)
+
+
+def _rows(out: Path, columns=("clip_id", "split", "group", "domain", "labels")):
+    return pq.read_table(out / DATA_DIR, columns=list(columns)).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def midlevel_shards(ray_local, demo_root, tmp_path_factory):
+    from pipelines.prepare import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "midlevel"
+    return prepare(_cfg(demo_root, out, chunk_items=8))
+
+
+def test_midlevel_shards_follow_the_index(midlevel_shards, demo_root):
+    from mdlda.datasets import index_midlevel
+
+    ml = demo_root / "midlevel"
+    index = index_midlevel(ml, piano_ids=ml / "piano_ids.csv", seed=0)
+    m = midlevel_shards.manifest
+    assert m["counts"] == {k: v for k, v in index.split_sizes.items() if v}
+    rows = _rows(Path(midlevel_shards.out))
+    assert len(rows) == m["rows"] == len(index.table)
+    assert rows.clip_id.is_unique
+    # artists never cross splits
+    assert rows.groupby("group").split.nunique().max() == 1
+    assert set(rows[rows.split == "piano_test"].domain) == {"target"}
+    assert all(len(v) == 7 and 1 <= min(v) and max(v) <= 10 for v in rows.labels)
+    assert m["audio"]["segment_samples"] == SEGMENT_SAMPLES
+    assert m["decoder"]["decoder"] == "libsndfile" and m["content_digest"]
+    assert sum(m["clip_fitting"].values()) == m["rows"]
+
+
+def test_reader_gives_int16_segments_of_one_split(midlevel_shards):
+    from pipelines.shards import read_shards
+
+    ds, manifest = read_shards(midlevel_shards.out, splits=["train"], columns=["clip_id", "audio", "labels"])
+    batch = next(iter(ds.iter_batches(batch_size=4, batch_format="numpy")))
+    assert batch["audio"].shape == (4, SEGMENT_SAMPLES) and batch["audio"].dtype == np.int16
+    assert np.stack(batch["labels"]).shape == (4, 7)
+    assert np.abs(batch["audio"]).max() > 100  # real audio, not zeros
+    assert ds.count() == manifest["counts"]["train"]
+
+
+def test_rerun_is_idempotent(midlevel_shards, demo_root):
+    from pipelines.prepare import prepare
+
+    out = Path(midlevel_shards.out)
+    before = {f.name: f.stat().st_mtime_ns for f in (out / DATA_DIR).iterdir()}
+    again = prepare(_cfg(demo_root, out, chunk_items=8))
+    assert again.skipped_work
+    assert {f.name: f.stat().st_mtime_ns for f in (out / DATA_DIR).iterdir()} == before
+
+
+def test_interrupted_run_completes_with_same_content(midlevel_shards, demo_root, tmp_path):
+    from pipelines.prepare import STATE_DIR, prepare
+
+    out = tmp_path / "copy"
+    shutil.copytree(midlevel_shards.out, out)
+    # Simulate a crash after the first chunk: no manifest, later chunks unfinished, a half-written staging dir.
+    (out / MANIFEST).unlink()
+    state = json.loads((out / STATE_DIR / "state.json").read_text())
+    for i in state["done"][1:]:
+        (out / STATE_DIR / f"chunk-{i:05d}.json").unlink()
+    state["done"] = state["done"][:1]
+    (out / STATE_DIR / "state.json").write_text(json.dumps(state))
+    (out / STATE_DIR / "staging-00001").mkdir()
+    (out / STATE_DIR / "staging-00001" / "partial.parquet").write_bytes(b"garbage")
+    kept = sorted(f.name for f in (out / DATA_DIR).glob("chunk-00000-*"))
+    result = prepare(_cfg(demo_root, out, chunk_items=8))
+    assert not result.skipped_work
+    assert sorted(f.name for f in (out / DATA_DIR).glob("chunk-00000-*")) == kept  # finished chunk not redone
+    assert result.manifest["content_digest"] == midlevel_shards.manifest["content_digest"]
+    assert _rows(out).clip_id.is_unique and len(_rows(out)) == midlevel_shards.manifest["rows"]
+
+
+def test_rebuild_gives_same_digest(midlevel_shards, demo_root, tmp_path):
+    from pipelines.prepare import prepare
+
+    again = prepare(_cfg(demo_root, tmp_path / "rebuild", chunk_items=64))
+    assert again.manifest["content_digest"] == midlevel_shards.manifest["content_digest"]
+
+
+def _broken_copy(demo_root: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    root = tmp_path / "data"
+    shutil.copytree(demo_root / "midlevel", root / "midlevel")
+    audio = sorted((root / "midlevel" / "audio").glob("*.mp3"))
+    corrupt, empty, short = audio[0], audio[1], audio[2]
+    corrupt.write_bytes(b"ID3\x03\x00\x00\x00" + bytes(range(256)) * 40)  # an mp3 header, then garbage
+    empty.write_bytes(b"")
+    import soundfile as sf
+
+    sf.write(short, np.zeros(22050 * 5, dtype=np.float32), 22050, format="MP3")  # 5 s: clearly too short
+    return root, [corrupt.stem, empty.stem, short.stem]
+
+
+def test_bad_files_are_reported_and_the_rest_written(ray_local, demo_root, tmp_path, midlevel_shards):
+    from pipelines.prepare import prepare
+
+    root, bad = _broken_copy(demo_root, tmp_path)
+    result = prepare(_cfg(root, tmp_path / "out", max_failure_share=0.5))
+    skipped = {s["item"]: s["reason"] for s in result.manifest["skipped"]}
+    assert set(bad) <= set(skipped)
+    assert "empty" in skipped[bad[1]] and "short" in skipped[bad[2]]
+    assert result.manifest["rows"] == midlevel_shards.manifest["rows"] - 3
+    assert not set(bad) & set(_rows(tmp_path / "out").clip_id)
+
+
+def test_too_many_failures_write_nothing(ray_local, demo_root, tmp_path):
+    from pipelines.prepare import PrepareError, prepare
+
+    root, _ = _broken_copy(demo_root, tmp_path)
+    with pytest.raises(PrepareError, match="max_failure_share"):
+        prepare(_cfg(root, tmp_path / "out", max_failure_share=0.01))
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def test_other_input_into_same_folder_is_refused(midlevel_shards, demo_root, tmp_path):
+    from pipelines.prepare import PrepareError, prepare
+
+    out = tmp_path / "copy"
+    shutil.copytree(midlevel_shards.out, out)
+    with pytest.raises(PrepareError, match="other input"):
+        prepare(_cfg(demo_root, out, seed=1))
+
+
+def test_shards_with_other_audio_parameters_are_refused(midlevel_shards, tmp_path):
+    from pipelines.shards import read_shards
+
+    out = tmp_path / "copy"
+    shutil.copytree(midlevel_shards.out, out)
+    m = json.loads((out / MANIFEST).read_text())
+    m["audio"]["sample_rate"] = 16000
+    (out / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(AudioParamsMismatch, match="sample_rate"):
+        read_shards(out)
+
+
+def test_maestro_segments(ray_local, demo_root, tmp_path):
+    from mdlda.datasets import index_maestro
+    from pipelines.prepare import PrepareConfig, prepare
+
+    index = index_maestro(demo_root / "maestro")
+    result = prepare(PrepareConfig(dataset="maestro", root=str(demo_root / "maestro"), out=str(tmp_path / "m"),
+                                   progress=False))
+    rows = _rows(tmp_path / "m", ["clip_id", "group", "labels", "offset_s", "domain"])
+    assert result.manifest["rows"] == int(index.table.expected_segments.sum()) == len(rows)
+    assert rows.labels.isna().all() and set(rows.domain) == {"target"}
+    first = rows[rows.group == rows.group.iloc[0]].sort_values("offset_s")
+    assert list(first.offset_s) == [15.0 * i for i in range(len(first))]
+    assert all(cid == f"{g}#{int(o // 15)}" for cid, g, o in zip(rows.clip_id, rows.group, rows.offset_s))
