@@ -35,11 +35,11 @@ class SweepConfig(_Strict):
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = 5
     reduction_factor: int = 2
-    metric: str = "val_r_mean"
+    metric: str = "valid_r_mean"
     mode_metric: Literal["max", "min"] = "max"
     top_k: int = 4
     allow_fewer: bool = False
-    register: bool = True
+    register_models: bool = True
     time_budget_s: float | None = None
     max_failures_per_trial: int = 0
 
@@ -63,7 +63,7 @@ class StudentConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 1
-    register: bool = True
+    register_models: bool = True
 
 
 class DataConfig(_Strict):
@@ -75,6 +75,8 @@ class DataConfig(_Strict):
     maestro_splits: list[str] | None = None
     max_performances: int | None = None
     seed: int = 0
+    eval_fraction: float = Field(0.1, description="Mid-level: source share drawn for valid+test (reference 10%).")
+    valid_fraction: float = Field(0.2, description="Mid-level: share of the evaluation set used for validation.")
     max_failure_share: float = 0.1
 
 
@@ -100,12 +102,25 @@ class ConfigError(ValueError):
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
+    """``a.b.c=v``; a number indexes a list (``baselines.0.num_samples=2``)."""
     parts = key.split(".")
-    for p in parts[:-1]:
-        d = d.setdefault(p, {})
-        if not isinstance(d, dict):
-            raise ConfigError(f"override {key!r}: {p!r} is not a section")
-    d[parts[-1]] = value
+    node: Any = d
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(f"override {key!r}: {p!r} is not an index of a {len(node)}-item list")
+            if last:
+                node[int(p)] = value
+            else:
+                node = node[int(p)]
+        elif isinstance(node, dict):
+            if last:
+                node[p] = value
+            else:
+                node = node.setdefault(p, {})
+        else:
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[:i])!r} is not a section")
 
 
 def load_yaml(path: str | Path) -> dict:

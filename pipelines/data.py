@@ -86,15 +86,23 @@ def _iter(ds, batch_size: int, seed: int | None, shuffle_buffer: int, drop_last:
         yield b
 
 
-def _cycle(ds: ray.data.Dataset, batch_size: int, seed: int, shuffle_buffer: int) -> Iterator[dict]:
-    round_ = 0
+def _cycle(ds, batch_size: int, seed: int, shuffle_buffer: int) -> Iterator[dict]:
+    """Endless batches of exactly ``batch_size`` rows, reshuffled every pass; a set smaller than one batch is
+    repeated to fill it."""
+    round_, pending = 0, []
     while True:
-        got = False
-        for b in _iter(ds, batch_size, seed * 1000 + round_, shuffle_buffer, drop_last=True):
-            got = True
-            yield b
-        if not got:
-            raise ValueError(f"the target set has fewer than {batch_size} segments: cannot fill one batch")
+        got = 0
+        for b in _iter(ds, batch_size, seed * 1000 + round_, shuffle_buffer, drop_last=False):
+            got += len(b["audio"])
+            pending.append(b)
+            n = sum(len(p["audio"]) for p in pending)
+            if n >= batch_size:
+                merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                yield {k: v[:batch_size] for k, v in merged.items()}
+                rest = {k: v[batch_size:] for k, v in merged.items()}
+                pending = [rest] if len(rest["audio"]) else []
+        if got == 0:
+            raise ValueError("the target set is empty: nothing to pair with the source batches")
         round_ += 1
 
 

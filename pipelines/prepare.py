@@ -40,6 +40,8 @@ class PrepareConfig:
     out: str
     piano_ids: str | None = None  # Mid-level: CSV with a `song id` column (the piano_test clips)
     seed: int = 0
+    eval_fraction: float = 0.1  # Mid-level: share of the source drawn (from single-track artists) for valid+test
+    valid_fraction: float = 0.2  # Mid-level: share of that evaluation set used for validation
     splits: list[str] | None = None  # MAESTRO: which of its splits to keep (default all)
     max_performances: int | None = None  # MAESTRO: a seeded subset of performances
     max_pad_s: float = MAX_PAD_SECONDS
@@ -111,7 +113,8 @@ def _index(config: PrepareConfig):
     from mdlda.datasets import index_maestro, index_midlevel
 
     if config.dataset == "midlevel":
-        return index_midlevel(config.root, piano_ids=config.piano_ids, seed=config.seed)
+        return index_midlevel(config.root, piano_ids=config.piano_ids, seed=config.seed,
+                              eval_fraction=config.eval_fraction, valid_fraction=config.valid_fraction)
     if config.dataset == "maestro":
         return index_maestro(config.root, splits=config.splits, max_performances=config.max_performances,
                              seed=config.seed)

@@ -102,7 +102,7 @@ def register_top_k(chosen: pd.DataFrame, results, sweep_name: str, sweep_id: str
         else:
             model = best_model_from_checkpoint(row.checkpoint, configs[row.trial_id], frontend_stats)
             run_id = _trial_run_id(client, experiment_id, row.trial_id, sweep_name)
-            with mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
+            with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, nested=True,
                                   run_name=None if run_id else f"{sweep_name}-{row.trial_id}"):
                 info = log_model(model, registered_model_name=registered_model)
             v = client.get_model_version(registered_model, str(info.registered_model_version))

@@ -71,6 +71,7 @@ def prepare_all(cfg: ChainConfig, data_root: Path, workdir: Path, run):
     piano = str(data_root / d.piano_ids) if d.piano_ids else None
     ml = prepare(PrepareConfig(dataset="midlevel", root=str(data_root / d.midlevel_root),
                                out=str(workdir / "shards" / "midlevel"), piano_ids=piano, seed=d.seed,
+                               eval_fraction=d.eval_fraction, valid_fraction=d.valid_fraction,
                                max_failure_share=d.max_failure_share))
     ma = prepare(PrepareConfig(dataset="maestro", root=str(data_root / d.maestro_root),
                                out=str(workdir / "shards" / "maestro"), splits=d.maestro_splits,
@@ -112,7 +113,7 @@ def sweep_and_select(sweep: SweepConfig, name: str, data: StageData, fstats, wor
         mlflow.log_artifact(str(path))
     chosen = select_top_k(table, k, allow_fewer=sweep.allow_fewer)
     registered = register_top_k(chosen, res.results, sweep.name, f"{experiment}/{name}", exp_id, fstats,
-                                registered_model=registered_model) if sweep.register else []
+                                registered_model=registered_model) if sweep.register_models else []
     _log_json(registered, "registered.json")
     return registered, not was_done
 
@@ -177,7 +178,7 @@ def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir:
                                 if c.startswith(("train_", "valid_", "samples_per_s", "data_wait"))
                                 and isinstance(row[c], int | float)}, step=step)
     model = best_model_from_checkpoint(res.checkpoint_dir, student_trial_config(cfg.student), fstats)
-    log_model(model, registered_model_name=STUDENT_MODEL if cfg.student.register else None)
+    log_model(model, registered_model_name=STUDENT_MODEL if cfg.student.register_models else None)
     v = latest_version(STUDENT_MODEL, run.info.run_id)
     client.set_model_version_tag(STUDENT_MODEL, v.version, "student_key", skey)
     client.set_model_version_tag(STUDENT_MODEL, v.version, "chain", key)

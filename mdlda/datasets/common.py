@@ -33,12 +33,13 @@ class DatasetIndex:
 
     ``table`` has one row per item to decode with :data:`TABLE_COLUMNS` (``labels``: a list of 7 floats on the
     1..10 scale in :data:`mdlda.params.FEATURES` order, or ``None``) plus dataset-specific columns.
-    ``skipped`` lists ``{"item": ..., "reason": ...}`` for everything left out; ``options`` are the arguments
-    the index was built with (for the manifest).
+    ``skipped`` lists ``{"item": ..., "reason": ..., "counts_as_failure": bool}`` for everything left out
+    (``False`` for notes such as an identical duplicate row or an unknown piano id, where no clip is lost);
+    ``options`` are the arguments the index was built with (for the manifest).
     """
 
     table: pd.DataFrame
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     split_sizes: dict[str, int] = field(default_factory=dict)
     root: str = ""
     options: dict[str, Any] = field(default_factory=dict)
@@ -67,10 +68,20 @@ def read_table(path: Path, sep: str, required: Sequence[str], what: str) -> pd.D
     """
     if not path.is_file():
         raise DatasetFormatError(f"{path}: {what} not found (expected a {sep!r}-separated CSV file there)")
-    try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DatasetFormatError(f"{path}: cannot read {what} as a {sep!r}-separated CSV ({exc})") from exc
+    df = None
+    for encoding in ("utf-8-sig", "latin-1"):  # a byte-order mark is dropped; old exports may be Latin-1
+        try:
+            df = pd.read_csv(
+                path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True, encoding=encoding
+            )
+            break
+        except UnicodeDecodeError:
+            continue
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise DatasetFormatError(
+                f"{path}: cannot read {what} as a {sep!r}-separated CSV ({exc})"
+            ) from exc
+    assert df is not None  # latin-1 decodes any bytes
     found = {column_key(c): c for c in df.columns}
     rename: dict[str, str] = {}
     for want in required:
@@ -89,9 +100,9 @@ def read_table(path: Path, sep: str, required: Sequence[str], what: str) -> pd.D
     return df.apply(lambda s: s.str.strip())
 
 
-def skip(item: object, reason: str) -> dict[str, str]:
-    """One entry of :attr:`DatasetIndex.skipped`."""
-    return {"item": str(item), "reason": reason}
+def skip(item: object, reason: str, failure: bool = True) -> dict[str, Any]:
+    """One entry of :attr:`DatasetIndex.skipped`; ``failure=False`` marks a note that is not a lost item."""
+    return {"item": str(item), "reason": reason, "counts_as_failure": failure}
 
 
 def suggest(name: str, choices: Sequence[str]) -> str:

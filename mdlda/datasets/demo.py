@@ -181,9 +181,10 @@ def generate_demo(out: str | Path, seed: int = 0, size: str = "small", workers: 
         jobs.append((_maestro_performance, mae_root / f"{name}.wav", seconds, MAESTRO_YEARS[year], rng, bank))
 
     workers = workers or min(4, os.cpu_count() or 1)
+    jobs = jobs[len(plan) :] + jobs[: len(plan)]  # the long performances first: the threads finish together
     with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy, soxr and libsndfile release the GIL
         durations = [f.result() for f in [pool.submit(fn, *args) for fn, *args in jobs]]
-    for rec, seconds in zip(perf_rows, durations[len(plan) :], strict=True):
+    for rec, seconds in zip(perf_rows, durations[: len(perf_rows)], strict=True):
         rec["duration"] = round(seconds, 6)  # what the file holds, like the real CSV
 
     # CSVs, written like the real ones (annotations header with stray spaces; metadata ';'-separated).

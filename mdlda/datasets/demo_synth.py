@@ -127,28 +127,23 @@ class ToneBank:
         return y[1 : self.n + 1]
 
     def _piano(self, f0: float, rng: np.random.Generator) -> np.ndarray:  # fast attack, inharmonic decay
-        from scipy.signal import lfilter
-
         pitch = 69 + 12 * np.log2(f0 / 440.0)
         inharm = 1.5e-4 * 2 ** ((pitch - 60) / 24)
         tau = 2.2 * 2 ** (-(pitch - 60) / 30)
-        impulse = np.zeros(self.n)
-        impulse[0] = 1.0
-        x = np.zeros(self.n)
+        t32 = self.t.astype(np.float32)
+        x = np.zeros(self.n, dtype=np.float32)
         for k in range(1, 11):
-            fk = k * f0 * np.sqrt(1 + inharm * k * k)
+            fk = k * f0 * np.sqrt(1 + inharm * k * k)  # stretched partials (string stiffness)
             if fk > 0.45 * SR:
                 break
-            tk = tau / (1 + 0.45 * (k - 1))
-            # A two-stage decay (fast, then slow); the slow part from two slightly detuned strings (beating).
-            for f, t_decay, amp in (
-                (fk, 0.12 * tk + 0.02, 1.3),
-                (fk, tk, 0.35),
-                (fk * (1 + rng.uniform(-4e-4, 4e-4)), tk, 0.35),
-            ):
-                w, r = 2 * np.pi * f / SR, np.exp(-1.0 / (t_decay * SR))
-                # impulse response r^n sin(w (n + 1)): a damped partial, computed recursively
-                x += amp * k**-1.1 * lfilter([np.sin(w)], [1.0, -2 * r * np.cos(w), r * r], impulse)
+            tk = tau / (1 + 0.45 * (k - 1))  # upper partials die faster
+            # Two-stage decay (fast, then slow); the slow part from two slightly detuned strings (beating).
+            fast = np.exp(t32 / np.float32(-(0.12 * tk + 0.02)))
+            slow = np.exp(t32 / np.float32(-tk))
+            detuned = fk * (1 + rng.uniform(-4e-4, 4e-4))
+            s1 = np.sin(np.float32(2 * np.pi) * np.mod(fk * self.t, 1.0).astype(np.float32))
+            s2 = np.sin(np.float32(2 * np.pi) * np.mod(detuned * self.t, 1.0).astype(np.float32))
+            x += np.float32(k**-1.1) * (1.3 * fast * s1 + 0.35 * slow * (s1 + s2))
         hammer = rng.standard_normal(int(0.01 * SR)) * np.linspace(1, 0, int(0.01 * SR))
         x[: len(hammer)] += 0.3 * hammer
         return x * self._env(0.003)

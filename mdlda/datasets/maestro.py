@@ -90,7 +90,9 @@ def index_maestro(
             skipped.append(skip(name, f"duration {rec.duration!r} is not a number"))
             continue
         if duration < SEGMENT_SECONDS:
-            skipped.append(skip(name, f"{duration:.2f} s is shorter than one {SEGMENT_SECONDS:g}-s segment"))
+            skipped.append(
+                skip(name, f"{duration:.2f} s is shorter than one {SEGMENT_SECONDS:g}-s segment", False)
+            )
             continue
         path = root / name
         if not path.is_file():

@@ -74,7 +74,7 @@ def _dedupe(df: pd.DataFrame, key: str, value_cols: list[str], where: str) -> tu
         if len(rows[value_cols].drop_duplicates()) == 1:
             drop.extend(rows.index[1:])
             skipped.extend(
-                skip(item, f"duplicate row in {where} identical to an earlier one; kept one copy")
+                skip(item, f"duplicate row in {where} identical to an earlier one; kept one copy", False)
                 for _ in rows.index[1:]
             )
         else:
@@ -180,7 +180,7 @@ def index_midlevel(
     known = set(ann["clip_id"])
     already = {s["item"] for s in skipped}
     skipped += [
-        skip(sid, "in metadata.csv but not in annotations.csv (no ratings)")
+        skip(sid, "in metadata.csv but not in annotations.csv (no ratings)", False)
         for sid in meta.index
         if sid not in known and sid not in already
     ]
@@ -208,7 +208,7 @@ def index_midlevel(
         piano = read_piano_ids(piano_ids)
         all_ids = known | set(meta.index)
         skipped += [
-            skip(sid, "listed in the piano id list but not in the dataset")
+            skip(sid, "listed in the piano id list but not in the dataset", False)
             for sid in piano
             if sid not in all_ids
         ]
