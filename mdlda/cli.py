@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="mdlda: mid-level perceptual features of music, adapted to solo piano (Ray + MLflow).",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+app = typer.Typer(
+    help="mdlda: mid-level perceptual features of music, adapted to solo piano (Ray + MLflow).",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 console = Console()
 
 
-class Corpus(str, Enum):
+class Corpus(StrEnum):
     midlevel = "midlevel"
     maestro = "maestro"
 
@@ -41,16 +44,20 @@ def demo_data(
 @app.command()
 def prepare(
     dataset: Corpus = typer.Argument(..., help="Which corpus format the root folder holds."),
-    root: Path = typer.Option(..., help="Dataset root (Mid-level: holds metadata_annotations/ and audio/; "
-                                       "MAESTRO: holds maestro-v3.0.0.csv and the year folders)."),
+    root: Path = typer.Option(
+        ...,
+        help="Dataset root (Mid-level: holds metadata_annotations/ and audio/; "
+        "MAESTRO: holds maestro-v3.0.0.csv and the year folders).",
+    ),
     out: Path = typer.Option(..., help="Output shard folder (Parquet files + manifest.json)."),
-    piano_ids: Path | None = typer.Option(None, help="Mid-level: CSV with a `song id` column listing the piano "
-                                                     "clips (the piano_test split)."),
+    piano_ids: Path | None = typer.Option(
+        None, help="Mid-level: CSV with a `song id` column listing the piano clips (the piano_test split)."
+    ),
     seed: int = typer.Option(0, help="Seed of the artist-exclusive split / the MAESTRO subset."),
-    max_performances: int | None = typer.Option(None, help="MAESTRO: keep a seeded subset of this many "
-                                                          "performances."),
-    max_failure_share: float = typer.Option(0.1, help="Stop with an error, writing nothing, when more than this "
-                                                      "share of the files fail."),
+    max_performances: int | None = typer.Option(None, help="MAESTRO: keep a seeded subset of this many performances."),
+    max_failure_share: float = typer.Option(
+        0.1, help="Stop with an error, writing nothing, when more than this share of the files fail."
+    ),
     chunk_items: int = typer.Option(64, help="Files per resumable chunk."),
     overwrite: bool = typer.Option(False, help="Replace shards in OUT that were made from other input."),
     address: str | None = typer.Option(None, help="Ray address ('auto' for a running cluster); local Ray if unset."),
@@ -62,17 +69,25 @@ def prepare(
     from pipelines.raysetup import init_ray
 
     init_ray(address)
-    cfg = PrepareConfig(dataset=dataset.value, root=str(root), out=str(out),
-                        piano_ids=str(piano_ids) if piano_ids else None, seed=seed,
-                        max_performances=max_performances, max_failure_share=max_failure_share,
-                        chunk_items=chunk_items, overwrite=overwrite)
+    cfg = PrepareConfig(
+        dataset=dataset.value,
+        root=str(root),
+        out=str(out),
+        piano_ids=str(piano_ids) if piano_ids else None,
+        seed=seed,
+        max_performances=max_performances,
+        max_failure_share=max_failure_share,
+        chunk_items=chunk_items,
+        overwrite=overwrite,
+    )
     try:
         result = prepare(cfg)
     except (PrepareError, DatasetFormatError, ShardError) as exc:
         _fail(str(exc))
     m = result.manifest
-    table = Table(title=f"{dataset.value} shards -> {result.out}" + (" (already up to date)" if
-                                                                      result.skipped_work else ""))
+    table = Table(
+        title=f"{dataset.value} shards -> {result.out}" + (" (already up to date)" if result.skipped_work else "")
+    )
     table.add_column("split")
     table.add_column("rows", justify="right")
     for split, n in m["counts"].items():
@@ -89,8 +104,9 @@ def run(
     config: Path = typer.Option(Path("tune_spaces/demo.yaml"), help="Chain config YAML (tune_spaces/)."),
     data: Path = typer.Option(..., help="Data root holding the Mid-level and MAESTRO folders named in the config."),
     workdir: Path = typer.Option(Path("work"), help="Where shards, Ray results, the MLflow store and results go."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set teachers.num_samples=8 "
-                                                     "(repeatable)."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a config key, e.g. --set teachers.num_samples=8 (repeatable)."
+    ),
     address: str | None = typer.Option(None, help="Ray address ('auto' for a running cluster); local Ray if unset."),
 ) -> None:
     """Run the whole chain: prepare, baselines, teachers, selection, pseudo-labels, student, evaluation.
@@ -110,6 +126,104 @@ def run(
         run_chain(cfg, data, workdir, address=address, console=console)
     except TrackingError as exc:
         _fail(str(exc))
+
+
+def _chain(config: Path, workdir: Path, set_: list[str], address: str | None):
+    from mdlda.config import ConfigError, load_chain_config
+    from mdlda.tracking import TrackingError
+    from pipelines.run import Chain
+
+    try:
+        return Chain(load_chain_config(config, set_), workdir, address=address, console=console)
+    except (ConfigError, TrackingError) as exc:
+        _fail(str(exc))
+
+
+CONFIG_OPT = typer.Option(Path("tune_spaces/demo.yaml"), help="Chain config YAML (tune_spaces/).")
+WORKDIR_OPT = typer.Option(Path("work"), help="The chain's working folder (shards, Ray results, MLflow store).")
+SET_OPT = typer.Option([], "--set", help="Override a config key, e.g. --set teachers.num_samples=8 (repeatable).")
+ADDRESS_OPT = typer.Option(None, help="Ray address ('auto' for a running cluster); local Ray if unset.")
+
+
+@app.command()
+def teachers(
+    config: Path = CONFIG_OPT,
+    workdir: Path = WORKDIR_OPT,
+    set_: list[str] = SET_OPT,
+    address: str | None = ADDRESS_OPT,
+    baseline: bool = typer.Option(False, help="Run the baseline sweeps (no adversary: RF-ResNet, VGG-ish)."),
+    select_only: bool = typer.Option(
+        False,
+        help="Do not train: re-read the finished sweep from its storage folder "
+        "and print (and register) the same ordered top-k.",
+    ),
+) -> None:
+    """Ray Tune sweep of DANN teachers (or --baseline), then automatic top-k selection into the registry.
+
+    Needs the shards of `mdlda prepare` (or of an earlier `mdlda run`) in WORKDIR/shards. Rerunning resumes an
+    interrupted sweep without redoing finished trials.
+    """
+    from mdlda.manifest import ShardError
+    from pipelines.select import SelectionError
+
+    chain = _chain(config, workdir, set_, address)
+    try:
+        if select_only:
+            sweeps = chain.cfg.baselines if baseline else [chain.cfg.teachers]
+            for sweep in sweeps:
+                chain.select_only(sweep, baseline)
+        elif baseline:
+            chain.baselines()
+        else:
+            chain.teachers()
+    except (ShardError, SelectionError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def pseudolabel(
+    config: Path = CONFIG_OPT, workdir: Path = WORKDIR_OPT, set_: list[str] = SET_OPT, address: str | None = ADDRESS_OPT
+) -> None:
+    """Label a seeded subset of MAESTRO segments with the mean of the registered teachers (Ray Data actors)."""
+    chain = _chain(config, workdir, set_, address)
+    try:
+        chain.pseudolabel()
+    except RuntimeError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def student(
+    config: Path = CONFIG_OPT, workdir: Path = WORKDIR_OPT, set_: list[str] = SET_OPT, address: str | None = ADDRESS_OPT
+) -> None:
+    """Distil the student with Ray Train on source + pseudo-labelled piano segments; register it."""
+    chain = _chain(config, workdir, set_, address)
+    chain.student()
+
+
+@app.command()
+def evaluate(
+    models: list[str] = typer.Argument(
+        None,
+        help="NAME=URI pairs (e.g. student=models:/mdlda-student@champion); "
+        "default: the registered baselines, teachers and student.",
+    ),
+    config: Path = CONFIG_OPT,
+    workdir: Path = WORKDIR_OPT,
+    set_: list[str] = SET_OPT,
+    address: str | None = ADDRESS_OPT,
+) -> None:
+    """Per-feature Pearson r and RMSE on the non-piano test split and the piano test subset."""
+    chain = _chain(config, workdir, set_, address)
+    chosen = {}
+    for item in models or []:
+        name, sep, uri = item.partition("=")
+        if not sep:
+            name, uri = item, item
+        chosen[name] = uri
+    if not chosen:
+        chosen = chain.registered_models()
+    chain.evaluate(chosen)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -107,7 +107,14 @@ def index_digest(table, options: dict) -> str:
         p = Path(row.path)
         st = p.stat() if p.exists() else None
         lab = None if row.labels is None else [round(float(v), 4) for v in row.labels]
-        sig = (row.clip_id, row.split, row.group, row.domain, lab, st.st_size if st else -1,
-               int(st.st_mtime) if st else -1)
+        sig = (
+            row.clip_id,
+            row.split,
+            row.group,
+            row.domain,
+            lab,
+            st.st_size if st else -1,
+            int(st.st_mtime) if st else -1,
+        )
         h.update(json.dumps(sig, default=str).encode())
     return h.hexdigest()

@@ -46,8 +46,13 @@ def setup_tracking(workdir: str | Path, experiment: str) -> str:
     workdir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(workdir)
     mlflow.set_tracking_uri(uri)
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # Ray workers started after this inherit it through the runtime env
+    os.environ["MLFLOW_TRACKING_URI"] = (
+        uri  # Ray workers started after this inherit it through the runtime env
+    )
     client = MlflowClient(uri)
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)  # an unreachable server fails in seconds, not after minutes of retries
     try:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
@@ -63,6 +68,12 @@ def setup_tracking(workdir: str | Path, experiment: str) -> str:
             "Start the tracking server (see cluster/README.md) or unset MLFLOW_TRACKING_URI to use the embedded "
             "SQLite store."
         ) from exc
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -84,8 +95,12 @@ def _pip_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"]
 
 
-def log_model(model: nn.Module, name: str = "model", registered_model_name: str | None = None,
-              tags: dict[str, Any] | None = None):
+def log_model(
+    model: nn.Module,
+    name: str = "model",
+    registered_model_name: str | None = None,
+    tags: dict[str, Any] | None = None,
+):
     """Log ``model`` (wrapped in :class:`RatingModel`, eval mode, CPU) as a pt2 export with a signature.
 
     The input example is a batch of 2 so the exported batch dimension stays dynamic.
@@ -100,8 +115,13 @@ def log_model(model: nn.Module, name: str = "model", registered_model_name: str 
         out = served(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, out)
     return mlflow.pytorch.log_model(
-        served, name=name, input_example=example, signature=signature, serialization_format="pt2",
-        pip_requirements=_pip_requirements(), registered_model_name=registered_model_name,
+        served,
+        name=name,
+        input_example=example,
+        signature=signature,
+        serialization_format="pt2",
+        pip_requirements=_pip_requirements(),
+        registered_model_name=registered_model_name,
         metadata={"features": list(FEATURES), "output_scale": "ratings 1..10", "sample_rate": 22050},
         tags=tags,
     )

@@ -50,8 +50,10 @@ def load_stage_data(
     """Source train/valid from the Mid-level shards; target segments (MAESTRO, or pseudo-labelled shards)."""
     src, src_manifest = read_shards(source_shards, splits=["train"], columns=TRAIN_COLUMNS)
     val, _ = read_shards(source_shards, splits=["valid"], columns=TRAIN_COLUMNS)
-    counts = {"source_train": split_count(src_manifest, ["train"]), "source_valid": split_count(src_manifest,
-                                                                                                ["valid"])}
+    counts = {
+        "source_train": split_count(src_manifest, ["train"]),
+        "source_valid": split_count(src_manifest, ["valid"]),
+    }
     manifests = {"source": src_manifest}
     src, m1 = _maybe_materialize(src, counts["source_train"], materialize_max_gb)
     val, m2 = _maybe_materialize(val, counts["source_valid"], materialize_max_gb)
@@ -118,7 +120,9 @@ def train_batches(
     """One epoch of training batches: ``{"audio", "labels"}`` plus, with a target set, an equal number of
     ``"target_audio"`` (and ``"target_labels"`` when the target is pseudo-labelled). The source decides the
     epoch length (last partial batch dropped, so BatchNorm never sees a batch of 1); the target cycles."""
-    tgt = _cycle(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer) if target is not None else None
+    tgt = (
+        _cycle(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer) if target is not None else None
+    )
     for b in _iter(source, batch_size, seed + 104_729 * (epoch + 1), shuffle_buffer, drop_last=True):
         out = {"audio": b["audio"], "labels": b["labels"]}
         if tgt is not None:
@@ -134,8 +138,9 @@ def valid_batches(ds: ray.data.Dataset, batch_size: int = 16) -> Iterator[dict]:
         yield {"audio": b["audio"], "labels": b["labels"]}
 
 
-def frontend_stats(source_shards: str | Path, ds: ray.data.Dataset, cache_dir: str | Path,
-                   batch_size: int = 16) -> tuple[list[float], list[float]]:
+def frontend_stats(
+    source_shards: str | Path, ds: ray.data.Dataset, cache_dir: str | Path, batch_size: int = 16
+) -> tuple[list[float], list[float]]:
     """Per-band mean/std of the training set's spectrograms, cached by the shards' content digest.
 
     A band that is constant over the whole training set (std ~ 0, e.g. digital silence above a codec's

@@ -27,8 +27,13 @@ class Predictions:
     y_pred: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
 
-def predict_splits(models: dict[str, str], shards: str | Path, splits=EVAL_SPLITS, batch_size: int = 8,
-                   ensembles: dict[str, list[str]] | None = None) -> Predictions:
+def predict_splits(
+    models: dict[str, str],
+    shards: str | Path,
+    splits=EVAL_SPLITS,
+    batch_size: int = 8,
+    ensembles: dict[str, list[str]] | None = None,
+) -> Predictions:
     """Run every model (name -> MLflow URI) over each split; ``ensembles`` add mean-of-members rows."""
     import torch
 
@@ -82,8 +87,11 @@ def write_results(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     md = out_dir / "results.md"
     cols = ["model", "split", "n", "r_mean", "rmse_mean"] + [f"r_{f}" for f in FEATURES]
     cols = [c for c in cols if c in table.columns]
-    md.write_text(table[cols].to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else
-                  table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    md.write_text(
+        table[cols].to_markdown(index=False, floatfmt=".3f")
+        if _has_tabulate()
+        else table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    )
     return [csv, md]
 
 
@@ -93,4 +101,3 @@ def _has_tabulate() -> bool:
     except ImportError:
         return False
     return True
-

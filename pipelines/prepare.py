@@ -40,7 +40,9 @@ class PrepareConfig:
     out: str
     piano_ids: str | None = None  # Mid-level: CSV with a `song id` column (the piano_test clips)
     seed: int = 0
-    eval_fraction: float = 0.1  # Mid-level: share of the source drawn (from single-track artists) for valid+test
+    eval_fraction: float = (
+        0.1  # Mid-level: share of the source drawn (from single-track artists) for valid+test
+    )
     valid_fraction: float = 0.2  # Mid-level: share of that evaluation set used for validation
     splits: list[str] | None = None  # MAESTRO: which of its splits to keep (default all)
     max_performances: int | None = None  # MAESTRO: a seeded subset of performances
@@ -91,8 +93,10 @@ def _rows_to_table(rows: list[dict]) -> pa.Table:
     else:
         audio = ArrowTensorArray.from_numpy(np.zeros((0, 1), dtype=np.int16))
     labels = pa.array([None if r["labels"] is None else r["labels"].tolist() for r in rows], type=LABEL_TYPE)
-    cols = {c: pa.array([r[c] for r in rows], type=pa.string()) for c in ("clip_id", "dataset", "domain", "split",
-                                                                           "group")}
+    cols = {
+        c: pa.array([r[c] for r in rows], type=pa.string())
+        for c in ("clip_id", "dataset", "domain", "split", "group")
+    }
     cols["offset_s"] = pa.array([float(r["offset_s"]) for r in rows], type=pa.float32())
     return pa.table({**cols, "audio": audio, "labels": labels})
 
@@ -103,8 +107,14 @@ def _decode_batch(batch: pd.DataFrame, ledger, max_pad_s: float) -> pa.Table:
         item["labels"] = json.loads(item["labels"])
         res = decode_item(item, max_pad_s)
         rows.extend(res.rows)
-        records.append({"item": res.item, "error": res.error, "fitting": res.fitting,
-                        "rows": [(r["clip_id"], r["split"], r["digest"]) for r in res.rows]})
+        records.append(
+            {
+                "item": res.item,
+                "error": res.error,
+                "fitting": res.fitting,
+                "rows": [(r["clip_id"], r["split"], r["digest"]) for r in res.rows],
+            }
+        )
     ray.get(ledger.add.remote(records))
     return _rows_to_table(rows)
 
@@ -113,11 +123,17 @@ def _index(config: PrepareConfig):
     from mdlda.datasets import index_maestro, index_midlevel
 
     if config.dataset == "midlevel":
-        return index_midlevel(config.root, piano_ids=config.piano_ids, seed=config.seed,
-                              eval_fraction=config.eval_fraction, valid_fraction=config.valid_fraction)
+        return index_midlevel(
+            config.root,
+            piano_ids=config.piano_ids,
+            seed=config.seed,
+            eval_fraction=config.eval_fraction,
+            valid_fraction=config.valid_fraction,
+        )
     if config.dataset == "maestro":
-        return index_maestro(config.root, splits=config.splits, max_performances=config.max_performances,
-                             seed=config.seed)
+        return index_maestro(
+            config.root, splits=config.splits, max_performances=config.max_performances, seed=config.seed
+        )
     raise PrepareError(f"unknown dataset {config.dataset!r}: expected 'midlevel' or 'maestro'")
 
 
@@ -138,8 +154,15 @@ def _clean_unfinished(out: Path, done: set[int]) -> None:
 def _progress(total: int, enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("[bold]prepare[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
-                    TimeRemainingColumn(), disable=not enabled, transient=False)
+    return Progress(
+        TextColumn("[bold]prepare[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("files"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
 
 
 def prepare(config: PrepareConfig) -> PrepareResult:
@@ -179,8 +202,10 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     if len(index_failures) > allowed:
         raise PrepareError(_too_many(index_failures, n_total, config))
 
-    chunks = [(i, table.iloc[s : s + config.chunk_items]) for i, s in
-              enumerate(range(0, n_items, max(1, config.chunk_items)))]
+    chunks = [
+        (i, table.iloc[s : s + config.chunk_items])
+        for i, s in enumerate(range(0, n_items, max(1, config.chunk_items)))
+    ]
     ledger = _Ledger.remote()
     with _progress(n_items, config.progress) as bar:
         task = bar.add_task("decode", total=n_items)
@@ -199,14 +224,21 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     return _finish(out, state_dir, index, digest, options, config)
 
 
-def _run_chunk(out: Path, i: int, chunk: pd.DataFrame, ledger, config: PrepareConfig, bar, task) -> list[dict]:
+def _run_chunk(
+    out: Path, i: int, chunk: pd.DataFrame, ledger, config: PrepareConfig, bar, task
+) -> list[dict]:
     staging = out / STATE_DIR / f"staging-{i:05d}"
     items = [{k: v for k, v in item.items()} for item in chunk.to_dict("records")]
     for item in items:  # labels travel as a JSON string: Ray would turn lists-or-None into tensor columns
         item["labels"] = json.dumps(None if item["labels"] is None else [float(v) for v in item["labels"]])
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_decode_batch, batch_size=1, batch_format="pandas", num_cpus=config.num_cpus_per_task,
-                        fn_kwargs={"ledger": ledger, "max_pad_s": config.max_pad_s})
+    ds = ds.map_batches(
+        _decode_batch,
+        batch_size=1,
+        batch_format="pandas",
+        num_cpus=config.num_cpus_per_task,
+        fn_kwargs={"ledger": ledger, "max_pad_s": config.max_pad_s},
+    )
     seen = [0]
     stop = threading.Event()
 
@@ -247,7 +279,9 @@ def _too_many(failed: list[dict], total: int, config: PrepareConfig) -> str:
     )
 
 
-def _finish(out: Path, state_dir: Path, index, digest: str, options: dict, config: PrepareConfig) -> PrepareResult:
+def _finish(
+    out: Path, state_dir: Path, index, digest: str, options: dict, config: PrepareConfig
+) -> PrepareResult:
     counts: dict[str, int] = {}
     digests: dict[str, str] = {}
     fitting: dict[str, int] = {}
@@ -265,9 +299,15 @@ def _finish(out: Path, state_dir: Path, index, digest: str, options: dict, confi
                 digests[clip_id] = row_digest
                 counts[split] = counts.get(split, 0) + 1
     manifest = build_manifest(
-        dataset=config.dataset, source_root=str(Path(config.root).resolve()), counts=counts, skipped=skipped,
-        row_digests=digests, index_digest=digest, options={**options, "config": asdict(config)},
-        decoder=decoder_info(), clip_fitting=fitting,
+        dataset=config.dataset,
+        source_root=str(Path(config.root).resolve()),
+        counts=counts,
+        skipped=skipped,
+        row_digests=digests,
+        index_digest=digest,
+        options={**options, "config": asdict(config)},
+        decoder=decoder_info(),
+        clip_fitting=fitting,
     )
     write_manifest(out, manifest)
     return PrepareResult(str(out), manifest, failures=[s for s in skipped if s.get("reason")])

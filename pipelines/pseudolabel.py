@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from ray.data.expressions import col
 from ray.data.extensions import ArrowTensorArray
 
 from mdlda.config import PseudoLabelConfig, config_digest
 from mdlda.manifest import DATA_DIR, MANIFEST, build_manifest, read_manifest, row_digest, write_manifest
-from mdlda.params import NUM_FEATURES, PCM_SCALE
+from mdlda.params import NUM_FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN
 from pipelines.shards import labels_array, read_shards
 
 
@@ -55,7 +54,8 @@ class TeacherEnsemble:
             preds = np.stack([t(audio).float().cpu().numpy() for t in self.teachers])  # (k, B, 7) on 1..10
         table = {k: pa.array(v) for k, v in batch.items() if k != "audio"}
         table["audio"] = ArrowTensorArray.from_numpy(np.asarray(batch["audio"]))
-        table["labels"] = labels_array(preds.mean(axis=0))
+        # the mean prediction, clipped to the rating scale the labels live on
+        table["labels"] = labels_array(np.clip(preds.mean(axis=0), RATING_MIN, RATING_MAX))
         table["teacher_spread"] = pa.array(preds.std(axis=0).mean(axis=1).astype(np.float32))
         return pa.table(table)
 
@@ -70,15 +70,27 @@ def choose_segments(maestro_shards: str | Path, n: int, seed: int, splits: list[
     return sorted(rng.choice(ids, size=n, replace=False).tolist())
 
 
-def pseudolabel(cfg: PseudoLabelConfig, teacher_uris: list[str], maestro_shards: str | Path, out: str | Path,
-                source_train_count: int, tracking_uri: str) -> PseudoLabelResult:
+def pseudolabel(
+    cfg: PseudoLabelConfig,
+    teacher_uris: list[str],
+    maestro_shards: str | Path,
+    out: str | Path,
+    source_train_count: int,
+    tracking_uri: str,
+) -> PseudoLabelResult:
     out = Path(out).resolve()
     src_manifest = read_manifest(maestro_shards)
     n = round(cfg.fraction * source_train_count) if cfg.fraction else cfg.num_segments
     if not n or n < 1:
         raise ValueError("pseudolabel: num_segments (or fraction x source train size) must be at least 1")
-    key = config_digest({"cfg": cfg.model_dump(mode="json"), "teachers": teacher_uris, "n": n,
-                         "maestro": src_manifest["content_digest"]})
+    key = config_digest(
+        {
+            "cfg": cfg.model_dump(mode="json"),
+            "teachers": teacher_uris,
+            "n": n,
+            "maestro": src_manifest["content_digest"],
+        }
+    )
     if (out / MANIFEST).exists():
         manifest = read_manifest(out)
         if manifest.get("index_digest") == key:
@@ -86,13 +98,19 @@ def pseudolabel(cfg: PseudoLabelConfig, teacher_uris: list[str], maestro_shards:
     shutil.rmtree(out, ignore_errors=True)
     ids = choose_segments(maestro_shards, n, cfg.seed, cfg.splits)
     cols = ["clip_id", "dataset", "domain", "split", "group", "offset_s", "audio"]
-    ds, _ = read_shards(maestro_shards, splits=cfg.splits, columns=cols)  # unlabelled: never read the null labels
+    ds, _ = read_shards(
+        maestro_shards, splits=cfg.splits, columns=cols
+    )  # unlabelled: never read the null labels
     ds = ds.filter(expr=col("clip_id").is_in(ids))
     resources = {"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}
     ds = ds.map_batches(
-        TeacherEnsemble, fn_constructor_kwargs={"uris": teacher_uris, "tracking_uri": tracking_uri},
-        batch_size=cfg.batch_size, batch_format="numpy", concurrency=cfg.concurrency or 1,
-        num_cpus=cfg.cpus_per_actor, **resources,
+        TeacherEnsemble,
+        fn_constructor_kwargs={"uris": teacher_uris, "tracking_uri": tracking_uri},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        concurrency=cfg.concurrency or 1,
+        num_cpus=cfg.cpus_per_actor,
+        **resources,
     )
     ds.write_parquet(str(out / DATA_DIR), min_rows_per_file=256)
     meta = pq.read_table(out / DATA_DIR, columns=["clip_id", "split", "labels", "teacher_spread"]).to_pandas()
@@ -100,11 +118,20 @@ def pseudolabel(cfg: PseudoLabelConfig, teacher_uris: list[str], maestro_shards:
     digests = {r.clip_id: row_digest(r.clip_id, r.split, r.labels, b"") for r in meta.itertuples()}
     counts = meta.split.value_counts().to_dict()
     manifest = build_manifest(
-        dataset="maestro-pseudo", source_root=str(Path(maestro_shards).resolve()), counts=counts, skipped=[],
-        row_digests=digests, index_digest=key,
-        options={"teachers": teacher_uris, "num_segments": n, "seed": cfg.seed, "splits": cfg.splits,
-                 "source_content_digest": src_manifest["content_digest"],
-                 "teacher_spread": _spread_summary(meta.teacher_spread.to_numpy())},
+        dataset="maestro-pseudo",
+        source_root=str(Path(maestro_shards).resolve()),
+        counts=counts,
+        skipped=[],
+        row_digests=digests,
+        index_digest=key,
+        options={
+            "teachers": teacher_uris,
+            "num_segments": n,
+            "seed": cfg.seed,
+            "splits": cfg.splits,
+            "source_content_digest": src_manifest["content_digest"],
+            "teacher_spread": _spread_summary(meta.teacher_spread.to_numpy()),
+        },
         decoder=src_manifest.get("decoder", {}),
     )
     write_manifest(out, manifest)
@@ -119,8 +146,10 @@ def _check_labels(meta) -> None:
 
 def _spread_summary(spread: np.ndarray) -> dict:
     q = np.quantile(spread, [0.0, 0.25, 0.5, 0.75, 0.95, 1.0])
-    return {"mean": float(spread.mean()), **{f"q{int(p * 100)}": float(v) for p, v in
-                                              zip([0, 0.25, 0.5, 0.75, 0.95, 1.0], q, strict=True)}}
+    return {
+        "mean": float(spread.mean()),
+        **{f"q{int(p * 100)}": float(v) for p, v in zip([0, 0.25, 0.5, 0.75, 0.95, 1.0], q, strict=True)},
+    }
 
 
 def log_spread(result: PseudoLabelResult, run_dir: Path) -> list[Path]:
@@ -143,4 +172,3 @@ def log_spread(result: PseudoLabelResult, run_dir: Path) -> list[Path]:
     summary = run_dir / "teacher_spread.json"
     summary.write_text(json.dumps(_spread_summary(spread), indent=2))
     return [png, summary]
-

@@ -39,71 +39,217 @@ def sweep_name(sweep: SweepConfig, data_digest: str) -> str:
     return f"{sweep.name}-{config_digest({'sweep': sweep.model_dump(mode='json'), 'data': data_digest})[:8]}"
 
 
-def run_chain(cfg: ChainConfig, data_root: str | Path, workdir: str | Path, address: str | None = None,
-              console: Console | None = None) -> ChainResult:
-    console = console or Console()
-    workdir = Path(workdir).resolve()
-    data_root = Path(data_root).resolve()
-    exp_id = setup_tracking(workdir, cfg.experiment)  # fail fast, before any compute
-    uri = tracking_uri(workdir)
-    init_ray(address)
-    key = config_digest({"cfg": cfg.model_dump(mode="json"), "data": str(data_root)})
-    parent = stages.parent_run(exp_id, key, cfg)
-    result = ChainResult(str(workdir), uri, parent)
-    say = console.print
+class Chain:
+    """One chain config + workdir: its MLflow parent run, its shards and the steps, callable one by one.
 
-    say(f"[bold]mdlda chain[/] {key} — MLflow run {parent} in {uri}")
-    with stages.stage(exp_id, parent, "prepare") as run:
-        ml, ma = stages.prepare_all(cfg, data_root, workdir, run)
-        result.did_work["prepare"] = not (ml.skipped_work and ma.skipped_work)
-        say(f"prepare: midlevel {ml.manifest['counts']}, maestro {ma.manifest['rows']} segments"
-            + (" (up to date)" if not result.did_work["prepare"] else ""))
-    data = stages.stage_data(cfg, ml.out, ma.out)
-    fstats = stages.frontend_stats_for(ml.out, data, workdir)
-    data_digest = ml.manifest["content_digest"] + ma.manifest["content_digest"]
+    ``mdlda run`` calls every step in order; ``mdlda teachers`` / ``pseudolabel`` / ``student`` / ``evaluate``
+    call one step on the outputs earlier steps left in the workdir.
+    """
 
-    models: dict[str, str] = {}
-    for sweep in cfg.baselines:
-        name = sweep_name(sweep, data_digest)
-        with stages.stage(exp_id, parent, f"baseline:{sweep.name}") as run:
-            chosen, worked = stages.sweep_and_select(sweep, name, data, fstats, workdir, cfg.experiment, exp_id,
-                                                     run, uri, k=1, registered_model="mdlda-baseline")
-        result.did_work[f"baseline:{sweep.name}"] = worked
-        models[sweep.name] = chosen[0]["uri"]
-        say(f"baseline {sweep.name}: best valid r {float(chosen[0]['val_r_mean']):.3f} -> {chosen[0]['uri']}")
+    def __init__(
+        self, cfg: ChainConfig, workdir: str | Path, address: str | None = None, console: Console | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.console = console or Console()
+        self.workdir = Path(workdir).resolve()
+        self.exp_id = setup_tracking(self.workdir, cfg.experiment)  # fail fast, before any compute
+        self.uri = tracking_uri(self.workdir)
+        init_ray(address)
+        self.key = config_digest({"cfg": cfg.model_dump(mode="json"), "workdir": str(self.workdir)})
+        self.parent = stages.parent_run(self.exp_id, self.key, cfg)
+        self.result = ChainResult(str(self.workdir), self.uri, self.parent)
+        self._data = None
+        self.models: dict[str, str] = {}
 
-    name = sweep_name(cfg.teachers, data_digest)
-    with stages.stage(exp_id, parent, "teachers") as run:
-        teachers, worked = stages.sweep_and_select(cfg.teachers, name, data, fstats, workdir, cfg.experiment,
-                                                   exp_id, run, uri, k=cfg.teachers.top_k)
-    result.did_work["teachers"] = worked
-    result.teachers = teachers
-    for t in teachers:
-        models[f"teacher-{t['rank']}"] = t["uri"]
-    say(f"teachers: {len(teachers)} selected: " + ", ".join(f"{t['uri']} (r {float(t['val_r_mean']):.3f})"
-                                                            for t in teachers))
+    def say(self, msg: str) -> None:
+        self.console.print(msg)
 
-    with stages.stage(exp_id, parent, "pseudolabel") as run:
-        pl = stages.pseudolabel_stage(cfg, [t["uri"] for t in teachers], ma.out, workdir, data, uri, run)
-    result.did_work["pseudolabel"] = not pl.skipped_work
-    say(f"pseudolabel: {pl.manifest['rows']} MAESTRO segments labelled by the teachers' mean")
+    def shards(self, name: str) -> Path:
+        return self.workdir / "shards" / name
 
-    with stages.stage(exp_id, parent, "student") as run:
-        student, worked = stages.student_stage(cfg, ml.out, pl.out, fstats, workdir, key, run, data)
-    result.did_work["student"] = worked
-    result.student = student
-    models["student"] = student["uri"]
-    say(f"student: {student['uri']} valid r {float(student['val_r_mean']):.3f}"
-        + (" [champion]" if student.get("champion") else ""))
+    # --------------------------------------------------------------------------------------------- steps
+    def prepare(self, data_root: str | Path) -> None:
+        with stages.stage(self.exp_id, self.parent, "prepare") as run:
+            ml, ma = stages.prepare_all(self.cfg, Path(data_root).resolve(), self.workdir, run)
+        self.result.did_work["prepare"] = not (ml.skipped_work and ma.skipped_work)
+        self.say(
+            f"prepare: midlevel {ml.manifest['counts']}, maestro {ma.manifest['rows']} segments"
+            + ("" if self.result.did_work["prepare"] else " (up to date)")
+        )
 
-    with stages.stage(exp_id, parent, "evaluate") as run:
-        ensembles = {"teacher-ensemble": [f"teacher-{t['rank']}" for t in teachers]}
-        table, worked = stages.evaluate_stage(models, ensembles, ml.out, workdir, run)
-    result.did_work["evaluate"] = worked
-    result.summary = table
-    stages.finish_parent(parent, result)
-    _print_summary(console, table, workdir, uri)
-    return result
+    @property
+    def data(self):
+        """Source/target datasets and front-end statistics (loaded once; refuses missing or foreign shards)."""
+        if self._data is None:
+            from mdlda.manifest import read_manifest
+
+            ml, ma = read_manifest(self.shards("midlevel")), read_manifest(self.shards("maestro"))
+            data = stages.stage_data(self.cfg, str(self.shards("midlevel")), str(self.shards("maestro")))
+            fstats = stages.frontend_stats_for(str(self.shards("midlevel")), data, self.workdir)
+            self._data = (data, fstats, ml["content_digest"] + ma["content_digest"])
+        return self._data
+
+    def sweep(self, sweep: SweepConfig, baseline: bool) -> list[dict]:
+        data, fstats, digest = self.data
+        stage_name = f"baseline:{sweep.name}" if baseline else "teachers"
+        with stages.stage(self.exp_id, self.parent, stage_name) as run:
+            chosen, worked = stages.sweep_and_select(
+                sweep,
+                sweep_name(sweep, digest),
+                data,
+                fstats,
+                self.workdir,
+                self.cfg.experiment,
+                self.exp_id,
+                run,
+                self.uri,
+                k=sweep.top_k,
+                registered_model="mdlda-baseline" if baseline else "mdlda-teacher",
+            )
+        self.result.did_work[stage_name] = worked
+        return chosen
+
+    def baselines(self) -> None:
+        for sweep in self.cfg.baselines:
+            chosen = self.sweep(sweep, baseline=True)
+            self.models[sweep.name] = chosen[0]["uri"]
+            self.say(f"baseline {sweep.name}: best valid r {float(chosen[0]['val_r_mean']):.3f} -> {chosen[0]['uri']}")
+
+    def teachers(self) -> None:
+        teachers = self.sweep(self.cfg.teachers, baseline=False)
+        self.result.teachers = teachers
+        for t in teachers:
+            self.models[f"teacher-{t['rank']}"] = t["uri"]
+        self.say(
+            f"teachers: {len(teachers)} selected: "
+            + ", ".join(f"{t['uri']} (r {float(t['val_r_mean']):.3f})" for t in teachers)
+        )
+
+    def pseudolabel(self) -> None:
+        data, _, _ = self.data
+        teachers = self.result.teachers or self.teachers_registered()
+        with stages.stage(self.exp_id, self.parent, "pseudolabel") as run:
+            pl = stages.pseudolabel_stage(
+                self.cfg, [t["uri"] for t in teachers], str(self.shards("maestro")), self.workdir, data, self.uri, run
+            )
+        self.result.did_work["pseudolabel"] = not pl.skipped_work
+        self.say(f"pseudolabel: {pl.manifest['rows']} MAESTRO segments labelled by the teachers' mean")
+
+    def student(self) -> None:
+        data, fstats, _ = self.data
+        with stages.stage(self.exp_id, self.parent, "student") as run:
+            student, worked = stages.student_stage(
+                self.cfg,
+                str(self.shards("midlevel")),
+                str(self.shards("pseudolabels")),
+                fstats,
+                self.workdir,
+                self.key,
+                run,
+                data,
+            )
+        self.result.did_work["student"] = worked
+        self.result.student = student
+        self.models["student"] = student["uri"]
+        self.say(
+            f"student: {student['uri']} valid r {float(student['val_r_mean']):.3f}"
+            + (" [champion]" if student.get("champion") else "")
+        )
+
+    def evaluate(self, models: dict[str, str] | None = None) -> None:
+        models = models or self.models
+        teachers = [m for m in models if m.startswith("teacher-")]
+        ensembles = {"teacher-ensemble": teachers} if len(teachers) > 1 else {}
+        with stages.stage(self.exp_id, self.parent, "evaluate") as run:
+            table, worked = stages.evaluate_stage(models, ensembles, str(self.shards("midlevel")), self.workdir, run)
+        self.result.did_work["evaluate"] = worked
+        self.result.summary = table
+        _print_summary(self.console, table, self.workdir, self.uri)
+
+    def select_only(self, sweep: SweepConfig, baseline: bool) -> list[dict]:
+        """Rank a finished sweep from its storage folder (no training) and register/print the same top-k."""
+        from ray import tune
+
+        from pipelines.select import rank_trials, register_top_k, select_top_k
+        from pipelines.teachers import sweep_finished
+        from pipelines.trial import train_trial
+
+        _, fstats, digest = self.data
+        name = sweep_name(sweep, digest)
+        path = self.workdir / "ray_results" / name
+        if not sweep_finished(path):
+            raise FileNotFoundError(f"{path}: no finished sweep stored there (run `mdlda teachers` first)")
+        results = tune.Tuner.restore(str(path), trainable=train_trial).get_results()
+        table = rank_trials(results, sweep.metric)
+        chosen = select_top_k(table, sweep.top_k, sweep.allow_fewer)
+        registered = register_top_k(
+            chosen,
+            results,
+            sweep.name,
+            f"{self.cfg.experiment}/{name}",
+            self.exp_id,
+            fstats,
+            "mdlda-baseline" if baseline else "mdlda-teacher",
+        )
+        from rich.table import Table
+
+        t = Table(title=f"{name}: top {sweep.top_k} by {sweep.metric}")
+        for c in ("rank", "trial_id", "score", "valid_loss", "best_epoch", "version"):
+            t.add_column(c)
+        for row, reg in zip(chosen.itertuples(), registered, strict=True):
+            t.add_row(
+                str(row.rank),
+                row.trial_id,
+                f"{row.score:.4f}",
+                f"{row.valid_loss:.4f}",
+                str(row.best_epoch),
+                reg["uri"],
+            )
+        self.console.print(t)
+        return registered
+
+    def registered_models(self) -> dict[str, str]:
+        """name -> URI of this chain's registered baselines, teachers and champion student."""
+        _, _, digest = self.data
+        out = {}
+        for sweep in self.cfg.baselines:
+            found = stages.registered_for_sweep("mdlda-baseline", f"{self.cfg.experiment}/{sweep_name(sweep, digest)}")
+            if found:
+                out[sweep.name] = found[0]["uri"]
+        for t in self.teachers_registered():
+            out[f"teacher-{t['rank']}"] = t["uri"]
+        out["student"] = "models:/mdlda-student@champion"
+        return out
+
+    def teachers_registered(self) -> list[dict]:
+        """The teachers this chain's sweep registered (for a pseudo-label step run on its own)."""
+        _, _, digest = self.data
+        found = stages.registered_for_sweep(
+            "mdlda-teacher", f"{self.cfg.experiment}/{sweep_name(self.cfg.teachers, digest)}"
+        )
+        if not found:
+            raise RuntimeError("no registered teachers for this config: run `mdlda teachers` first")
+        return found
+
+
+def run_chain(
+    cfg: ChainConfig,
+    data_root: str | Path,
+    workdir: str | Path,
+    address: str | None = None,
+    console: Console | None = None,
+) -> ChainResult:
+    """Every step in order; a step whose outputs exist and match does no work."""
+    chain = Chain(cfg, workdir, address, console)
+    chain.say(f"[bold]mdlda chain[/] {chain.key} — MLflow run {chain.parent} in {chain.uri}")
+    chain.prepare(data_root)
+    chain.baselines()
+    chain.teachers()
+    chain.pseudolabel()
+    chain.student()
+    chain.evaluate()
+    stages.finish_parent(chain.parent, chain.result)
+    return chain.result
 
 
 def _print_summary(console: Console, table: pd.DataFrame, workdir: Path, uri: str) -> None:

@@ -23,15 +23,29 @@ class SelectionError(RuntimeError):
     """Fewer trials finished than the selection needs."""
 
 
+def _last_line(error) -> str:
+    """The exception line of a trial's error (its traceback is in the trial folder)."""
+    lines = [ln.strip() for ln in str(error or "").splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
 def rank_trials(results, metric: str = "valid_r_mean") -> pd.DataFrame:
     """One row per trial: status, best score, loss at the best epoch, epochs, checkpoint; ranked."""
     rows = []
     for r in results:
         df = r.metrics_dataframe
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
-        row = {"trial_id": trial_id, "status": "error" if r.error else "finished", "score": math.nan,
-               "valid_loss": math.nan, "best_epoch": None, "epochs": 0, "path": r.path,
-               "checkpoint": r.checkpoint.path if r.checkpoint else None, "error": str(r.error or "")[:300]}
+        row = {
+            "trial_id": trial_id,
+            "status": "error" if r.error else "finished",
+            "score": math.nan,
+            "valid_loss": math.nan,
+            "best_epoch": None,
+            "epochs": 0,
+            "path": r.path,
+            "checkpoint": r.checkpoint.path if r.checkpoint else None,
+            "error": _last_line(r.error),
+        }
         if df is not None and metric in df and len(df):
             s = pd.to_numeric(df[metric], errors="coerce")
             row["epochs"] = int(len(df))
@@ -57,10 +71,14 @@ def select_top_k(table: pd.DataFrame, k: int, allow_fewer: bool = False) -> pd.D
     chosen = table[table.status == "finished"].head(k)
     if len(chosen) < k:
         failed = table[table.status != "finished"]
-        msg = (f"only {len(chosen)} of {len(table)} trials finished with a score; {k} teachers were asked for "
-               f"({len(failed)} failed or diverged)")
+        msg = (
+            f"only {len(chosen)} of {len(table)} trials finished with a score; {k} teachers were asked for "
+            f"({len(failed)} failed or diverged)"
+        )
         if not allow_fewer or chosen.empty:
-            raise SelectionError(msg + ". Rerun with more samples, or allow_fewer=true to continue with fewer.")
+            raise SelectionError(
+                msg + ". Rerun with more samples, or allow_fewer=true to continue with fewer."
+            )
     return chosen
 
 
@@ -74,12 +92,21 @@ def best_model_from_checkpoint(checkpoint_dir: str, config: dict, frontend_stats
 
 
 def _trial_run_id(client, experiment_id: str, trial_id: str, sweep: str) -> str | None:
-    runs = client.search_runs([experiment_id], f"tags.trial_name LIKE '%{trial_id}' and tags.sweep = '{sweep}'")
+    runs = client.search_runs(
+        [experiment_id], f"tags.trial_name LIKE '%{trial_id}' and tags.sweep = '{sweep}'"
+    )
     return runs[0].info.run_id if runs else None
 
 
-def register_top_k(chosen: pd.DataFrame, results, sweep_name: str, sweep_id: str, experiment_id: str,
-                   frontend_stats, registered_model: str = TEACHER_MODEL) -> list[dict]:
+def register_top_k(
+    chosen: pd.DataFrame,
+    results,
+    sweep_name: str,
+    sweep_id: str,
+    experiment_id: str,
+    frontend_stats,
+    registered_model: str = TEACHER_MODEL,
+) -> list[dict]:
     """Log each chosen trial's best model into its trial run and register it; idempotent per (sweep, trial)."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -95,19 +122,34 @@ def register_top_k(chosen: pd.DataFrame, results, sweep_name: str, sweep_id: str
         existing = {}
     out = []
     for row in chosen.itertuples(index=False):
-        tags = {"sweep_id": sweep_id, "rank": str(row.rank), "val_r_mean": f"{row.score:.6f}",
-                "trial_id": row.trial_id, "sweep": sweep_name}
+        tags = {
+            "sweep_id": sweep_id,
+            "rank": str(row.rank),
+            "val_r_mean": f"{row.score:.6f}",
+            "trial_id": row.trial_id,
+            "sweep": sweep_name,
+        }
         if row.trial_id in existing:
             v = existing[row.trial_id]
         else:
             model = best_model_from_checkpoint(row.checkpoint, configs[row.trial_id], frontend_stats)
             run_id = _trial_run_id(client, experiment_id, row.trial_id, sweep_name)
-            with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, nested=True,
-                                  run_name=None if run_id else f"{sweep_name}-{row.trial_id}"):
+            with mlflow.start_run(
+                run_id=run_id,
+                experiment_id=experiment_id,
+                nested=True,
+                run_name=None if run_id else f"{sweep_name}-{row.trial_id}",
+            ):
                 info = log_model(model, registered_model_name=registered_model)
             v = client.get_model_version(registered_model, str(info.registered_model_version))
         for key, value in tags.items():
             client.set_model_version_tag(registered_model, v.version, key, value)
-        out.append({**tags, "version": str(v.version), "run_id": v.run_id,
-                    "uri": f"models:/{registered_model}/{v.version}"})
+        out.append(
+            {
+                **tags,
+                "version": str(v.version),
+                "run_id": v.run_id,
+                "uri": f"models:/{registered_model}/{v.version}",
+            }
+        )
     return out

@@ -28,9 +28,7 @@ def read_shards(
     if splits is not None:
         unknown = sorted(set(splits) - set(manifest["counts"]))
         if unknown:
-            raise ShardError(
-                f"{folder}: no rows in split(s) {unknown}; it has {sorted(manifest['counts'])}"
-            )
+            raise ShardError(f"{folder}: no rows in split(s) {unknown}; it has {sorted(manifest['counts'])}")
     ds = ray.data.read_parquet(str(folder / DATA_DIR))
     if splits is not None:
         ds = ds.filter(expr=col("split").is_in(list(splits)))

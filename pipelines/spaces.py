@@ -35,7 +35,7 @@ def to_tune(search: dict[str, Any], where: str = "search") -> dict[str, Any]:
         if isinstance(spec, dict):
             if len(spec) != 1:
                 raise SearchSpaceError(f"{where}.{key}: expected one distribution, got {sorted(spec)}")
-            (kind, args), = spec.items()
+            ((kind, args),) = spec.items()
             if kind not in _DISTRIBUTIONS:
                 raise SearchSpaceError(
                     f"{where}.{key}: unknown distribution {kind!r}; use one of {sorted(_DISTRIBUTIONS)}"

@@ -44,12 +44,20 @@ def parent_run(exp_id: str, key: str, cfg: ChainConfig) -> str:
 def stage(exp_id: str, parent_id: str, name: str):
     """A nested run for one stage (reused on reruns); yields the active run."""
     client = MlflowClient()
-    runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{STAGE_TAG}` = "
-                                        f"'{name}'", max_results=1)
+    runs = client.search_runs(
+        [exp_id],
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{STAGE_TAG}` = '{name}'",
+        max_results=1,
+    )
     run_id = runs[0].info.run_id if runs else None
     with mlflow.start_run(run_id=parent_id, experiment_id=exp_id):
-        with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=True,
-                              experiment_id=exp_id, tags={STAGE_TAG: name}) as run:
+        with mlflow.start_run(
+            run_id=run_id,
+            run_name=None if run_id else name,
+            nested=True,
+            experiment_id=exp_id,
+            tags={STAGE_TAG: name},
+        ) as run:
             yield run
 
 
@@ -69,14 +77,29 @@ def _log_json(obj, name: str) -> None:
 def prepare_all(cfg: ChainConfig, data_root: Path, workdir: Path, run):
     d = cfg.data
     piano = str(data_root / d.piano_ids) if d.piano_ids else None
-    ml = prepare(PrepareConfig(dataset="midlevel", root=str(data_root / d.midlevel_root),
-                               out=str(workdir / "shards" / "midlevel"), piano_ids=piano, seed=d.seed,
-                               eval_fraction=d.eval_fraction, valid_fraction=d.valid_fraction,
-                               max_failure_share=d.max_failure_share))
-    ma = prepare(PrepareConfig(dataset="maestro", root=str(data_root / d.maestro_root),
-                               out=str(workdir / "shards" / "maestro"), splits=d.maestro_splits,
-                               max_performances=d.max_performances, seed=d.seed,
-                               max_failure_share=d.max_failure_share))
+    ml = prepare(
+        PrepareConfig(
+            dataset="midlevel",
+            root=str(data_root / d.midlevel_root),
+            out=str(workdir / "shards" / "midlevel"),
+            piano_ids=piano,
+            seed=d.seed,
+            eval_fraction=d.eval_fraction,
+            valid_fraction=d.valid_fraction,
+            max_failure_share=d.max_failure_share,
+        )
+    )
+    ma = prepare(
+        PrepareConfig(
+            dataset="maestro",
+            root=str(data_root / d.maestro_root),
+            out=str(workdir / "shards" / "maestro"),
+            splits=d.maestro_splits,
+            max_performances=d.max_performances,
+            seed=d.seed,
+            max_failure_share=d.max_failure_share,
+        )
+    )
     for name, r in (("midlevel", ml), ("maestro", ma)):
         _log_json(r.manifest, f"manifest-{name}.json")
         mlflow.log_metrics({f"{name}_{k}_rows": v for k, v in r.manifest["counts"].items()})
@@ -85,24 +108,42 @@ def prepare_all(cfg: ChainConfig, data_root: Path, workdir: Path, run):
 
 
 def stage_data(cfg: ChainConfig, midlevel: str, maestro: str) -> StageData:
-    return load_stage_data(midlevel, maestro, target_splits=cfg.data.maestro_splits,
-                           materialize_max_gb=cfg.materialize_max_gb)
+    return load_stage_data(
+        midlevel, maestro, target_splits=cfg.data.maestro_splits, materialize_max_gb=cfg.materialize_max_gb
+    )
 
 
 def frontend_stats_for(midlevel: str, data: StageData, workdir: Path):
     return frontend_stats(midlevel, data.source_train, workdir / "cache")
 
 
-def sweep_and_select(sweep: SweepConfig, name: str, data: StageData, fstats, workdir: Path, experiment: str,
-                     exp_id: str, run, uri: str, k: int, registered_model: str = "mdlda-teacher"):
+def sweep_and_select(
+    sweep: SweepConfig,
+    name: str,
+    data: StageData,
+    fstats,
+    workdir: Path,
+    experiment: str,
+    exp_id: str,
+    run,
+    uri: str,
+    k: int,
+    registered_model: str = "mdlda-teacher",
+):
     """Run/resume the sweep, rank its trials, register the top ``k``; returns (chosen, did_work)."""
-    mlflow.log_params({"sweep_name": name, "num_samples": sweep.num_samples, "top_k": k,
-                       "selection_metric": sweep.metric, "selection_mode": sweep.mode_metric,
-                       "tie_rule": TIE_RULE})
+    mlflow.log_params(
+        {
+            "sweep_name": name,
+            "num_samples": sweep.num_samples,
+            "top_k": k,
+            "selection_metric": sweep.metric,
+            "selection_mode": sweep.mode_metric,
+            "tie_rule": TIE_RULE,
+        }
+    )
     _log_json(sweep.model_dump(mode="json"), "sweep_config.json")
     _log_json({k2: m.get("content_digest") for k2, m in data.manifests.items()}, "manifests_read.json")
     sweep = sweep.model_copy(update={"name": name})
-    was_done = _sweep_finished(workdir / "ray_results" / name)
     res = run_sweep(sweep, data, fstats, workdir / "ray_results", experiment, run.info.run_id, uri)
     info = summarize(res.results)
     mlflow.log_metrics({f"trials_{k2}": v for k2, v in info.items() if isinstance(v, int | float) and v is not None})
@@ -112,34 +153,57 @@ def sweep_and_select(sweep: SweepConfig, name: str, data: StageData, fstats, wor
         table.drop(columns=["checkpoint"]).to_csv(path, index=False)
         mlflow.log_artifact(str(path))
     chosen = select_top_k(table, k, allow_fewer=sweep.allow_fewer)
-    registered = register_top_k(chosen, res.results, sweep.name, f"{experiment}/{name}", exp_id, fstats,
-                                registered_model=registered_model) if sweep.register_models else []
+    registered = (
+        register_top_k(
+            chosen,
+            res.results,
+            sweep.name,
+            f"{experiment}/{name}",
+            exp_id,
+            fstats,
+            registered_model=registered_model,
+        )
+        if sweep.register_models
+        else []
+    )
     _log_json(registered, "registered.json")
-    return registered, not was_done
+    return registered, res.ran
 
 
-def _sweep_finished(path: Path) -> bool:
-    from ray import tune
-
-    if not tune.Tuner.can_restore(str(path)):
-        return False
+def registered_for_sweep(registered_model: str, sweep_id: str) -> list[dict]:
+    """Versions of ``registered_model`` tagged with ``sweep_id``, by rank."""
     try:
-        from ray.tune import ExperimentAnalysis
-
-        states = [t.status for t in ExperimentAnalysis(str(path)).trials]
-        return bool(states) and all(s in ("TERMINATED", "ERROR") for s in states)
+        versions = MlflowClient().search_model_versions(f"name='{registered_model}'")
     except Exception:
-        return False
+        return []
+    found = [
+        {**v.tags, "version": str(v.version), "run_id": v.run_id, "uri": f"models:/{registered_model}/{v.version}"}
+        for v in versions
+        if v.tags.get("sweep_id") == sweep_id
+    ]
+    return sorted(found, key=lambda t: int(t.get("rank", 0)))
 
 
-def pseudolabel_stage(cfg: ChainConfig, teacher_uris: list[str], maestro: str, workdir: Path, data: StageData,
-                      uri: str, run):
+def pseudolabel_stage(
+    cfg: ChainConfig, teacher_uris: list[str], maestro: str, workdir: Path, data: StageData, uri: str, run
+):
     from pipelines.pseudolabel import log_spread, pseudolabel
 
-    res = pseudolabel(cfg.pseudolabel, teacher_uris, maestro, workdir / "shards" / "pseudolabels",
-                      data.counts["source_train"], uri)
-    mlflow.log_params({"teachers": ",".join(teacher_uris), "num_segments": res.manifest["rows"],
-                       "seed": cfg.pseudolabel.seed})
+    res = pseudolabel(
+        cfg.pseudolabel,
+        teacher_uris,
+        maestro,
+        workdir / "shards" / "pseudolabels",
+        data.counts["source_train"],
+        uri,
+    )
+    mlflow.log_params(
+        {
+            "teachers": ",".join(teacher_uris),
+            "num_segments": res.manifest["rows"],
+            "seed": cfg.pseudolabel.seed,
+        }
+    )
     _log_json(res.manifest, "manifest-pseudolabels.json")
     with tempfile.TemporaryDirectory() as d:
         for p in log_spread(res, Path(d)):
@@ -149,8 +213,7 @@ def pseudolabel_stage(cfg: ChainConfig, teacher_uris: list[str], maestro: str, w
     return res
 
 
-def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir: Path, key: str, run,
-                  base: StageData):
+def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir: Path, key: str, run, base: StageData):
     """Distil (or find the already registered) student of this chain; champion alias when it beats the last."""
     from pipelines.data import load_stage_data as _load
     from pipelines.select import best_model_from_checkpoint
@@ -166,17 +229,28 @@ def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir:
         v = max(found, key=lambda x: int(x.version))
         return _student_info(client, v), False
     data = _load(midlevel, pseudo, target_labelled=True, materialize_max_gb=cfg.materialize_max_gb)
-    mlflow.log_params({"num_workers": cfg.student.num_workers, "use_gpu": cfg.student.use_gpu,
-                       **{f"train.{k}": v for k, v in student_trial_config(cfg.student).items()}})
+    mlflow.log_params(
+        {
+            "num_workers": cfg.student.num_workers,
+            "use_gpu": cfg.student.use_gpu,
+            **{f"train.{k}": v for k, v in student_trial_config(cfg.student).items()},
+        }
+    )
     _log_json({k: m.get("content_digest") for k, m in data.manifests.items()}, "manifests_read.json")
     res = train_student(cfg.student, data, fstats, workdir / "ray_results", f"student-{skey}")
     history = res.result.metrics_dataframe
     if history is not None:
         for _, row in history.iterrows():
             step = int(row.get("epoch", 0))
-            mlflow.log_metrics({c: float(row[c]) for c in history.columns
-                                if c.startswith(("train_", "valid_", "samples_per_s", "data_wait"))
-                                and isinstance(row[c], int | float)}, step=step)
+            mlflow.log_metrics(
+                {
+                    c: float(row[c])
+                    for c in history.columns
+                    if c.startswith(("train_", "valid_", "samples_per_s", "data_wait"))
+                    and isinstance(row[c], int | float)
+                },
+                step=step,
+            )
     model = best_model_from_checkpoint(res.checkpoint_dir, student_trial_config(cfg.student), fstats)
     log_model(model, registered_model_name=STUDENT_MODEL if cfg.student.register_models else None)
     v = latest_version(STUDENT_MODEL, run.info.run_id)
@@ -194,8 +268,13 @@ def _student_info(client, v) -> dict:
         champ = client.get_model_version_by_alias(STUDENT_MODEL, "champion").version == v.version
     except MlflowException:
         champ = False
-    return {"uri": f"models:/{STUDENT_MODEL}/{v.version}", "version": v.version,
-            "val_r_mean": v.tags.get("val_r_mean", "nan"), "champion": champ, "run_id": v.run_id}
+    return {
+        "uri": f"models:/{STUDENT_MODEL}/{v.version}",
+        "version": v.version,
+        "val_r_mean": v.tags.get("val_r_mean", "nan"),
+        "champion": champ,
+        "run_id": v.run_id,
+    }
 
 
 def evaluate_stage(models: dict[str, str], ensembles: dict[str, list[str]], midlevel: str, workdir: Path, run):

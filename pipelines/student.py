@@ -89,8 +89,15 @@ def student_loop(config: dict) -> None:
 
     result = fit(
         model,
-        lambda epoch: train_batches(source, batch["batch_size"], train_cfg.seed + 1000 * rank, epoch, target,
-                                    target_labelled=True, shuffle_buffer=batch["shuffle_buffer"]),
+        lambda epoch: train_batches(
+            source,
+            batch["batch_size"],
+            train_cfg.seed + 1000 * rank,
+            epoch,
+            target,
+            target_labelled=True,
+            shuffle_buffer=batch["shuffle_buffer"],
+        ),
         lambda: valid_batches(valid, batch["valid_batch_size"]),
         train_cfg,
         on_epoch=on_epoch,
@@ -105,22 +112,34 @@ def student_trial_config(cfg: StudentConfig) -> dict[str, Any]:
     return {"model": cfg.model, **cfg.model_overrides, **cfg.train, "mode": "distill"}
 
 
-def train_student(cfg: StudentConfig, data: StageData, frontend_stats, storage: str | Path, name: str,
-                  ) -> StudentResult:
+def train_student(
+    cfg: StudentConfig,
+    data: StageData,
+    frontend_stats,
+    storage: str | Path,
+    name: str,
+) -> StudentResult:
     """Fit (or resume) the student run ``name`` under ``storage``."""
     storage = str(Path(storage).resolve()) if "://" not in str(storage) else str(storage)
     if data.target is None:
         raise ValueError("the student needs the pseudo-labelled target set")
     trainer = TorchTrainer(
         student_loop,
-        train_loop_config={"trial": student_trial_config(cfg), "frontend_stats": frontend_stats,
-                           "use_gpu": cfg.use_gpu},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        train_loop_config={
+            "trial": student_trial_config(cfg),
+            "frontend_stats": frontend_stats,
+            "use_gpu": cfg.use_gpu,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
         datasets={"source": data.source_train, "target": data.target, "valid": data.source_valid},
         dataset_config=DataConfig(datasets_to_split=["source", "target"]),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=name,
+            storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),

@@ -32,6 +32,7 @@ class SweepResult:
     path: str
     results: Any  # ray.tune.ResultGrid
     resumed: bool
+    ran: bool = True
 
 
 def trial_resources(sweep: SweepConfig, materialized: bool) -> tuple[dict, int]:
@@ -82,36 +83,64 @@ def run_sweep(
     trainable = tune.with_resources(trainable, per)
     resumed = tune.Tuner.can_restore(path)
     if resumed:
+        tuner = tune.Tuner.restore(
+            path, trainable=trainable, resume_errored=False, restart_errored=False, resume_unfinished=True
+        )
+        if sweep_finished(path):  # read the stored results back; nothing is rerun
+            return SweepResult(sweep.name, path, tuner.get_results(), resumed=True, ran=False)
         logger.info("resuming sweep %s from %s", sweep.name, path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=False, restart_errored=False,
-                                   resume_unfinished=True)
     else:
         max_t = int(sweep.train.get("max_epochs", 99))
         if sweep.scheduler == "asha":
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                                      grace_period=min(sweep.grace_period, max_t),
-                                      reduction_factor=sweep.reduction_factor)
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=max_t,
+                grace_period=min(sweep.grace_period, max_t),
+                reduction_factor=sweep.reduction_factor,
+            )
         else:
             scheduler = FIFOScheduler()
-        tags = {"mlflow.parentRunId": parent_run_id, "sweep": sweep.name} if parent_run_id else {"sweep": sweep.name}
-        callback = MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment_name, tags=tags,
-                                        save_artifact=False)
+        tags = (
+            {"mlflow.parentRunId": parent_run_id, "sweep": sweep.name}
+            if parent_run_id
+            else {"sweep": sweep.name}
+        )
+        callback = MLflowLoggerCallback(
+            tracking_uri=tracking_uri, experiment_name=experiment_name, tags=tags, save_artifact=False
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(sweep),
             tune_config=tune.TuneConfig(
-                metric=sweep.metric, mode=sweep.mode_metric, scheduler=scheduler,
-                num_samples=sweep.num_samples, max_concurrent_trials=limit,
+                metric=sweep.metric,
+                mode=sweep.mode_metric,
+                scheduler=scheduler,
+                num_samples=sweep.num_samples,
+                max_concurrent_trials=limit,
                 time_budget_s=sweep.time_budget_s,
             ),
             run_config=tune.RunConfig(
-                name=sweep.name, storage_path=storage, callbacks=[callback], verbose=0,
+                name=sweep.name,
+                storage_path=storage,
+                callbacks=[callback],
+                verbose=0,
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures_per_trial),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
     results = tuner.fit()
-    return SweepResult(sweep.name, path, results, resumed)
+    return SweepResult(sweep.name, path, results, resumed, ran=True)
+
+
+def sweep_finished(path: str | Path) -> bool:
+    """True when every trial of the stored sweep at ``path`` ended (finished, stopped early or failed)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(str(path)).trials
+    except Exception:  # nothing readable stored yet
+        return False
+    return bool(trials) and all(t.status in ("TERMINATED", "ERROR") for t in trials)
 
 
 def summarize(results) -> dict[str, Any]:
@@ -119,5 +148,9 @@ def summarize(results) -> dict[str, Any]:
     ok = [r for r in results if r.error is None]
     scores = [r.metrics.get("best_valid_r_mean") for r in ok if r.metrics]
     scores = [s for s in scores if s is not None and math.isfinite(s)]
-    return {"trials": len(results), "finished": len(ok), "failed": len(results) - len(ok),
-            "best_valid_r_mean": max(scores) if scores else None}
+    return {
+        "trials": len(results),
+        "finished": len(ok),
+        "failed": len(results) - len(ok),
+        "best_valid_r_mean": max(scores) if scores else None,
+    }

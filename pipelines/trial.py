@@ -49,7 +49,9 @@ def build_model(model_name: str, overrides: dict, frontend_stats: tuple[list[flo
     return model
 
 
-def train_trial(config: dict[str, Any], data: StageData, frontend_stats: tuple[list[float], list[float]]) -> None:
+def train_trial(
+    config: dict[str, Any], data: StageData, frontend_stats: tuple[list[float], list[float]]
+) -> None:
     """Tune function trainable: one teacher (mode "dann") or baseline (mode "supervised")."""
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
@@ -74,8 +76,14 @@ def train_trial(config: dict[str, Any], data: StageData, frontend_stats: tuple[l
 
     result = fit(
         model,
-        lambda epoch: train_batches(data.source_train, batch["batch_size"], train_cfg.seed, epoch, target,
-                                    shuffle_buffer=batch["shuffle_buffer"]),
+        lambda epoch: train_batches(
+            data.source_train,
+            batch["batch_size"],
+            train_cfg.seed,
+            epoch,
+            target,
+            shuffle_buffer=batch["shuffle_buffer"],
+        ),
         lambda: valid_batches(data.source_valid, batch["valid_batch_size"]),
         train_cfg,
         domain_head=head,

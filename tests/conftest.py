@@ -25,9 +25,13 @@ def ray_local(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=str(Path("/tmp") / f"ray_{os.getpid()}"),
-                 runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=str(Path("/tmp") / f"ray_{os.getpid()}"),
+            runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}},
+        )
     init_ray()
     yield tmp
     ray.shutdown()

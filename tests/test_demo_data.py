@@ -201,7 +201,7 @@ def test_rhythm_stability_and_complexity_shape_the_onsets() -> None:
             steps = np.diff(chords)
             grid_error.append(np.std(steps) / np.mean(steps))
         for c in (0.0, 1.0):
-            melody = score({"rhythm_complexity": c, "rhythm_stability": 1.0}, seed)["notes"]
+            melody = score({"rhythm_complexity": c, "rhythm_stability": 1.0, "melodiousness": 1.0}, seed)["notes"]
             values.append(len(np.unique(np.round(np.diff(melody[melody[:, 4] == MELODY, 0]), 3))))
         assert grid_error[1] < 1e-6 < 0.05 < grid_error[0]
         assert values[0] == 1 < 3 < values[1]

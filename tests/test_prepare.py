@@ -20,8 +20,14 @@ def _cfg(root: Path, out: Path, **kw):
     from pipelines.prepare import PrepareConfig
 
     ml = root / "midlevel"
-    return PrepareConfig(dataset="midlevel", root=str(ml), out=str(out), piano_ids=str(ml / "piano_ids.csv"),
-                         progress=False, **kw)
+    return PrepareConfig(
+        dataset="midlevel",
+        root=str(ml),
+        out=str(out),
+        piano_ids=str(ml / "piano_ids.csv"),
+        progress=False,
+        **kw,
+    )
 
 
 def _rows(out: Path, columns=("clip_id", "split", "group", "domain", "labels")):
@@ -165,11 +171,14 @@ def test_maestro_segments(ray_local, demo_root, tmp_path):
     from pipelines.prepare import PrepareConfig, prepare
 
     index = index_maestro(demo_root / "maestro")
-    result = prepare(PrepareConfig(dataset="maestro", root=str(demo_root / "maestro"), out=str(tmp_path / "m"),
-                                   progress=False))
+    result = prepare(
+        PrepareConfig(
+            dataset="maestro", root=str(demo_root / "maestro"), out=str(tmp_path / "m"), progress=False
+        )
+    )
     rows = _rows(tmp_path / "m", ["clip_id", "group", "labels", "offset_s", "domain"])
     assert result.manifest["rows"] == int(index.table.expected_segments.sum()) == len(rows)
     assert rows.labels.isna().all() and set(rows.domain) == {"target"}
     first = rows[rows.group == rows.group.iloc[0]].sort_values("offset_s")
     assert list(first.offset_s) == [15.0 * i for i in range(len(first))]
-    assert all(cid == f"{g}#{int(o // 15)}" for cid, g, o in zip(rows.clip_id, rows.group, rows.offset_s))
+    assert all(cid == f"{g}#{int(o // 15)}" for cid, g, o in zip(rows.clip_id, rows.group, rows.offset_s, strict=True))

@@ -33,7 +33,7 @@ PROGRESSIONS = ((0, 3, 4, 0), (0, 5, 3, 4), (0, 4, 5, 3), (0, 3, 0, 4))
 MELODY_RANGE = {
     "strings": (60, 84),
     "clarinet": (55, 79),
-    "brass": (52, 76),
+    "brass": (55, 79),
     "flute": (67, 91),
     "guitar": (52, 76),
     PIANO: (62, 86),
@@ -173,14 +173,15 @@ def compose(knobs: np.ndarray, seconds: float, rng: np.random.Generator, timbre:
     tonic = int(rng.integers(0, 12))
     minor = np.zeros(n_bars, dtype=bool)
     minor[rng.choice(n_bars, int(round(mnr * n_bars)), replace=False)] = True
-    modulate = rng.random(n_bars) < 0.45 * (1 - ton)
+    modulate = rng.random(n_bars) < 0.5 * (1 - ton)
+    pedal = rng.random(n_bars) < ton  # a tonic pedal in the bass anchors the key
     key = np.cumsum(np.where(modulate, rng.choice([-6, -3, -2, -1, 1, 2, 3, 6], n_bars), 0))
     key[0] = 0
     progression = PROGRESSIONS[int(rng.integers(len(PROGRESSIONS)))]
-    # Beats -> seconds: slow tempo drift and onset jitter grow as rhythm stability falls.
-    periods, phases = rng.uniform(8, 16, 2), rng.uniform(0, 2 * np.pi, 2)
-    drift = 0.45 * (1 - rst)
-    jitter = 0.08 * (1 - rst)
+    # Beats -> seconds: tempo drift and onset jitter (melody, chords and drums apart) grow as stability falls.
+    periods, phases = rng.uniform(6, 12, 2), rng.uniform(0, 2 * np.pi, 2)
+    drift = 0.35 * (1 - rst)  # slope of the wobble stays < 1: time never runs backwards
+    jitter = 0.12 * (1 - rst)
 
     def warp(b: np.ndarray) -> np.ndarray:
         wobble = sum(np.sin(2 * np.pi * b / p + f) - np.sin(f) for p, f in zip(periods, phases, strict=True))
@@ -188,7 +189,7 @@ def compose(knobs: np.ndarray, seconds: float, rng: np.random.Generator, timbre:
 
     def onsets(b: np.ndarray) -> np.ndarray:  # notes struck together (a chord) share their jitter
         grid, which = np.unique(b, return_inverse=True)
-        shift = beat * np.clip(rng.normal(0, jitter, len(grid)), -0.2, 0.2)
+        shift = beat * np.clip(rng.normal(0, jitter, len(grid)), -0.3, 0.3)
         return np.maximum(warp(b) + shift[which], 0.0)
 
     def pitch_of(bar: int, degree: np.ndarray) -> np.ndarray:
@@ -212,7 +213,10 @@ def compose(knobs: np.ndarray, seconds: float, rng: np.random.Generator, timbre:
             p = int(pitch_of(bar, np.array(degree)))
         if rng.random() < 0.5 * (1 - ton):
             p += int(rng.choice([-1, 1]))
-        vel = rng.uniform(0.75, 1.0)
+        vel = rng.uniform(0.75, 1.0) * (0.55 + 0.45 * mel)  # a clear melody stands out
+        if rng.random() < 0.3 * (1 - mel):  # an unmelodic line is also fragmented
+            b += value
+            continue
         notes.append((b, value, p, vel, MELODY))
         if rng.random() < 0.7 * dis:  # a clashing second voice: minor second, tritone or major seventh below
             notes.append((b, value, p - int(rng.choice([1, 6, 11])), 0.7 * vel, CLASH))
@@ -232,17 +236,18 @@ def compose(knobs: np.ndarray, seconds: float, rng: np.random.Generator, timbre:
             rng.binomial(3, dis),
             replace=False,
         )
-        voiced = (
-            lo - 12 + np.mod(np.concatenate([triad, extras]) - (lo - 12), 12)
-        )  # the octave below the melody
-        chord = np.append(voiced, lo - 24 + (root - (lo - 24)) % 12)  # plus a bass note
+        voiced = lo - 7 + np.mod(np.concatenate([triad, extras]) - (lo - 7), 12)  # about the melody's bottom
+        bass = tonic if pedal[bar] else root
+        chord = np.append(voiced, lo - 19 + (bass - (lo - 19)) % 12)
         hits = complex_[int(rng.integers(len(complex_)))] if rng.random() < rcx else simple
         ends = [*hits[1:], 4.0]
         for h, e in zip(hits, ends, strict=True):
             for q in chord:
                 notes.append((4 * bar + h, e - h, int(q), 0.4 / np.sqrt(len(chord)), CHORD))
     ev = np.array(notes, dtype=np.float64)
-    start = onsets(ev[:, 0])
+    start = np.zeros(len(ev))
+    for group in (ev[:, 4] != CHORD, ev[:, 4] == CHORD):
+        start[group] = onsets(ev[group, 0])
     gate = 1.0 - 0.85 * art
     dur = np.maximum((warp(ev[:, 0] + ev[:, 1]) - warp(ev[:, 0])) * gate, 0.05)
     hits: list[tuple[str, np.ndarray]] = []

@@ -1,0 +1,187 @@
+"""The whole chain on a local Ray with the tiny generated dataset: registry, nesting, NaN trials, reruns."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mdlda.config import ChainConfig
+from mdlda.manifest import DATA_DIR
+
+pytestmark = pytest.mark.slow
+
+TINY = {"width": 4}
+TRAIN = {"max_epochs": 2, "patience": 2, "lr_milestones": [1], "device": "cpu"}
+K = 2
+
+
+def tiny_chain_config() -> ChainConfig:
+    return ChainConfig.model_validate(
+        {
+            "experiment": "mdlda-test-chain",
+            "data": {"eval_fraction": 0.25, "valid_fraction": 0.4},
+            "teachers": {
+                "name": "teachers",
+                "mode": "dann",
+                "num_samples": 1,
+                "top_k": K,
+                "scheduler": "fifo",
+                "model_overrides": TINY,
+                "train": TRAIN,
+                # the third learning rate makes the loss explode: that trial must fail and never be selected
+                "search": {
+                    "lr": {"grid": [2.0e-3, 3.0e-3, 1.0e30]},
+                    "adv_scale": 0.3,
+                    "seed": 1,
+                    "batch_size": 4,
+                },
+            },
+            "baselines": [
+                {
+                    "name": "baseline-rfresnet",
+                    "mode": "supervised",
+                    "num_samples": 1,
+                    "top_k": 1,
+                    "model_overrides": TINY,
+                    "train": {**TRAIN, "max_epochs": 1},
+                    "search": {"lr": 2.0e-3, "batch_size": 4},
+                }
+            ],
+            "pseudolabel": {"num_segments": 4, "seed": 0, "batch_size": 4},
+            "student": {"model_overrides": TINY, "train": {**TRAIN, "lr": 2.0e-3, "batch_size": 4}},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def chain(ray_local, demo_root, tmp_path_factory):
+    from pipelines.run import run_chain
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    workdir = tmp_path_factory.mktemp("chain")
+    try:
+        first = run_chain(tiny_chain_config(), demo_root, workdir)
+        second = run_chain(tiny_chain_config(), demo_root, workdir)
+        yield first, second
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def _client(result):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(result.tracking_uri)
+    return MlflowClient(result.tracking_uri)
+
+
+def test_registry_holds_k_tagged_teachers(chain):
+    first, _ = chain
+    client = _client(first)
+    versions = client.search_model_versions("name='mdlda-teacher'")
+    assert len(versions) == K
+    ranks = sorted(int(v.tags["rank"]) for v in versions)
+    assert ranks == list(range(1, K + 1))
+    for v in versions:
+        assert {"sweep_id", "rank", "val_r_mean", "trial_id"} <= set(v.tags)
+        assert np.isfinite(float(v.tags["val_r_mean"]))
+    scores = [float(v.tags["val_r_mean"]) for v in sorted(versions, key=lambda v: int(v.tags["rank"]))]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_diverged_trial_failed_and_never_selected(chain):
+    import pandas as pd
+
+    first, _ = chain
+    client = _client(first)
+    exp = client.get_experiment_by_name("mdlda-test-chain")
+    stage = client.search_runs([exp.experiment_id], "tags.`mdlda.stage` = 'teachers'")[0]
+    path = client.download_artifacts(stage.info.run_id, "selection.csv")
+    table = pd.read_csv(path)
+    assert len(table) == 3
+    bad = table[table.status == "error"]
+    assert len(bad) == 1 and "diverged" in bad.error.iloc[0].lower()
+    selected = {v.tags["trial_id"] for v in client.search_model_versions("name='mdlda-teacher'")}
+    assert bad.trial_id.iloc[0] not in selected
+    # the failed trial's MLflow run ended FAILED
+    trial_runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{stage.info.run_id}'")
+    statuses = {
+        r.data.tags.get("trial_name", "").split("_")[-2]
+        + "_"
+        + r.data.tags.get("trial_name", "").split("_")[-1]: r.info.status
+        for r in trial_runs
+    }
+    assert statuses[bad.trial_id.iloc[0]] == "FAILED"
+
+
+def test_runs_are_nested(chain):
+    first, _ = chain
+    client = _client(first)
+    exp = client.get_experiment_by_name("mdlda-test-chain")
+    stages = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{first.parent_run_id}'")
+    names = {r.data.tags.get("mdlda.stage") for r in stages}
+    assert {
+        "prepare",
+        "baseline:baseline-rfresnet",
+        "teachers",
+        "pseudolabel",
+        "student",
+        "evaluate",
+    } <= names
+    teacher_stage = next(r for r in stages if r.data.tags.get("mdlda.stage") == "teachers")
+    trials = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{teacher_stage.info.run_id}'"
+    )
+    assert len(trials) == 3
+    assert all("valid_r_mean" in t.data.metrics for t in trials if t.info.status == "FINISHED")
+    assert all("lr" in t.data.params for t in trials)
+
+
+def test_student_is_champion_and_predicts(chain):
+    import mlflow
+    import torch
+
+    first, _ = chain
+    client = _client(first)
+    champ = client.get_model_version_by_alias("mdlda-student", "champion")
+    assert first.student["version"] == champ.version
+    model = mlflow.pytorch.load_model("models:/mdlda-student@champion")
+    audio = torch.from_numpy(np.random.default_rng(0).uniform(-0.3, 0.3, (3, 330_750)).astype(np.float32))
+    out = model(audio)
+    assert tuple(out.shape) == (3, 7) and torch.isfinite(out).all()
+
+
+def test_pseudolabels(chain):
+    first, _ = chain
+    out = os.path.join(first.workdir, "shards", "pseudolabels")
+    table = pq.read_table(
+        os.path.join(out, DATA_DIR), columns=["clip_id", "labels", "teacher_spread"]
+    ).to_pandas()
+    assert len(table) == 4 and table.clip_id.is_unique
+    labels = np.stack(table.labels.to_numpy())
+    assert labels.shape == (4, 7) and labels.min() >= 1.0 and labels.max() <= 10.0
+    assert (table.teacher_spread >= 0).all()
+
+
+def test_summary_covers_every_model(chain):
+    first, _ = chain
+    models = set(first.summary.model)
+    assert {"baseline-rfresnet", "student", "teacher-ensemble"} | {
+        f"teacher-{i}" for i in range(1, K + 1)
+    } <= models
+    assert set(first.summary.split) == {"test", "piano_test"}
+
+
+def test_rerun_does_no_work(chain):
+    first, second = chain
+    assert any(first.did_work.values())
+    assert not any(second.did_work.values()), second.did_work
+    assert second.student["version"] == first.student["version"]
+    assert [t["version"] for t in second.teachers] == [t["version"] for t in first.teachers]

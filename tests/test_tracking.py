@@ -1,0 +1,59 @@
+"""MLflow helpers on a real SQLite store: fail-fast checks, experiment layout, the champion rule."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+
+@pytest.fixture()
+def clean_env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+
+
+def test_unreachable_server_fails_fast_with_the_fix(clean_env, monkeypatch, tmp_path):
+    from mdlda.tracking import TrackingError, setup_tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match="127.0.0.1:9.*tracking server"):
+        setup_tracking(tmp_path, "x")
+    assert time.monotonic() - start < 30
+
+
+def test_embedded_store_and_artifact_location(clean_env, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from mdlda.tracking import setup_tracking, tracking_uri
+
+    exp_id = setup_tracking(tmp_path, "exp")
+    uri = tracking_uri(tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db" and (tmp_path / "mlflow.db").exists()
+    exp = MlflowClient(uri).get_experiment(exp_id)
+    assert exp.artifact_location == (tmp_path.resolve() / "mlartifacts").as_uri()
+    assert setup_tracking(tmp_path, "exp") == exp_id  # found again, not recreated
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri
+
+
+def test_champion_moves_only_to_a_better_student(clean_env, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from mdlda.tracking import CHAMPION, move_champion_if_better, setup_tracking
+
+    exp_id = setup_tracking(tmp_path, "exp")
+    client = MlflowClient()
+    client.create_registered_model("m")
+    run = client.create_run(exp_id)
+    versions = [client.create_model_version("m", str(tmp_path), run.info.run_id).version for _ in range(3)]
+    assert move_champion_if_better("m", versions[0], 0.5)
+    assert not move_champion_if_better("m", versions[1], 0.3)
+    assert client.get_model_version_by_alias("m", CHAMPION).version == versions[0]
+    assert not move_champion_if_better("m", versions[1], 0.5)  # a tie does not move it
+    assert move_champion_if_better("m", versions[2], 0.6)
+    assert client.get_model_version_by_alias("m", CHAMPION).version == versions[2]
