@@ -49,9 +49,13 @@ def trial_resources(sweep: SweepConfig, materialized: bool) -> tuple[dict, int]:
         )
     limit = int(free // sweep.cpus_per_trial)
     if sweep.gpus_per_trial > 0:
-        if gpus < sweep.gpus_per_trial:
-            raise RuntimeError(f"trials ask for {sweep.gpus_per_trial} GPU but the cluster has {gpus:g}")
-        limit = min(limit, int(gpus // sweep.gpus_per_trial))
+        if gpus < sweep.gpus_per_trial:  # an autoscaling cluster starts with 0 GPU workers
+            logger.warning(
+                "trials ask for %s GPU and the cluster has %g now; Tune will wait for the autoscaler to add GPU "
+                "workers (set max_concurrent to bound the concurrency)", sweep.gpus_per_trial, gpus)
+            limit = sweep.max_concurrent or sweep.num_samples
+        else:
+            limit = min(limit, int(gpus // sweep.gpus_per_trial))
     if sweep.max_concurrent:
         limit = min(limit, sweep.max_concurrent)
     return per, max(1, limit)
