@@ -20,6 +20,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from mdlda.config import SweepConfig
 from pipelines.data import StageData
+from pipelines.progress import SweepProgress
 from pipelines.spaces import to_tune
 from pipelines.trial import train_trial
 
@@ -52,7 +53,10 @@ def trial_resources(sweep: SweepConfig, materialized: bool) -> tuple[dict, int]:
         if gpus < sweep.gpus_per_trial:  # an autoscaling cluster starts with 0 GPU workers
             logger.warning(
                 "trials ask for %s GPU and the cluster has %g now; Tune will wait for the autoscaler to add GPU "
-                "workers (set max_concurrent to bound the concurrency)", sweep.gpus_per_trial, gpus)
+                "workers (set max_concurrent to bound the concurrency)",
+                sweep.gpus_per_trial,
+                gpus,
+            )
             limit = sweep.max_concurrent or sweep.num_samples
         else:
             limit = min(limit, int(gpus // sweep.gpus_per_trial))
@@ -104,17 +108,16 @@ def run_sweep(
             )
         else:
             scheduler = FIFOScheduler()
-        tags = (
-            {"mlflow.parentRunId": parent_run_id, "sweep": sweep.name}
-            if parent_run_id
-            else {"sweep": sweep.name}
-        )
+        tags = {"mlflow.parentRunId": parent_run_id, "sweep": sweep.name} if parent_run_id else {"sweep": sweep.name}
         callback = MLflowLoggerCallback(
             tracking_uri=tracking_uri, experiment_name=experiment_name, tags=tags, save_artifact=False
         )
+        space = param_space(sweep)
+        grid = math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v)
+        progress = SweepProgress(total=sweep.num_samples * grid, metric=sweep.metric)
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space(sweep),
+            param_space=space,
             tune_config=tune.TuneConfig(
                 metric=sweep.metric,
                 mode=sweep.mode_metric,
@@ -126,7 +129,7 @@ def run_sweep(
             run_config=tune.RunConfig(
                 name=sweep.name,
                 storage_path=storage,
-                callbacks=[callback],
+                callbacks=[callback, progress],
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures_per_trial),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),

@@ -54,9 +54,7 @@ def test_split_filter_and_unknown_split(root: Path) -> None:
 
 
 def test_max_performances_is_a_seeded_subset_in_csv_order(root: Path) -> None:
-    picks = [
-        index_maestro(root, max_performances=3, seed=s).table["clip_id"].tolist() for s in (0, 0, 1, 2, 3)
-    ]
+    picks = [index_maestro(root, max_performances=3, seed=s).table["clip_id"].tolist() for s in (0, 0, 1, 2, 3)]
     assert picks[0] == picks[1]
     assert len({tuple(p) for p in picks}) > 1
     everything = index_maestro(root).table["clip_id"].tolist()

@@ -159,9 +159,7 @@ def test_minorness_is_audible_as_the_minor_third(timbre: str) -> None:
 def interval_share(s: dict, classes: tuple[int, ...]) -> float:
     """Share of pairs of simultaneously sounding notes whose interval class is in ``classes``."""
     onset, dur, pitch = s["notes"][:, 0], s["notes"][:, 1], s["notes"][:, 2].astype(int)
-    overlap = (onset[:, None] < onset[None, :] + dur[None, :]) & (
-        onset[None, :] < onset[:, None] + dur[:, None]
-    )
+    overlap = (onset[:, None] < onset[None, :] + dur[None, :]) & (onset[None, :] < onset[:, None] + dur[:, None])
     ic = np.abs(pitch[:, None] - pitch[None, :]) % 12
     pairs = np.triu(overlap, 1) & (pitch[:, None] != pitch[None, :])
     return float(np.isin(ic[pairs], classes).mean())

@@ -71,16 +71,12 @@ def read_table(path: Path, sep: str, required: Sequence[str], what: str) -> pd.D
     df = None
     for encoding in ("utf-8-sig", "latin-1"):  # a byte-order mark is dropped; old exports may be Latin-1
         try:
-            df = pd.read_csv(
-                path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True, encoding=encoding
-            )
+            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True, encoding=encoding)
             break
         except UnicodeDecodeError:
             continue
         except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-            raise DatasetFormatError(
-                f"{path}: cannot read {what} as a {sep!r}-separated CSV ({exc})"
-            ) from exc
+            raise DatasetFormatError(f"{path}: cannot read {what} as a {sep!r}-separated CSV ({exc})") from exc
     assert df is not None  # latin-1 decodes any bytes
     found = {column_key(c): c for c in df.columns}
     rename: dict[str, str] = {}

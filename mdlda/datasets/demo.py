@@ -83,9 +83,7 @@ def _clip_plan(seed: int, size: DemoSize) -> pd.DataFrame:
     names = _artist_names(n_src_artists + size.piano_artists, rng)
     rows = []
     for a in range(size.single_artists):
-        rows.append(
-            (names[a], SOURCE_TIMBRES[int(rng.integers(len(SOURCE_TIMBRES)))], bool(rng.random() < 0.5))
-        )
+        rows.append((names[a], SOURCE_TIMBRES[int(rng.integers(len(SOURCE_TIMBRES)))], bool(rng.random() < 0.5)))
     for a in range(size.single_artists, n_src_artists):
         home, drums = SOURCE_TIMBRES[a % len(SOURCE_TIMBRES)], bool(rng.random() < 0.6)
         for _ in range(size.tracks_per_band):
@@ -113,9 +111,7 @@ def _midlevel_clip(path: Path, row, knobs: np.ndarray, rng: np.random.Generator,
     return len(audio) / MIDLEVEL_RATE
 
 
-def _maestro_performance(
-    path: Path, seconds: float, rate: int, rng: np.random.Generator, bank: ToneBank
-) -> float:
+def _maestro_performance(path: Path, seconds: float, rate: int, rng: np.random.Generator, bank: ToneBank) -> float:
     """A stereo piano performance in sections of ~15-25 s, each with its own (unrecorded) knobs."""
     import soundfile as sf
 

@@ -2,12 +2,14 @@
 
 :func:`compose` turns seven knobs in [0, 1] (in :data:`mdlda.params.FEATURES` order) into note events:
 
-- melodiousness: stepwise scale motion (high) vs random leaps of 4-12 scale degrees (low);
+- melodiousness: a prominent line in stepwise scale motion (high) vs a quieter, fragmented line of random
+  leaps of 4-12 scale degrees (low);
 - articulation: sounding length / inter-onset interval, legato 1.0 (low) down to staccato 0.15 (high);
 - rhythm complexity: one steady note value (low) vs mixed dotted/short/long values, syncopated chords, drums;
-- rhythm stability: a steady grid (high) vs slow tempo drift plus onset jitter (low);
+- rhythm stability: a steady grid (high) vs tempo drift plus onset jitter, melody, chords and drums apart (low);
 - dissonance: plain triads (low) vs added minor seconds, tritones and major sevenths (high);
-- tonal stability: one key, diatonic notes (high) vs frequent chromatic modulations and altered notes (low);
+- tonal stability: one key, diatonic notes over a tonic pedal (high) vs frequent chromatic modulations, altered
+  notes and a wandering bass (low);
 - minorness: the fraction of bars in the (parallel) natural minor mode.
 
 :class:`ToneBank` renders one tone per (timbre, pitch) once (deterministic, cached per generation run) and
@@ -29,7 +31,7 @@ MELODY, CHORD, CLASH = 0, 1, 2  # voices of a note event
 MAJOR = np.array([0, 2, 4, 5, 7, 9, 11])
 MINOR = np.array([0, 2, 3, 5, 7, 8, 10])
 PROGRESSIONS = ((0, 3, 4, 0), (0, 5, 3, 4), (0, 4, 5, 3), (0, 3, 0, 4))
-# Pitch ranges (MIDI) of the melody per timbre; chords sit an octave or so below.
+# Pitch ranges (MIDI) of the melody per timbre; chords sit in the octave around its bottom, the bass below.
 MELODY_RANGE = {
     "strings": (60, 84),
     "clarinet": (55, 79),
@@ -73,9 +75,7 @@ class ToneBank:
         key = (timbre, int(pitch))
         tone = self._tones.get(key)
         if tone is None:
-            rng = np.random.default_rng(
-                [int(pitch), *map(ord, timbre)]
-            )  # same tone whatever the order of use
+            rng = np.random.default_rng([int(pitch), *map(ord, timbre)])  # same tone whatever the order of use
             tone = getattr(self, f"_{timbre}")(_midi_hz(pitch), rng).astype(np.float32)
             tone /= max(float(np.abs(tone).max()), 1e-6)
             self._tones[key] = tone

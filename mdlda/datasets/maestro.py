@@ -65,9 +65,7 @@ def index_maestro(
         splits = [str(s) for s in ([splits] if isinstance(splits, str) else splits)]
         for s in splits:
             if s not in present and s not in SPLITS:
-                raise ValueError(
-                    f"unknown MAESTRO split {s!r}{suggest(s, [*SPLITS, *present])}; the CSV has {present}"
-                )
+                raise ValueError(f"unknown MAESTRO split {s!r}{suggest(s, [*SPLITS, *present])}; the CSV has {present}")
         df = df[df["split"].isin(splits)]
 
     rows, skipped = [], []
@@ -90,9 +88,7 @@ def index_maestro(
             skipped.append(skip(name, f"duration {rec.duration!r} is not a number"))
             continue
         if duration < SEGMENT_SECONDS:
-            skipped.append(
-                skip(name, f"{duration:.2f} s is shorter than one {SEGMENT_SECONDS:g}-s segment", False)
-            )
+            skipped.append(skip(name, f"{duration:.2f} s is shorter than one {SEGMENT_SECONDS:g}-s segment", False))
             continue
         path = root / name
         if not path.is_file():

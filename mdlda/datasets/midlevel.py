@@ -80,9 +80,7 @@ def _dedupe(df: pd.DataFrame, key: str, value_cols: list[str], where: str) -> tu
         else:
             drop.extend(rows.index)
             skipped.append(
-                skip(
-                    item, f"{len(rows)} conflicting rows in {where}; cannot tell which is right, all dropped"
-                )
+                skip(item, f"{len(rows)} conflicting rows in {where}; cannot tell which is right, all dropped")
             )
     return df.drop(index=drop), skipped
 
@@ -103,9 +101,7 @@ def _read_annotations(root: Path) -> tuple[pd.DataFrame, list[dict]]:
         bad_range.itertuples(index=False),
         strict=True,
     ):
-        problems = [
-            f"{c} is missing or not a number" for c, b in zip(RATING_COLUMNS, nan_row, strict=True) if b
-        ]
+        problems = [f"{c} is missing or not a number" for c, b in zip(RATING_COLUMNS, nan_row, strict=True) if b]
         problems += [
             f"{c}={ratings.at[i, c]:g} outside {RATING_MIN:g}..{RATING_MAX:g}"
             for c, b in zip(RATING_COLUMNS, range_row, strict=True)
@@ -129,9 +125,7 @@ def _read_metadata(root: Path) -> tuple[pd.DataFrame, list[dict]]:
     return _dedupe(meta, ID_METADATA, [ARTIST, SOURCE], METADATA.name)
 
 
-def _split_source(
-    table: pd.DataFrame, seed: int, eval_fraction: float, valid_fraction: float
-) -> dict[str, str]:
+def _split_source(table: pd.DataFrame, seed: int, eval_fraction: float, valid_fraction: float) -> dict[str, str]:
     """clip_id -> train/valid/test for the source rows (artist-exclusive, reference procedure)."""
     n_eval = int(eval_fraction * len(table))
     counts = table["group"].value_counts()
@@ -145,9 +139,7 @@ def _split_source(
     chosen = list(rng.choice(singles, size=n_eval, replace=False)) if n_eval else []
     n_valid = int(round(valid_fraction * n_eval))
     split_of_artist = {a: ("valid" if k < n_valid else "test") for k, a in enumerate(chosen)}
-    return {
-        cid: split_of_artist.get(g, "train") for cid, g in zip(table["clip_id"], table["group"], strict=True)
-    }
+    return {cid: split_of_artist.get(g, "train") for cid, g in zip(table["clip_id"], table["group"], strict=True)}
 
 
 def index_midlevel(
@@ -166,8 +158,7 @@ def index_midlevel(
     """
     if not 0.0 <= eval_fraction < 1.0 or not 0.0 <= valid_fraction <= 1.0:
         raise ValueError(
-            f"eval_fraction must be in [0, 1) and valid_fraction in [0, 1], got "
-            f"{eval_fraction}, {valid_fraction}"
+            f"eval_fraction must be in [0, 1) and valid_fraction in [0, 1], got {eval_fraction}, {valid_fraction}"
         )
     root = Path(root).expanduser().resolve()
     if not root.is_dir():

@@ -1,0 +1,252 @@
+"""Training throughput under Ray vs a bare loop, and the sweep's CPU utilisation, side by side in one run.
+
+    python bench/train.py [--width 8] [--epochs 2] [--clips 48] [--threads 1] [--trials 4] [--out /tmp/bench_train]
+
+Data: the tiny generated demo (``generate_demo``) prepared into real shards (``pipelines.prepare``, Mid-level with
+eval_fraction 0.25 / valid_fraction 0.4, and MAESTRO), cached in ``--out``.
+
+1. Student, run three times, interleaved (bare, Ray, bare) so a changing machine load hits both sides:
+   - Ray: ``pipelines.student.train_student`` exactly as the product runs it (TorchTrainer, one worker with
+     ``--threads`` CPUs, so Ray sets OMP_NUM_THREADS to that; the datasets are materialized, so Ray Data needs
+     no CPU of its own). Distillation needs a labelled target: the Mid-level train split serves as the
+     "pseudo-labelled" target (a throughput benchmark; the labels' meaning does not matter). The source is cut
+     to ``--clips``/2 rows, so an epoch puts ``--clips`` segments (source + target) through the model.
+   - bare: the same model, config, seed and batch size through the same ``mdlda.training.fit`` in the driver,
+     ``torch.set_num_threads(--threads)``, batches from plain Python lists of numpy arrays held in memory.
+   Per epoch: ``samples_per_s`` and ``data_wait_fraction`` as the loop reports them (Ray:
+   ``result.metrics_dataframe``), and wall seconds per epoch measured from outside (bare: between ``on_epoch``
+   calls; Ray: a driver thread noting when each epoch's checkpoint folder appears). Ray's epoch 0 wall includes
+   the Train start-up, so "steady" ratios use epochs >= 1 (epoch 0 alone when --epochs 1).
+2. A Tune sweep (``pipelines.teachers.run_sweep``, DANN teachers, FIFO, ``--trials`` x ``--epochs``, MLflow in a
+   sqlite store under ``--out``): utilisation = busy trial-seconds / (wall of the call x cluster CPUs), busy
+   trial-seconds = sum of the trials' ``time_total_s`` (also shown: sum of their per-epoch ``seconds``).
+Results go to ``<out>/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+os.environ["RAY_AUTH_MODE"] = "disabled"  # before any ray import
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from mdlda.checkpoints import load_training_state, seed_everything  # noqa: E402
+from mdlda.config import StudentConfig, SweepConfig  # noqa: E402
+from mdlda.training import fit  # noqa: E402
+from pipelines.data import frontend_stats, load_stage_data  # noqa: E402
+from pipelines.student import student_trial_config, train_student  # noqa: E402
+from pipelines.trial import build_model, split_trial_config  # noqa: E402
+
+KEYS = ("samples_per_s", "data_wait_fraction", "train_seconds", "seconds")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", type=int, default=8, help="RF-ResNet width")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of the student runs and of each sweep trial")
+    p.add_argument("--clips", type=int, default=48, help="segments (source + target) per student epoch")
+    p.add_argument("--batch", type=int, default=8, help="clips per domain per step")
+    p.add_argument("--threads", type=int, default=1, help="torch threads = CPUs of the Ray Train worker")
+    p.add_argument("--trials", type=int, default=4, help="trials in the sweep")
+    p.add_argument("--out", default="/tmp/bench_train", help="work folder (data cache, Ray results, JSON)")
+    return p.parse_args()
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def build_shards(out: Path) -> tuple[str, str]:
+    from mdlda.datasets import generate_demo
+    from pipelines.prepare import PrepareConfig, prepare
+
+    demo = out / "demo"
+    if not (demo / "DONE").exists():
+        generate_demo(demo, size="tiny")
+        (demo / "DONE").write_text("ok")
+    mid = demo / "midlevel"
+    ml = prepare(PrepareConfig(dataset="midlevel", root=str(mid), out=str(out / "shards" / "midlevel"),
+                               piano_ids=str(mid / "piano_ids.csv"), eval_fraction=0.25, valid_fraction=0.4,
+                               progress=False))
+    ma = prepare(PrepareConfig(dataset="maestro", root=str(demo / "maestro"), out=str(out / "shards" / "maestro"),
+                               progress=False))
+    return ml.out, ma.out
+
+
+def to_numpy(ds) -> dict[str, np.ndarray]:
+    b = ds.take_batch(ds.count(), batch_format="numpy")
+    return {"audio": np.asarray(b["audio"]), "labels": np.stack(b["labels"]).astype(np.float32)}
+
+
+def bare_run(cfg: StudentConfig, stats, src, tgt, valid, epochs: int, threads: int) -> dict:
+    """The student's model/config/seed through ``fit`` in this process, batches from in-memory lists."""
+    torch.set_num_threads(threads)
+    model_name, overrides, train_cfg, batch = split_trial_config(student_trial_config(cfg))
+    bs, rng = batch["batch_size"], np.random.default_rng(train_cfg.seed)
+    steps = len(src["audio"]) // bs
+    per_epoch = []
+    for _ in range(epochs):
+        s = rng.permutation(len(src["audio"]))
+        t = np.concatenate([rng.permutation(len(tgt["audio"])) for _ in range(steps * bs // len(tgt["audio"]) + 1)])
+        per_epoch.append([
+            {"audio": src["audio"][s[i:i + bs]], "labels": src["labels"][s[i:i + bs]],
+             "target_audio": tgt["audio"][t[i:i + bs]], "target_labels": tgt["labels"][t[i:i + bs]]}
+            for i in range(0, steps * bs, bs)
+        ])
+    vbs = batch["valid_batch_size"]
+    vlist = [{k: v[i:i + vbs] for k, v in valid.items()} for i in range(0, len(valid["audio"]), vbs)]
+    seed_everything(train_cfg.seed)
+    model = build_model(model_name, overrides, stats)
+    marks: list[float] = []
+    t0 = time.perf_counter()
+    res = fit(model, per_epoch.__getitem__, lambda: vlist, train_cfg,
+              on_epoch=lambda r: marks.append(time.perf_counter()))
+    wall = time.perf_counter() - t0
+    walls = list(np.diff([t0, *marks]))
+    return {"wall_s": wall, "epoch_wall_s": walls, "epochs": [{k: h[k] for k in KEYS} for h in res.history]}
+
+
+def ray_run(cfg: StudentConfig, data, stats, storage: Path) -> dict:
+    """``train_student`` as the product calls it; a thread notes when each epoch's checkpoint folder appears."""
+    name = f"bench-student-{uuid.uuid4().hex[:8]}"
+    seen: dict[str, float] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for p in (storage / name).glob("checkpoint_*"):
+                seen.setdefault(p.name, time.perf_counter())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    t0 = time.perf_counter()
+    watcher.start()
+    res = train_student(cfg, data, stats, storage, name)
+    wall = time.perf_counter() - t0
+    done.set()
+    watcher.join()
+    df = res.result.metrics_dataframe
+    history = df.to_dict("records") if df is not None else []
+    source = "result.metrics_dataframe"
+    if len(history) < cfg.train["max_epochs"]:  # V2 keeps metrics of kept checkpoints only (num_to_keep=2)
+        history = load_training_state(res.checkpoint_dir)["history"]
+        source = "history in the last checkpoint (metrics_dataframe holds only kept checkpoints)"
+    walls = list(np.diff([t0, *sorted(seen.values())]))
+    return {"wall_s": wall, "epoch_wall_s": walls, "metrics_from": source,
+            "epochs": [{k: float(h[k]) for k in KEYS} for h in history]}
+
+
+def steady(run: dict, key: str, samples: int) -> float:
+    """Mean over epochs >= 1 (epoch 0 alone for one epoch): samples/s from the loop, or from the outside wall."""
+    if key == "outside":
+        vals = [samples / w for w in run["epoch_wall_s"]]
+    else:
+        vals = [e[key] for e in run["epochs"]]
+    vals = vals[1:] or vals
+    return float(np.mean(vals))
+
+
+def sweep_run(args, ml: str, ma: str, stats, out: Path) -> dict:
+    from mdlda.tracking import setup_tracking, tracking_uri
+    from pipelines.teachers import run_sweep
+
+    setup_tracking(out / "mlflow", "bench")
+    sweep = SweepConfig(
+        name=f"bench-sweep-{uuid.uuid4().hex[:8]}", model="rfresnet", mode="dann", num_samples=args.trials,
+        cpus_per_trial=1, scheduler="fifo", register_models=False, model_overrides={"width": args.width},
+        train={"max_epochs": args.epochs, "device": "cpu"},
+        search={"lr": {"loguniform": [1e-3, 4e-3]}, "seed": {"randint": [0, 10000]}, "batch_size": args.batch},
+    )
+    data = load_stage_data(ml, ma)  # as the chain: labelled Mid-level source, unlabelled MAESTRO target
+    cpus = ray.cluster_resources()["CPU"]
+    t0 = time.perf_counter()
+    res = run_sweep(sweep, data, stats, out / "ray_results", "bench", None, tracking_uri(out / "mlflow"))
+    wall = time.perf_counter() - t0
+    ok = [r for r in res.results if r.error is None and r.metrics]
+    busy = sum(r.metrics["time_total_s"] for r in ok)
+    busy_epochs = sum(float(r.metrics_dataframe["seconds"].sum()) for r in ok)
+    return {"trials": len(res.results), "failed": len(res.results) - len(ok), "wall_s": wall, "cpus": cpus,
+            "busy_trial_s": busy, "busy_epoch_s": busy_epochs, "utilisation": busy / (wall * cpus),
+            "utilisation_epochs": busy_epochs / (wall * cpus)}
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"args": vars(args), "nproc": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
+            "load_before": load()}
+    t_start = time.perf_counter()
+    ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False, include_dashboard=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    ml, ma = build_shards(out)
+    data = load_stage_data(ml, ml, target_splits=["train"], target_labelled=True)
+    n_src = args.clips // 2
+    if data.counts["source_train"] < n_src or n_src % args.batch:
+        raise SystemExit(f"--clips/2 = {n_src} must be a multiple of --batch and <= {data.counts['source_train']}")
+    stats = frontend_stats(ml, data.source_train, out / "cache")  # over the whole train split
+    data = replace(data, source_train=data.source_train.limit(n_src).materialize())
+    cfg = StudentConfig(model="rfresnet", model_overrides={"width": args.width}, num_workers=1,
+                        cpus_per_worker=args.threads, max_failures=0,
+                        train={"max_epochs": args.epochs, "seed": 0, "lr": 2e-3, "device": "cpu",
+                               "batch_size": args.batch})
+    src, tgt, valid = to_numpy(data.source_train), to_numpy(data.target), to_numpy(data.source_valid)
+    samples = 2 * n_src
+    runs, loads = {}, {}
+    for phase in ("bare-1", "ray", "bare-2"):
+        loads[phase] = load()
+        if phase == "ray":
+            runs[phase] = ray_run(cfg, data, stats, out / "ray_results")
+        else:
+            runs[phase] = bare_run(cfg, stats, src, tgt, valid, args.epochs, args.threads)
+    loads["sweep"] = load()
+    sweep = sweep_run(args, ml, ma, stats, out)
+    info.update(load_after=load(), loads=loads, runs=runs, sweep=sweep, samples_per_epoch=samples,
+                total_s=time.perf_counter() - t_start)
+
+    print(f"\nnproc {info['nproc']}, torch {info['torch']}, ray {info['ray']}, torch threads {args.threads} in both "
+          f"(Ray Train worker: cpus_per_worker={args.threads}), width {args.width}, batch {args.batch}+{args.batch}, "
+          f"{samples} segments/epoch, {args.epochs} epochs; target = Mid-level train split (labelled stand-in)")
+    print(f"load average before {info['load_before']}, after {info['load_after']}; per phase {loads}")
+    print(f"Ray per-epoch metrics from: {runs['ray']['metrics_from']}")
+    print(f"\n{'run':8} {'epoch':>5} {'samples/s':>10} {'data_wait':>9} {'train_s':>8} {'epoch_s':>8} "
+          f"{'outside_s':>9} {'outside sps':>11}")
+    for phase, r in runs.items():
+        for e, (m, w) in enumerate(zip(r["epochs"], r["epoch_wall_s"], strict=False)):
+            print(f"{phase:8} {e:>5} {m['samples_per_s']:>10.2f} {m['data_wait_fraction']:>9.3f} "
+                  f"{m['train_seconds']:>8.2f} {m['seconds']:>8.2f} {w:>9.2f} {samples / w:>11.2f}")
+        print(f"{phase:8} {'fit()':>5} wall {r['wall_s']:.1f} s (Ray: includes Train start-up)")
+    ratios = {}
+    for b in ("bare-1", "bare-2"):
+        ratios[f"samples/s (loop) ray/{b}"] = steady(runs["ray"], "samples_per_s", samples) / steady(
+            runs[b], "samples_per_s", samples)
+        ratios[f"samples/s (outside epoch wall) ray/{b}"] = steady(runs["ray"], "outside", samples) / steady(
+            runs[b], "outside", samples)
+        ratios[f"end-to-end fit() wall {b}/ray"] = runs[b]["wall_s"] / runs["ray"]["wall_s"]
+    info["ratios"] = ratios
+    print(f"\n{'ratio (target >= 0.9)':52} value   [steady = epochs >= 1]")
+    for k, v in ratios.items():
+        print(f"{k:52} {v:.3f}")
+    s = sweep
+    print(f"\nsweep: {s['trials']} trials ({s['failed']} failed) x {args.epochs} epochs, wall {s['wall_s']:.1f} s, "
+          f"{s['cpus']:g} CPUs: busy {s['busy_trial_s']:.1f} trial-s -> utilisation {s['utilisation']:.3f} "
+          f"(per-epoch seconds: {s['busy_epoch_s']:.1f} s -> {s['utilisation_epochs']:.3f})")
+    print(f"total {info['total_s']:.0f} s; results: {out / 'results.json'}")
+    (out / "results.json").write_text(json.dumps(info, indent=2, default=float))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
