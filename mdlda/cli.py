@@ -226,6 +226,65 @@ def evaluate(
     chain.evaluate(chosen)
 
 
+@app.command()
+def predict(
+    audio: list[Path] = typer.Argument(..., help="Audio files (wav, flac, mp3, ...; any length and sample rate)."),
+    model: str = typer.Option(
+        "models:/mdlda-student@champion", help="MLflow model URI (registry name@alias, name/version, or runs:/...)."
+    ),
+    workdir: Path = typer.Option(
+        Path("work"),
+        help="Workdir whose embedded MLflow store holds the registry (ignored when MLFLOW_TRACKING_URI is set).",
+    ),
+    hop: float = typer.Option(15.0, help="Seconds between window starts (15 = non-overlapping)."),
+    min_seconds: float = typer.Option(
+        5.0, help="Audio shorter than one 15-s window is zero-padded if at least this long, refused otherwise."
+    ),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    out: str = typer.Option("-", help="Per-window predictions: a .csv or .json path, or - for CSV on stdout."),
+    plot: Path | None = typer.Option(None, help="Write a PNG of the 7 feature curves over time."),
+) -> None:
+    """Predict the 7 mid-level features (1..10) of audio files, per 15-s window and time-averaged."""
+    import os
+    import sys
+
+    import mlflow
+    import pandas as pd
+
+    from mdlda.audio import AudioError
+    from mdlda.predict import plot_curves, predict_recording, time_average
+    from mdlda.tracking import TrackingError, load_served, tracking_uri
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(workdir))
+    try:
+        served = load_served(model)
+    except TrackingError as exc:
+        _fail(f"{exc}. Registered models are listed by `mlflow ui` or MlflowClient().search_registered_models().")
+    frames = []
+    for path in audio:
+        try:
+            frames.append(predict_recording(served, path, hop_s=hop, batch_size=batch_size, min_seconds=min_seconds))
+        except (AudioError, ValueError) as exc:
+            _fail(str(exc))
+    frame = pd.concat(frames, ignore_index=True)
+    if out == "-":
+        frame.to_csv(sys.stdout, index=False, float_format="%.3f")
+    elif out.endswith(".json"):
+        Path(out).write_text(frame.to_json(orient="records", indent=1))
+    else:
+        frame.to_csv(out, index=False, float_format="%.4f")
+    avg = time_average(frame)
+    table = Table(title=f"time-averaged features ({model})")
+    table.add_column("file")
+    for f in avg.columns[1:]:
+        table.add_column(f.replace("_", " "), justify="right")
+    for row in avg.itertuples(index=False):
+        table.add_row(Path(row[0]).name, *[f"{v:.2f}" for v in row[1:]])
+    Console(stderr=True).print(table)
+    if plot is not None:
+        Console(stderr=True).print(f"plot: {plot_curves(frame, plot)}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
