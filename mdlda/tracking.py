@@ -46,9 +46,7 @@ def setup_tracking(workdir: str | Path, experiment: str) -> str:
     workdir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(workdir)
     mlflow.set_tracking_uri(uri)
-    os.environ["MLFLOW_TRACKING_URI"] = (
-        uri  # Ray workers started after this inherit it through the runtime env
-    )
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # Ray workers started after this inherit it through the runtime env
     client = MlflowClient(uri)
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     saved = {k: os.environ.get(k) for k in quick}

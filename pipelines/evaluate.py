@@ -80,7 +80,54 @@ def summary_pivot(table: pd.DataFrame) -> pd.DataFrame:
     return pivot.reindex(order)[[s for s in EVAL_SPLITS if s in pivot.columns]]
 
 
-def write_results(table: pd.DataFrame, out_dir: Path) -> list[Path]:
+def predictions_frame(preds: Predictions) -> pd.DataFrame:
+    """Long table of every prediction (model, split, clip_id, true_<feature>, pred_<feature>)."""
+    frames = []
+    for (name, split), y_pred in preds.y_pred.items():
+        f = pd.DataFrame({"model": name, "split": split, "clip_id": preds.clip_ids[split]})
+        for i, feat in enumerate(FEATURES):
+            f[f"true_{feat}"] = preds.y_true[split][:, i]
+            f[f"pred_{feat}"] = y_pred[:, i]
+        frames.append(f)
+    return pd.concat(frames, ignore_index=True)
+
+
+def discrepancy_table(models: dict[str, str], shards: str | Path, batch_size: int = 8) -> pd.DataFrame:
+    """Domain discrepancy D(S', T') = ||mean phi(S') - mean phi(T')||_2 (paper Eq. 1) on each model's embedding,
+    S' = the non-piano test split, T' = the piano test subset."""
+    import torch
+
+    from mdlda.metrics import domain_discrepancy
+    from mdlda.tracking import load_checkpoint
+
+    emb: dict[str, np.ndarray] = {}
+    rows = []
+    for name, uri in models.items():
+        model = load_checkpoint(uri)
+        for split in EVAL_SPLITS:
+            ds, _ = read_shards(shards, splits=[split], columns=["audio"])
+            parts = []
+            with torch.no_grad():
+                for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+                    parts.append(model.forward_features(torch.from_numpy(b["audio"])).numpy())
+            emb[split] = np.concatenate(parts)
+        rows.append(
+            {
+                "model": name,
+                "discrepancy": domain_discrepancy(emb["test"], emb["piano_test"]),
+                "n_source": len(emb["test"]),
+                "n_target": len(emb["piano_test"]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def write_results(
+    table: pd.DataFrame, out_dir: Path, preds: Predictions | None = None, disc: pd.DataFrame | None = None
+) -> list[Path]:
+    """results.{csv,md}, predictions.csv, discrepancy.csv and the figures; returns the paths."""
+    from mdlda import report
+
     out_dir.mkdir(parents=True, exist_ok=True)
     csv = out_dir / "results.csv"
     table.to_csv(csv, index=False)
@@ -92,7 +139,14 @@ def write_results(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         if _has_tabulate()
         else table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")
     )
-    return [csv, md]
+    paths = [csv, md, report.bars_r(table, out_dir / "mean_r.png"), report.heat_table(table, out_dir / "features.png")]
+    if preds is not None:
+        predictions_frame(preds).to_csv(out_dir / "predictions.csv", index=False)
+        paths.append(out_dir / "predictions.csv")
+    if disc is not None and len(disc):
+        disc.to_csv(out_dir / "discrepancy.csv", index=False)
+        paths += [out_dir / "discrepancy.csv", report.bars_discrepancy(disc, out_dir / "discrepancy.png")]
+    return paths
 
 
 def _has_tabulate() -> bool:

@@ -281,7 +281,7 @@ def evaluate_stage(models: dict[str, str], ensembles: dict[str, list[str]], midl
     """Metrics table of all models on test / piano_test; cached by the set of model URIs."""
     import pandas as pd
 
-    from pipelines.evaluate import predict_splits, results_table, write_results
+    from pipelines.evaluate import discrepancy_table, predict_splits, results_table, write_results
 
     key = config_digest({"models": models, "ensembles": ensembles, "shards": midlevel})
     out = workdir / "results" / key
@@ -289,8 +289,11 @@ def evaluate_stage(models: dict[str, str], ensembles: dict[str, list[str]], midl
         return pd.read_csv(out / "results.csv"), False
     preds = predict_splits(models, midlevel, ensembles=ensembles)
     table = results_table(preds)
-    for p in write_results(table, out):
+    disc = discrepancy_table(models, midlevel)
+    for p in write_results(table, out, preds, disc):
         mlflow.log_artifact(str(p))
+    for row in disc.itertuples():
+        mlflow.log_metric(f"{row.model}.discrepancy", row.discrepancy)
     for row in table.itertuples():
         mlflow.log_metric(f"{row.model}.{row.split}.r_mean", row.r_mean)
     (workdir / "results" / "latest").unlink(missing_ok=True)

@@ -185,3 +185,28 @@ def test_rerun_does_no_work(chain):
     assert not any(second.did_work.values()), second.did_work
     assert second.student["version"] == first.student["version"]
     assert [t["version"] for t in second.teachers] == [t["version"] for t in first.teachers]
+
+
+def test_results_table_is_recomputed_from_the_predictions(chain):
+    """Numbers are computed, never copied: recompute r and RMSE from predictions.csv with scipy."""
+    import pandas as pd
+    from scipy.stats import pearsonr
+
+    from mdlda.params import FEATURES
+
+    first, _ = chain
+    out = os.path.join(first.workdir, "results", "latest")
+    results = pd.read_csv(os.path.join(out, "results.csv"))
+    preds = pd.read_csv(os.path.join(out, "predictions.csv"))
+    for row in results.itertuples():
+        p = preds[(preds.model == row.model) & (preds.split == row.split)]
+        assert len(p) == row.n
+        rs = [pearsonr(p[f"true_{f}"], p[f"pred_{f}"])[0] for f in FEATURES]
+        rmse = [np.sqrt(np.mean((p[f"true_{f}"] - p[f"pred_{f}"]) ** 2)) for f in FEATURES]
+        assert row.r_mean == pytest.approx(np.mean(rs), abs=1e-6)
+        assert row.rmse_mean == pytest.approx(np.mean(rmse), abs=1e-5)
+    disc = pd.read_csv(os.path.join(out, "discrepancy.csv"))
+    assert set(disc.model) == set(results.model) - {"teacher-ensemble"}
+    assert (disc.discrepancy > 0).all()
+    for png in ("mean_r.png", "features.png", "discrepancy.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 5_000
