@@ -5,21 +5,21 @@
 Data: the tiny generated demo (``generate_demo``) prepared into real shards (``pipelines.prepare``, Mid-level with
 eval_fraction 0.25 / valid_fraction 0.4, and MAESTRO), cached in ``--out``.
 
-1. Student, run three times, interleaved (bare, Ray, bare) so a changing machine load hits both sides:
-   - Ray: ``pipelines.student.train_student`` exactly as the product runs it (TorchTrainer, one worker with
-     ``--threads`` CPUs, so Ray sets OMP_NUM_THREADS to that; the datasets are materialized, so Ray Data needs
-     no CPU of its own). Distillation needs a labelled target: the Mid-level train split serves as the
-     "pseudo-labelled" target (a throughput benchmark; the labels' meaning does not matter). The source is cut
-     to ``--clips``/2 rows, so an epoch puts ``--clips`` segments (source + target) through the model.
+1. Student, three runs interleaved (bare, Ray, bare) so a changing machine load hits both sides:
+   - Ray: ``pipelines.student.train_student`` as the product runs it (TorchTrainer, one worker of ``--threads``
+     CPUs, so Ray sets OMP_NUM_THREADS to that; the data is materialized, so Ray Data needs no CPU of its own).
+     Distillation needs a labelled target: the Mid-level train split stands in for the pseudo-labelled set
+     (labels' meaning is irrelevant to throughput). The source is cut to ``--clips``/2 rows: an epoch puts
+     ``--clips`` segments (source + target) through the model.
    - bare: the same model, config, seed and batch size through the same ``mdlda.training.fit`` in the driver,
-     ``torch.set_num_threads(--threads)``, batches from plain Python lists of numpy arrays held in memory.
-   Per epoch: ``samples_per_s`` and ``data_wait_fraction`` as the loop reports them (Ray:
-   ``result.metrics_dataframe``), and wall seconds per epoch measured from outside (bare: between ``on_epoch``
-   calls; Ray: a driver thread noting when each epoch's checkpoint folder appears). Ray's epoch 0 wall includes
-   the Train start-up, so "steady" ratios use epochs >= 1 (epoch 0 alone when --epochs 1).
-2. A Tune sweep (``pipelines.teachers.run_sweep``, DANN teachers, FIFO, ``--trials`` x ``--epochs``, MLflow in a
-   sqlite store under ``--out``): utilisation = busy trial-seconds / (wall of the call x cluster CPUs), busy
-   trial-seconds = sum of the trials' ``time_total_s`` (also shown: sum of their per-epoch ``seconds``).
+     ``torch.set_num_threads(--threads)``, batches from Python lists of in-memory numpy arrays.
+   Per epoch: ``samples_per_s`` and ``data_wait_fraction`` as the loop reports them (Ray: from
+   ``result.metrics_dataframe``), and the wall per epoch from outside the loop's timers (bare: between
+   ``on_epoch`` calls; Ray: between ``ray.train.report`` calls, timestamped by Ray in the checkpoint folder
+   names). Ray's epoch 0 includes the Train start-up: "steady" ratios use epochs >= 1 (epoch 0 if only one).
+2. A Tune sweep (``pipelines.teachers.run_sweep``: DANN teachers, FIFO, ``--trials`` x ``--epochs``, MLflow in
+   sqlite under ``--out``): utilisation = busy trial-seconds / (wall of the call x CPUs), busy = sum of the
+   trials' ``time_total_s`` (also shown: sum of their per-epoch ``seconds``).
 Results go to ``<out>/results.json``.
 """
 
@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 os.environ["RAY_AUTH_MODE"] = "disabled"  # before any ray import
@@ -118,32 +119,33 @@ def bare_run(cfg: StudentConfig, stats, src, tgt, valid, epochs: int, threads: i
 
 
 def ray_run(cfg: StudentConfig, data, stats, storage: Path) -> dict:
-    """``train_student`` as the product calls it; a thread notes when each epoch's checkpoint folder appears."""
+    """``train_student`` as the product calls it; a driver thread collects the checkpoint folder names (they
+    hold the time of each ``ray.train.report``; only the last two folders are kept)."""
     name = f"bench-student-{uuid.uuid4().hex[:8]}"
-    seen: dict[str, float] = {}
+    seen: set[str] = set()
     done = threading.Event()
 
     def watch() -> None:
         while not done.is_set():
-            for p in (storage / name).glob("checkpoint_*"):
-                seen.setdefault(p.name, time.perf_counter())
-            time.sleep(0.05)
+            seen.update(p.name for p in (storage / name).glob("checkpoint_[0-9]*"))
+            time.sleep(0.1)
 
     watcher = threading.Thread(target=watch, daemon=True)
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     watcher.start()
     res = train_student(cfg, data, stats, storage, name)
     wall = time.perf_counter() - t0
     done.set()
     watcher.join()
+    seen.update(p.name for p in (storage / name).glob("checkpoint_[0-9]*"))
+    reports = sorted(datetime.strptime(n[11:], "%Y-%m-%d_%H-%M-%S.%f").timestamp() for n in seen)
     df = res.result.metrics_dataframe
     history = df.to_dict("records") if df is not None else []
     source = "result.metrics_dataframe"
     if len(history) < cfg.train["max_epochs"]:  # V2 keeps metrics of kept checkpoints only (num_to_keep=2)
         history = load_training_state(res.checkpoint_dir)["history"]
         source = "history in the last checkpoint (metrics_dataframe holds only kept checkpoints)"
-    walls = list(np.diff([t0, *sorted(seen.values())]))
-    return {"wall_s": wall, "epoch_wall_s": walls, "metrics_from": source,
+    return {"wall_s": wall, "epoch_wall_s": list(np.diff([wall0, *reports])), "metrics_from": source,
             "epochs": [{k: float(h[k]) for k in KEYS} for h in history]}
 
 
@@ -151,13 +153,15 @@ def steady(run: dict, key: str, samples: int) -> float:
     """Mean over epochs >= 1 (epoch 0 alone for one epoch): samples/s from the loop, or from the outside wall."""
     if key == "outside":
         vals = [samples / w for w in run["epoch_wall_s"]]
+    elif key == "compute":
+        vals = [e["samples_per_s"] / (1 - e["data_wait_fraction"]) for e in run["epochs"]]
     else:
         vals = [e[key] for e in run["epochs"]]
     vals = vals[1:] or vals
     return float(np.mean(vals))
 
 
-def sweep_run(args, ml: str, ma: str, stats, out: Path) -> dict:
+def sweep_run(args, data, stats, out: Path) -> dict:
     from mdlda.tracking import setup_tracking, tracking_uri
     from pipelines.teachers import run_sweep
 
@@ -168,7 +172,6 @@ def sweep_run(args, ml: str, ma: str, stats, out: Path) -> dict:
         train={"max_epochs": args.epochs, "device": "cpu"},
         search={"lr": {"loguniform": [1e-3, 4e-3]}, "seed": {"randint": [0, 10000]}, "batch_size": args.batch},
     )
-    data = load_stage_data(ml, ma)  # as the chain: labelled Mid-level source, unlabelled MAESTRO target
     cpus = ray.cluster_resources()["CPU"]
     t0 = time.perf_counter()
     res = run_sweep(sweep, data, stats, out / "ray_results", "bench", None, tracking_uri(out / "mlflow"))
@@ -192,12 +195,15 @@ def main() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
     ml, ma = build_shards(out)
-    data = load_stage_data(ml, ml, target_splits=["train"], target_labelled=True)
+    sweep_data = load_stage_data(ml, ma)  # as the chain: labelled Mid-level source, unlabelled MAESTRO target
     n_src = args.clips // 2
-    if data.counts["source_train"] < n_src or n_src % args.batch:
-        raise SystemExit(f"--clips/2 = {n_src} must be a multiple of --batch and <= {data.counts['source_train']}")
-    stats = frontend_stats(ml, data.source_train, out / "cache")  # over the whole train split
-    data = replace(data, source_train=data.source_train.limit(n_src).materialize())
+    if sweep_data.counts["source_train"] < n_src or n_src % args.batch:
+        raise SystemExit(f"--clips/2 = {n_src} must be a multiple of --batch and <= the train split's "
+                         f"{sweep_data.counts['source_train']} rows")
+    stats = frontend_stats(ml, sweep_data.source_train, out / "cache")  # over the whole train split
+    # student: the source cut to n_src rows; the whole labelled Mid-level train split stands in for the target
+    data = replace(sweep_data, source_train=sweep_data.source_train.limit(n_src).materialize(),
+                   target=sweep_data.source_train)
     cfg = StudentConfig(model="rfresnet", model_overrides={"width": args.width}, num_workers=1,
                         cpus_per_worker=args.threads, max_failures=0,
                         train={"max_epochs": args.epochs, "seed": 0, "lr": 2e-3, "device": "cpu",
@@ -212,7 +218,7 @@ def main() -> None:
         else:
             runs[phase] = bare_run(cfg, stats, src, tgt, valid, args.epochs, args.threads)
     loads["sweep"] = load()
-    sweep = sweep_run(args, ml, ma, stats, out)
+    sweep = sweep_run(args, sweep_data, stats, out)
     info.update(load_after=load(), loads=loads, runs=runs, sweep=sweep, samples_per_epoch=samples,
                 total_s=time.perf_counter() - t_start)
 
@@ -221,22 +227,22 @@ def main() -> None:
           f"{samples} segments/epoch, {args.epochs} epochs; target = Mid-level train split (labelled stand-in)")
     print(f"load average before {info['load_before']}, after {info['load_after']}; per phase {loads}")
     print(f"Ray per-epoch metrics from: {runs['ray']['metrics_from']}")
-    print(f"\n{'run':8} {'epoch':>5} {'samples/s':>10} {'data_wait':>9} {'train_s':>8} {'epoch_s':>8} "
-          f"{'outside_s':>9} {'outside sps':>11}")
+    print(f"\n{'run':8} {'epoch':>5} {'samples/s':>10} {'data_wait':>9} {'excl_wait':>9} {'train_s':>8} "
+          f"{'epoch_s':>8} {'outside_s':>9} {'outside/s':>9}")
     for phase, r in runs.items():
         for e, (m, w) in enumerate(zip(r["epochs"], r["epoch_wall_s"], strict=False)):
-            print(f"{phase:8} {e:>5} {m['samples_per_s']:>10.2f} {m['data_wait_fraction']:>9.3f} "
-                  f"{m['train_seconds']:>8.2f} {m['seconds']:>8.2f} {w:>9.2f} {samples / w:>11.2f}")
-        print(f"{phase:8} {'fit()':>5} wall {r['wall_s']:.1f} s (Ray: includes Train start-up)")
-    ratios = {}
-    for b in ("bare-1", "bare-2"):
-        ratios[f"samples/s (loop) ray/{b}"] = steady(runs["ray"], "samples_per_s", samples) / steady(
-            runs[b], "samples_per_s", samples)
-        ratios[f"samples/s (outside epoch wall) ray/{b}"] = steady(runs["ray"], "outside", samples) / steady(
-            runs[b], "outside", samples)
-        ratios[f"end-to-end fit() wall {b}/ray"] = runs[b]["wall_s"] / runs["ray"]["wall_s"]
+            sps, wait = m["samples_per_s"], m["data_wait_fraction"]
+            print(f"{phase:8} {e:>5} {sps:>10.2f} {wait:>9.3f} {sps / (1 - wait):>9.2f} {m['train_seconds']:>8.2f} "
+                  f"{m['seconds']:>8.2f} {w:>9.2f} {samples / w:>9.2f}")
+        print(f"{phase:8} {'fit()':>5} wall {r['wall_s']:.1f} s" + (" (includes Train start-up)" * (phase == "ray")))
+    names = {"samples_per_s": "samples/s (loop)", "compute": "samples/s excl. data wait (loop)",
+             "outside": "samples/s (outside: epoch wall)"}
+    ratios = {f"{lab} ray/{b}": steady(runs["ray"], k, samples) / steady(runs[b], k, samples)
+              for b in ("bare-1", "bare-2") for k, lab in names.items()}
+    ratios.update({f"end-to-end fit() wall {b}/ray": runs[b]["wall_s"] / runs["ray"]["wall_s"]
+                   for b in ("bare-1", "bare-2")})
     info["ratios"] = ratios
-    print(f"\n{'ratio (target >= 0.9)':52} value   [steady = epochs >= 1]")
+    print(f"\n{'ratio, steady = mean of epochs >= 1 (target >= 0.9)':52} value")
     for k, v in ratios.items():
         print(f"{k:52} {v:.3f}")
     s = sweep

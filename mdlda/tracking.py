@@ -112,6 +112,13 @@ def log_model(
     with torch.no_grad():
         out = served(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, out)
+    import tempfile
+
+    from mdlda.checkpoints import save_model
+
+    with tempfile.TemporaryDirectory() as d:  # the plain state dict + config too: embeddings, fine-tuning
+        save_model(model, d)
+        mlflow.log_artifacts(d, artifact_path=f"{name}-checkpoint")
     return mlflow.pytorch.log_model(
         served,
         name=name,
@@ -120,9 +127,39 @@ def log_model(
         serialization_format="pt2",
         pip_requirements=_pip_requirements(),
         registered_model_name=registered_model_name,
-        metadata={"features": list(FEATURES), "output_scale": "ratings 1..10", "sample_rate": 22050},
+        metadata={
+            "features": list(FEATURES),
+            "output_scale": "ratings 1..10",
+            "sample_rate": 22050,
+            "checkpoint_artifact": f"{name}-checkpoint",
+        },
         tags=tags,
     )
+
+
+def load_checkpoint(uri: str) -> nn.Module:
+    """The full model (with ``forward_features``) behind a registered/logged model, from its run's checkpoint."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mdlda.checkpoints import load_model
+
+    client = MlflowClient()
+    if uri.startswith("models:/"):
+        rest = uri[len("models:/") :]
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            v = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = rest.rsplit("/", 1)
+            v = client.get_model_version(name, version)
+        run_id = v.run_id
+    elif uri.startswith("runs:/"):
+        run_id = uri[len("runs:/") :].split("/", 1)[0]
+    else:
+        raise TrackingError(f"cannot find the checkpoint of {uri!r}: expected models:/ or runs:/")
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model-checkpoint")
+    return load_model(local).eval()
 
 
 def load_served(uri: str) -> nn.Module:

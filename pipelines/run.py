@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class Chain:
     ) -> None:
         self.cfg = cfg
         self.console = console or Console()
+        self.started = time.monotonic()
         self.workdir = Path(workdir).resolve()
         self.exp_id = setup_tracking(self.workdir, cfg.experiment)  # fail fast, before any compute
         self.uri = tracking_uri(self.workdir)
@@ -62,7 +64,8 @@ class Chain:
         self.models: dict[str, str] = {}
 
     def say(self, msg: str) -> None:
-        self.console.print(msg)
+        m, sec = divmod(int(time.monotonic() - self.started), 60)
+        self.console.print(f"[dim]{m:02d}:{sec:02d}[/] {msg}")
 
     def shards(self, name: str) -> Path:
         return self.workdir / "shards" / name

@@ -6,7 +6,8 @@
   leaps of 4-12 scale degrees (low);
 - articulation: sounding length / inter-onset interval, legato 1.0 (low) down to staccato 0.15 (high);
 - rhythm complexity: one steady note value (low) vs mixed dotted/short/long values, syncopated chords, drums;
-- rhythm stability: a steady grid (high) vs tempo drift plus onset jitter, melody, chords and drums apart (low);
+- rhythm stability: a steady grid and a bass pulse on every beat (high) vs tempo drift plus onset jitter,
+  melody, chords and drums apart (low);
 - dissonance: plain triads (low) vs added minor seconds, tritones and major sevenths (high);
 - tonal stability: one key, diatonic notes over a tonic pedal (high) vs frequent chromatic modulations, altered
   notes and a wandering bass (low);
@@ -211,7 +212,7 @@ def compose(knobs: np.ndarray, seconds: float, rng: np.random.Generator, timbre:
         while p < lo or p > hi:  # fold back into the range
             degree += -7 if p > hi else 7
             p = int(pitch_of(bar, np.array(degree)))
-        if rng.random() < 0.5 * (1 - ton):
+        if rng.random() < 0.6 * (1 - ton):
             p += int(rng.choice([-1, 1]))
         vel = rng.uniform(0.75, 1.0) * (0.55 + 0.45 * mel)  # a clear melody stands out
         if rng.random() < 0.3 * (1 - mel):  # an unmelodic line is also fragmented
@@ -228,7 +229,7 @@ def compose(knobs: np.ndarray, seconds: float, rng: np.random.Generator, timbre:
     for bar in range(n_bars):
         triad = pitch_of(bar, progression[bar % 4] + np.array([0, 2, 4]))
         root = int(triad[0])
-        if rng.random() < 0.5 * (1 - ton):
+        if rng.random() < 0.6 * (1 - ton):
             triad = triad + int(rng.choice([-1, 1, 6]))
             root = int(triad[0])
         extras = rng.choice(
@@ -237,13 +238,16 @@ def compose(knobs: np.ndarray, seconds: float, rng: np.random.Generator, timbre:
             replace=False,
         )
         voiced = lo - 7 + np.mod(np.concatenate([triad, extras]) - (lo - 7), 12)  # about the melody's bottom
-        bass = tonic if pedal[bar] else root
-        chord = np.append(voiced, lo - 19 + (bass - (lo - 19)) % 12)
         hits = complex_[int(rng.integers(len(complex_)))] if rng.random() < rcx else simple
         ends = [*hits[1:], 4.0]
         for h, e in zip(hits, ends, strict=True):
-            for q in chord:
-                notes.append((4 * bar + h, e - h, int(q), 0.4 / np.sqrt(len(chord)), CHORD))
+            for q in voiced:
+                notes.append((4 * bar + h, e - h, int(q), 0.4 / np.sqrt(len(voiced) + 1), CHORD))
+        # The bass: a steady pulse on every beat in a share `rst` of the bars, else one long note.
+        bass = lo - 19 + ((tonic if pedal[bar] else root) - (lo - 19)) % 12
+        pulse = rng.random() < rst
+        for h in range(4) if pulse else (0,):
+            notes.append((4 * bar + h, 1.0 if pulse else 4.0, bass, 0.35, CHORD))
     ev = np.array(notes, dtype=np.float64)
     start = np.zeros(len(ev))
     for group in (ev[:, 4] != CHORD, ev[:, 4] == CHORD):

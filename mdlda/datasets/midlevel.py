@@ -89,9 +89,14 @@ def _read_annotations(root: Path) -> tuple[pd.DataFrame, list[dict]]:
     path = root / ANNOTATIONS
     ann = read_table(path, ",", [ID_ANNOTATIONS, *RATING_COLUMNS], "annotations")
     ann[ID_ANNOTATIONS] = ann[ID_ANNOTATIONS].map(normalise_id)
+    skipped = [
+        skip(f"row {i + 2}", "annotations.csv row without a song_id") for i in np.flatnonzero(ann[ID_ANNOTATIONS] == "")
+    ]
     ann = ann[ann[ID_ANNOTATIONS] != ""]
-    ann, skipped = _dedupe(ann, ID_ANNOTATIONS, list(RATING_COLUMNS), ANNOTATIONS.name)
-    ratings = ann[list(RATING_COLUMNS)].apply(pd.to_numeric, errors="coerce")
+    ann[list(RATING_COLUMNS)] = ann[list(RATING_COLUMNS)].apply(pd.to_numeric, errors="coerce")  # "5" == "5.0"
+    ann, dup_skipped = _dedupe(ann, ID_ANNOTATIONS, list(RATING_COLUMNS), ANNOTATIONS.name)
+    skipped += dup_skipped
+    ratings = ann[list(RATING_COLUMNS)]
     bad_nan = ratings.isna()
     bad_range = (ratings < RATING_MIN) | (ratings > RATING_MAX)
     keep = []
