@@ -34,7 +34,7 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 import psutil  # noqa: E402
 
 DAEMONS = ("gcs_server", "raylet", "dashboard", "DashboardAgent", "log_monitor", "runtime_env", "monitor.py")
-KNOBS = ("chunk_items", "rows_per_file")  # PrepareConfig options the command line can override
+KNOBS = ("chunk_items", "files_per_task")  # PrepareConfig options the command line can override
 
 
 def parse_args() -> argparse.Namespace:

@@ -150,15 +150,10 @@ def ray_run(cfg: StudentConfig, data, stats, storage: Path) -> dict:
 
 
 def steady(run: dict, key: str, samples: int) -> float:
-    """Mean over epochs >= 1 (epoch 0 alone for one epoch): samples/s from the loop, or from the outside wall."""
-    if key == "outside":
-        vals = [samples / w for w in run["epoch_wall_s"]]
-    elif key == "compute":
-        vals = [e["samples_per_s"] / (1 - e["data_wait_fraction"]) for e in run["epochs"]]
-    else:
-        vals = [e[key] for e in run["epochs"]]
-    vals = vals[1:] or vals
-    return float(np.mean(vals))
+    """Mean over epochs >= 1 (epoch 0 alone for one epoch): loop samples/s, excluding data waits, or outside."""
+    vals = [samples / w for w in run["epoch_wall_s"]] if key == "outside" else [
+        e["samples_per_s"] / (1 - e["data_wait_fraction"]) if key == "compute" else e[key] for e in run["epochs"]]
+    return float(np.mean(vals[1:] or vals))
 
 
 def sweep_run(args, data, stats, out: Path) -> dict:

@@ -58,7 +58,7 @@ def prepare(
     max_failure_share: float = typer.Option(
         0.1, help="Stop with an error, writing nothing, when more than this share of the files fail."
     ),
-    chunk_items: int = typer.Option(64, help="Files per resumable chunk."),
+    chunk_items: int = typer.Option(512, help="Files per resumable chunk (a rerun redoes only unfinished chunks)."),
     overwrite: bool = typer.Option(False, help="Replace shards in OUT that were made from other input."),
     address: str | None = typer.Option(None, help="Ray address ('auto' for a running cluster); local Ray if unset."),
 ) -> None:

@@ -120,9 +120,7 @@ def train_batches(
     """One epoch of training batches: ``{"audio", "labels"}`` plus, with a target set, an equal number of
     ``"target_audio"`` (and ``"target_labels"`` when the target is pseudo-labelled). The source decides the
     epoch length (last partial batch dropped, so BatchNorm never sees a batch of 1); the target cycles."""
-    tgt = (
-        _cycle(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer) if target is not None else None
-    )
+    tgt = _cycle(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer) if target is not None else None
     for b in _iter(source, batch_size, seed + 104_729 * (epoch + 1), shuffle_buffer, drop_last=True):
         out = {"audio": b["audio"], "labels": b["labels"]}
         if tgt is not None:

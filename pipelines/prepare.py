@@ -9,6 +9,7 @@ stops with an error when more than ``max_failure_share`` of the items fail.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 from dataclasses import asdict, dataclass, field
@@ -19,12 +20,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import ray
-from ray.data.extensions import ArrowTensorArray
 
 from mdlda.audio import decoder_info
 from mdlda.manifest import DATA_DIR, MANIFEST, build_manifest, index_digest, read_manifest, write_manifest
 from mdlda.params import MAX_PAD_SECONDS, NUM_FEATURES  # noqa: F401 (LABEL_TYPE's length)
 from mdlda.shards import decode_item
+from pipelines.shards import WRITE_OPTIONS, tensor_array
 
 STATE_DIR = ".prepare"
 
@@ -40,16 +41,14 @@ class PrepareConfig:
     out: str
     piano_ids: str | None = None  # Mid-level: CSV with a `song id` column (the piano_test clips)
     seed: int = 0
-    eval_fraction: float = (
-        0.1  # Mid-level: share of the source drawn (from single-track artists) for valid+test
-    )
+    eval_fraction: float = 0.1  # Mid-level: share of the source drawn (from single-track artists) for valid+test
     valid_fraction: float = 0.2  # Mid-level: share of that evaluation set used for validation
     splits: list[str] | None = None  # MAESTRO: which of its splits to keep (default all)
     max_performances: int | None = None  # MAESTRO: a seeded subset of performances
     max_pad_s: float = MAX_PAD_SECONDS
     max_failure_share: float = 0.1
-    chunk_items: int = 64
-    rows_per_file: int = 256
+    chunk_items: int = 512  # items per resumable chunk (one Ray Data run each)
+    files_per_task: int | None = None  # items decoded and written per task; None: 16 clips or 1 performance
     num_cpus_per_task: float = 1.0
     overwrite: bool = False
     progress: bool = True
@@ -88,14 +87,10 @@ LABEL_TYPE = pa.list_(pa.float32())
 
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
-    if rows:
-        audio = ArrowTensorArray.from_numpy(np.stack([r["audio"] for r in rows]))
-    else:
-        audio = ArrowTensorArray.from_numpy(np.zeros((0, 1), dtype=np.int16))
+    audio = tensor_array(np.stack([r["audio"] for r in rows]) if rows else np.zeros((0, 1), dtype=np.int16))
     labels = pa.array([None if r["labels"] is None else r["labels"].tolist() for r in rows], type=LABEL_TYPE)
     cols = {
-        c: pa.array([r[c] for r in rows], type=pa.string())
-        for c in ("clip_id", "dataset", "domain", "split", "group")
+        c: pa.array([r[c] for r in rows], type=pa.string()) for c in ("clip_id", "dataset", "domain", "split", "group")
     }
     cols["offset_s"] = pa.array([float(r["offset_s"]) for r in rows], type=pa.float32())
     return pa.table({**cols, "audio": audio, "labels": labels})
@@ -203,8 +198,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
         raise PrepareError(_too_many(index_failures, n_total, config))
 
     chunks = [
-        (i, table.iloc[s : s + config.chunk_items])
-        for i, s in enumerate(range(0, n_items, max(1, config.chunk_items)))
+        (i, table.iloc[s : s + config.chunk_items]) for i, s in enumerate(range(0, n_items, max(1, config.chunk_items)))
     ]
     ledger = _Ledger.remote()
     with _progress(n_items, config.progress) as bar:
@@ -224,17 +218,16 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     return _finish(out, state_dir, index, digest, options, config)
 
 
-def _run_chunk(
-    out: Path, i: int, chunk: pd.DataFrame, ledger, config: PrepareConfig, bar, task
-) -> list[dict]:
+def _run_chunk(out: Path, i: int, chunk: pd.DataFrame, ledger, config: PrepareConfig, bar, task) -> list[dict]:
     staging = out / STATE_DIR / f"staging-{i:05d}"
     items = [{k: v for k, v in item.items()} for item in chunk.to_dict("records")]
     for item in items:  # labels travel as a JSON string: Ray would turn lists-or-None into tensor columns
         item["labels"] = json.dumps(None if item["labels"] is None else [float(v) for v in item["labels"]])
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    per_task = config.files_per_task or (1 if config.dataset == "maestro" else 16)
+    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task))
     ds = ds.map_batches(
         _decode_batch,
-        batch_size=1,
+        batch_size=per_task,
         batch_format="pandas",
         num_cpus=config.num_cpus_per_task,
         fn_kwargs={"ledger": ledger, "max_pad_s": config.max_pad_s},
@@ -251,7 +244,8 @@ def _run_chunk(
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     try:
-        ds.write_parquet(str(staging), min_rows_per_file=config.rows_per_file)
+        # each decode task writes its own file
+        ds.write_parquet(str(staging), **WRITE_OPTIONS)
     finally:
         stop.set()
         poller.join()
@@ -279,9 +273,7 @@ def _too_many(failed: list[dict], total: int, config: PrepareConfig) -> str:
     )
 
 
-def _finish(
-    out: Path, state_dir: Path, index, digest: str, options: dict, config: PrepareConfig
-) -> PrepareResult:
+def _finish(out: Path, state_dir: Path, index, digest: str, options: dict, config: PrepareConfig) -> PrepareResult:
     counts: dict[str, int] = {}
     digests: dict[str, str] = {}
     fitting: dict[str, int] = {}

@@ -17,12 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.expressions import col
-from ray.data.extensions import ArrowTensorArray
 
 from mdlda.config import PseudoLabelConfig, config_digest
 from mdlda.manifest import DATA_DIR, MANIFEST, build_manifest, read_manifest, row_digest, write_manifest
 from mdlda.params import NUM_FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN
-from pipelines.shards import labels_array, read_shards
+from pipelines.shards import WRITE_OPTIONS, labels_array, read_shards, tensor_array
 
 
 @dataclass
@@ -53,7 +52,7 @@ class TeacherEnsemble:
         with torch.no_grad():
             preds = np.stack([t(audio).float().cpu().numpy() for t in self.teachers])  # (k, B, 7) on 1..10
         table = {k: pa.array(v) for k, v in batch.items() if k != "audio"}
-        table["audio"] = ArrowTensorArray.from_numpy(np.asarray(batch["audio"]))
+        table["audio"] = tensor_array(np.asarray(batch["audio"]))
         # the mean prediction, clipped to the rating scale the labels live on
         table["labels"] = labels_array(np.clip(preds.mean(axis=0), RATING_MIN, RATING_MAX))
         table["teacher_spread"] = pa.array(preds.std(axis=0).mean(axis=1).astype(np.float32))
@@ -98,9 +97,7 @@ def pseudolabel(
     shutil.rmtree(out, ignore_errors=True)
     ids = choose_segments(maestro_shards, n, cfg.seed, cfg.splits)
     cols = ["clip_id", "dataset", "domain", "split", "group", "offset_s", "audio"]
-    ds, _ = read_shards(
-        maestro_shards, splits=cfg.splits, columns=cols
-    )  # unlabelled: never read the null labels
+    ds, _ = read_shards(maestro_shards, splits=cfg.splits, columns=cols)  # unlabelled: never read the null labels
     ds = ds.filter(expr=col("clip_id").is_in(ids))
     resources = {"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}
     ds = ds.map_batches(
@@ -112,7 +109,7 @@ def pseudolabel(
         num_cpus=cfg.cpus_per_actor,
         **resources,
     )
-    ds.write_parquet(str(out / DATA_DIR), min_rows_per_file=256)
+    ds.write_parquet(str(out / DATA_DIR), **WRITE_OPTIONS)
     meta = pq.read_table(out / DATA_DIR, columns=["clip_id", "split", "labels", "teacher_spread"]).to_pandas()
     _check_labels(meta)
     digests = {r.clip_id: row_digest(r.clip_id, r.split, r.labels, b"") for r in meta.itertuples()}

@@ -76,9 +76,7 @@ def select_top_k(table: pd.DataFrame, k: int, allow_fewer: bool = False) -> pd.D
             f"({len(failed)} failed or diverged)"
         )
         if not allow_fewer or chosen.empty:
-            raise SelectionError(
-                msg + ". Rerun with more samples, or allow_fewer=true to continue with fewer."
-            )
+            raise SelectionError(msg + ". Rerun with more samples, or allow_fewer=true to continue with fewer.")
     return chosen
 
 
@@ -92,9 +90,7 @@ def best_model_from_checkpoint(checkpoint_dir: str, config: dict, frontend_stats
 
 
 def _trial_run_id(client, experiment_id: str, trial_id: str, sweep: str) -> str | None:
-    runs = client.search_runs(
-        [experiment_id], f"tags.trial_name LIKE '%{trial_id}' and tags.sweep = '{sweep}'"
-    )
+    runs = client.search_runs([experiment_id], f"tags.trial_name LIKE '%{trial_id}' and tags.sweep = '{sweep}'")
     return runs[0].info.run_id if runs else None
 
 

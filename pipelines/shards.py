@@ -37,6 +37,25 @@ def read_shards(
     return ds, manifest
 
 
+def tensor_array(x: np.ndarray) -> pa.ExtensionArray:
+    """(B, N) array -> Ray's fixed-shape tensor column, built from its storage directly (Ray's
+    ``ArrowTensorArray.from_numpy`` copies element by element: ~24 ms per 15-s segment against ~0.02 ms here)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    x = np.ascontiguousarray(x)
+    n, k = x.shape
+    if n == 0:
+        return ArrowTensorArray.from_numpy(x)
+    kind = ArrowTensorArray.from_numpy(x[:1]).type
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int64))
+    return pa.ExtensionArray.from_storage(kind, pa.LargeListArray.from_arrays(offsets, pa.array(x.reshape(-1))))
+
+
+# Parquet options of every shard writer: dictionary-encode only the short strings (dictionary-encoding the PCM
+# column triples write and read time), zstd for the int16 samples (0.78 MB per 15-s segment; snappy 1.2 MB).
+WRITE_OPTIONS = {"use_dictionary": ["clip_id", "dataset", "domain", "split", "group"], "compression": "zstd"}
+
+
 def labels_array(labels: np.ndarray) -> pa.ListArray:
     """(B, 7) float labels -> the shard schema's labels column (list<float32> of 7 per row)."""
     labels = np.ascontiguousarray(labels, dtype=np.float32)

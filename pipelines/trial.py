@@ -49,9 +49,7 @@ def build_model(model_name: str, overrides: dict, frontend_stats: tuple[list[flo
     return model
 
 
-def train_trial(
-    config: dict[str, Any], data: StageData, frontend_stats: tuple[list[float], list[float]]
-) -> None:
+def train_trial(config: dict[str, Any], data: StageData, frontend_stats: tuple[list[float], list[float]]) -> None:
     """Tune function trainable: one teacher (mode "dann") or baseline (mode "supervised")."""
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
