@@ -82,7 +82,9 @@ def _iter(ds, batch_size: int, seed: int | None, shuffle_buffer: int, drop_last:
     kwargs = {}
     if seed is not None and shuffle_buffer > 0:
         kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed}
-    for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, **kwargs):
+    for b in ds.iter_batches(
+        batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=4, **kwargs
+    ):
         if "labels" in b:
             b["labels"] = _labels(b["labels"])
         yield b
@@ -115,7 +117,7 @@ def train_batches(
     epoch: int,
     target: ray.data.Dataset | None = None,
     target_labelled: bool = False,
-    shuffle_buffer: int = 256,
+    shuffle_buffer: int = 64,
 ) -> Iterator[dict]:
     """One epoch of training batches: ``{"audio", "labels"}`` plus, with a target set, an equal number of
     ``"target_audio"`` (and ``"target_labels"`` when the target is pseudo-labelled). The source decides the

@@ -27,41 +27,49 @@ class Predictions:
     y_pred: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
 
+def load_split(shards: str | Path, split: str) -> dict[str, np.ndarray]:
+    """One evaluation split in memory (int16 audio, labels, ids): test splits are small, and every model then
+    reads the same arrays instead of re-reading Parquet."""
+    ds, _ = read_shards(shards, splits=[split], columns=["clip_id", "audio", "labels"])
+    parts = list(ds.iter_batches(batch_size=256, batch_format="numpy"))
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("clip_id", "audio", "labels")}
+    out["labels"] = np.stack(out["labels"]).astype(np.float32) if out["labels"].dtype == object else out["labels"]
+    return out
+
+
+def _batched(model_fn, audio: np.ndarray, batch_size: int) -> np.ndarray:
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(audio), batch_size):
+            x = torch.from_numpy(audio[i : i + batch_size].astype(np.float32) / PCM_SCALE)
+            outs.append(model_fn(x).float().numpy())
+    return np.concatenate(outs)
+
+
 def predict_splits(
     models: dict[str, str],
     shards: str | Path,
     splits=EVAL_SPLITS,
     batch_size: int = 8,
     ensembles: dict[str, list[str]] | None = None,
+    data: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> Predictions:
     """Run every model (name -> MLflow URI) over each split; ``ensembles`` add mean-of-members rows."""
-    import torch
-
-    loaded = {name: load_served(uri) for name, uri in models.items()}
+    data = data or {split: load_split(shards, split) for split in splits}
     out = Predictions()
     for split in splits:
-        ds, _ = read_shards(shards, splits=[split], columns=["clip_id", "audio", "labels"])
-        ys, ids, preds = [], [], {name: [] for name in loaded}
-        for b in _batches_with_ids(ds, batch_size):
-            ys.append(b["labels"])
-            ids.extend(b["clip_id"].tolist())
-            audio = torch.from_numpy(b["audio"].astype(np.float32) / PCM_SCALE)
-            with torch.no_grad():
-                for name, model in loaded.items():
-                    preds[name].append(model(audio).float().numpy())
-        out.y_true[split] = np.concatenate(ys)
-        out.clip_ids[split] = ids
-        for name in loaded:
-            out.y_pred[(name, split)] = np.concatenate(preds[name])
-        for name, members in (ensembles or {}).items():
+        out.y_true[split] = data[split]["labels"]
+        out.clip_ids[split] = data[split]["clip_id"].tolist()
+    for name, uri in models.items():
+        model = load_served(uri)
+        for split in splits:
+            out.y_pred[(name, split)] = _batched(model, data[split]["audio"], batch_size)
+    for name, members in (ensembles or {}).items():
+        for split in splits:
             out.y_pred[(name, split)] = np.mean([out.y_pred[(m, split)] for m in members], axis=0)
     return out
-
-
-def _batches_with_ids(ds, batch_size: int):
-    for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        b["labels"] = np.stack(b["labels"]).astype(np.float32) if b["labels"].dtype == object else b["labels"]
-        yield b
 
 
 def results_table(preds: Predictions) -> pd.DataFrame:
@@ -92,25 +100,22 @@ def predictions_frame(preds: Predictions) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def discrepancy_table(models: dict[str, str], shards: str | Path, batch_size: int = 8) -> pd.DataFrame:
+def discrepancy_table(
+    models: dict[str, str],
+    shards: str | Path,
+    batch_size: int = 8,
+    data: dict[str, dict[str, np.ndarray]] | None = None,
+) -> pd.DataFrame:
     """Domain discrepancy D(S', T') = ||mean phi(S') - mean phi(T')||_2 (paper Eq. 1) on each model's embedding,
     S' = the non-piano test split, T' = the piano test subset."""
-    import torch
-
     from mdlda.metrics import domain_discrepancy
     from mdlda.tracking import load_checkpoint
 
-    emb: dict[str, np.ndarray] = {}
+    data = data or {split: load_split(shards, split) for split in EVAL_SPLITS}
     rows = []
     for name, uri in models.items():
         model = load_checkpoint(uri)
-        for split in EVAL_SPLITS:
-            ds, _ = read_shards(shards, splits=[split], columns=["audio"])
-            parts = []
-            with torch.no_grad():
-                for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-                    parts.append(model.forward_features(torch.from_numpy(b["audio"])).numpy())
-            emb[split] = np.concatenate(parts)
+        emb = {split: _batched(model.forward_features, data[split]["audio"], batch_size) for split in EVAL_SPLITS}
         rows.append(
             {
                 "model": name,

@@ -281,15 +281,23 @@ def evaluate_stage(models: dict[str, str], ensembles: dict[str, list[str]], midl
     """Metrics table of all models on test / piano_test; cached by the set of model URIs."""
     import pandas as pd
 
-    from pipelines.evaluate import discrepancy_table, predict_splits, results_table, write_results
+    from pipelines.evaluate import (
+        EVAL_SPLITS,
+        discrepancy_table,
+        load_split,
+        predict_splits,
+        results_table,
+        write_results,
+    )
 
     key = config_digest({"models": models, "ensembles": ensembles, "shards": midlevel})
     out = workdir / "results" / key
     if (out / "results.csv").exists():
         return pd.read_csv(out / "results.csv"), False
-    preds = predict_splits(models, midlevel, ensembles=ensembles)
+    data = {split: load_split(midlevel, split) for split in EVAL_SPLITS}
+    preds = predict_splits(models, midlevel, ensembles=ensembles, data=data)
     table = results_table(preds)
-    disc = discrepancy_table(models, midlevel)
+    disc = discrepancy_table(models, midlevel, data=data)
     for p in write_results(table, out, preds, disc):
         mlflow.log_artifact(str(p))
     for row in disc.itertuples():

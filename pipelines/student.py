@@ -136,7 +136,8 @@ def train_student(
             resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),
         datasets={"source": data.source_train, "target": data.target, "valid": data.source_valid},
-        dataset_config=DataConfig(datasets_to_split=["source", "target"]),
+        # one worker reads whole datasets: no streaming-split coordinator between it and the data
+        dataset_config=DataConfig(datasets_to_split=["source", "target"] if cfg.num_workers > 1 else []),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,

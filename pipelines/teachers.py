@@ -124,6 +124,7 @@ def run_sweep(
                 scheduler=scheduler,
                 num_samples=sweep.num_samples,
                 max_concurrent_trials=limit,
+                reuse_actors=True,  # no new process per trial: fit() re-seeds and resets its state each time
                 time_budget_s=sweep.time_budget_s,
             ),
             run_config=tune.RunConfig(

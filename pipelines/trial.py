@@ -34,7 +34,7 @@ def split_trial_config(config: dict[str, Any]) -> tuple[str, dict, TrainConfig, 
     """(model name, model overrides, TrainConfig, batch settings) from a flat trial config."""
     model_name = config.get("model", "rfresnet")
     train = {k: v for k, v in config.items() if k in TRAIN_KEYS}
-    batch = {"batch_size": 8, "shuffle_buffer": 256, "valid_batch_size": 16}
+    batch = {"batch_size": 8, "shuffle_buffer": 64, "valid_batch_size": 16}
     batch.update({k: v for k, v in config.items() if k in BATCH_KEYS})
     overrides = {k: v for k, v in config.items() if k not in TRAIN_KEYS | BATCH_KEYS | META_KEYS}
     if "lr_milestones" in train:

@@ -174,7 +174,7 @@ def compose(knobs: np.ndarray, seconds: float, rng: np.random.Generator, timbre:
     tonic = int(rng.integers(0, 12))
     minor = np.zeros(n_bars, dtype=bool)
     minor[rng.choice(n_bars, int(round(mnr * n_bars)), replace=False)] = True
-    modulate = rng.random(n_bars) < 0.5 * (1 - ton)
+    modulate = rng.random(n_bars) < 0.8 * (1 - ton)
     pedal = rng.random(n_bars) < ton  # a tonic pedal in the bass anchors the key
     key = np.cumsum(np.where(modulate, rng.choice([-6, -3, -2, -1, 1, 2, 3, 6], n_bars), 0))
     key[0] = 0
