@@ -47,15 +47,20 @@ def resample(x: np.ndarray, sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray
     return soxr.resample(x, sr, target_sr, quality="HQ").astype(np.float32, copy=False)
 
 
-def load(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode ``path`` to mono float32 at ``target_sr``. Raises :class:`AudioError` naming the file."""
-    import soundfile as sf
-
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise AudioError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: file is empty (0 bytes)")
+    return path
+
+
+def load(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode ``path`` to mono float32 at ``target_sr``. Raises :class:`AudioError` naming the file."""
+    import soundfile as sf
+
+    path = _existing(path)
     try:
         x, sr = sf.read(str(path), dtype="float32", always_2d=False)
     except Exception as exc:  # libsndfile raises LibsndfileError / RuntimeError for corrupt data
@@ -118,11 +123,7 @@ def stream_segments(
     import soundfile as sf
     import soxr
 
-    path = Path(path)
-    if not path.exists():
-        raise AudioError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise AudioError(f"{path}: file is empty (0 bytes)")
+    path = _existing(path)
     try:
         f = sf.SoundFile(str(path))
     except Exception as exc:
