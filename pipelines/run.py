@@ -269,9 +269,9 @@ def _print_summary(console: Console, table: pd.DataFrame, workdir: Path, uri: st
     for model, row in pivot.iterrows():
         t.add_row(model, *[f"{v:.3f}" for v in row])
     console.print(t)
-    console.print(f"results: {workdir / 'results'}")
+    console.print(f"results: {workdir / 'results' / 'latest'}", soft_wrap=True)
     backend = uri if not uri.startswith("sqlite") else uri
-    console.print(f"MLflow runs: mlflow ui --backend-store-uri {backend}")
+    console.print(f"MLflow runs: mlflow ui --backend-store-uri {backend}", soft_wrap=True)
     console.print(f"models: models:/{STUDENT_MODEL}@champion, models:/mdlda-teacher/<version>")
 
 
