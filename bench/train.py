@@ -77,11 +77,22 @@ def build_shards(out: Path) -> tuple[str, str]:
         generate_demo(demo, size="tiny")
         (demo / "DONE").write_text("ok")
     mid = demo / "midlevel"
-    ml = prepare(PrepareConfig(dataset="midlevel", root=str(mid), out=str(out / "shards" / "midlevel"),
-                               piano_ids=str(mid / "piano_ids.csv"), eval_fraction=0.25, valid_fraction=0.4,
-                               progress=False))
-    ma = prepare(PrepareConfig(dataset="maestro", root=str(demo / "maestro"), out=str(out / "shards" / "maestro"),
-                               progress=False))
+    ml = prepare(
+        PrepareConfig(
+            dataset="midlevel",
+            root=str(mid),
+            out=str(out / "shards" / "midlevel"),
+            piano_ids=str(mid / "piano_ids.csv"),
+            eval_fraction=0.25,
+            valid_fraction=0.4,
+            progress=False,
+        )
+    )
+    ma = prepare(
+        PrepareConfig(
+            dataset="maestro", root=str(demo / "maestro"), out=str(out / "shards" / "maestro"), progress=False
+        )
+    )
     return ml.out, ma.out
 
 
@@ -100,19 +111,26 @@ def bare_run(cfg: StudentConfig, stats, src, tgt, valid, epochs: int, threads: i
     for _ in range(epochs):
         s = rng.permutation(len(src["audio"]))
         t = np.concatenate([rng.permutation(len(tgt["audio"])) for _ in range(steps * bs // len(tgt["audio"]) + 1)])
-        per_epoch.append([
-            {"audio": src["audio"][s[i:i + bs]], "labels": src["labels"][s[i:i + bs]],
-             "target_audio": tgt["audio"][t[i:i + bs]], "target_labels": tgt["labels"][t[i:i + bs]]}
-            for i in range(0, steps * bs, bs)
-        ])
+        per_epoch.append(
+            [
+                {
+                    "audio": src["audio"][s[i : i + bs]],
+                    "labels": src["labels"][s[i : i + bs]],
+                    "target_audio": tgt["audio"][t[i : i + bs]],
+                    "target_labels": tgt["labels"][t[i : i + bs]],
+                }
+                for i in range(0, steps * bs, bs)
+            ]
+        )
     vbs = batch["valid_batch_size"]
-    vlist = [{k: v[i:i + vbs] for k, v in valid.items()} for i in range(0, len(valid["audio"]), vbs)]
+    vlist = [{k: v[i : i + vbs] for k, v in valid.items()} for i in range(0, len(valid["audio"]), vbs)]
     seed_everything(train_cfg.seed)
     model = build_model(model_name, overrides, stats)
     marks: list[float] = []
     t0 = time.perf_counter()
-    res = fit(model, per_epoch.__getitem__, lambda: vlist, train_cfg,
-              on_epoch=lambda r: marks.append(time.perf_counter()))
+    res = fit(
+        model, per_epoch.__getitem__, lambda: vlist, train_cfg, on_epoch=lambda r: marks.append(time.perf_counter())
+    )
     wall = time.perf_counter() - t0
     walls = list(np.diff([t0, *marks]))
     return {"wall_s": wall, "epoch_wall_s": walls, "epochs": [{k: h[k] for k in KEYS} for h in res.history]}
@@ -145,14 +163,21 @@ def ray_run(cfg: StudentConfig, data, stats, storage: Path) -> dict:
     if len(history) < cfg.train["max_epochs"]:  # V2 keeps metrics of kept checkpoints only (num_to_keep=2)
         history = load_training_state(res.checkpoint_dir)["history"]
         source = "history in the last checkpoint (metrics_dataframe holds only kept checkpoints)"
-    return {"wall_s": wall, "epoch_wall_s": list(np.diff([wall0, *reports])), "metrics_from": source,
-            "epochs": [{k: float(h[k]) for k in KEYS} for h in history]}
+    return {
+        "wall_s": wall,
+        "epoch_wall_s": list(np.diff([wall0, *reports])),
+        "metrics_from": source,
+        "epochs": [{k: float(h[k]) for k in KEYS} for h in history],
+    }
 
 
 def steady(run: dict, key: str, samples: int) -> float:
     """Mean over epochs >= 1 (epoch 0 alone for one epoch): loop samples/s, excluding data waits, or outside."""
-    vals = [samples / w for w in run["epoch_wall_s"]] if key == "outside" else [
-        e["samples_per_s"] / (1 - e["data_wait_fraction"]) if key == "compute" else e[key] for e in run["epochs"]]
+    vals = (
+        [samples / w for w in run["epoch_wall_s"]]
+        if key == "outside"
+        else [e["samples_per_s"] / (1 - e["data_wait_fraction"]) if key == "compute" else e[key] for e in run["epochs"]]
+    )
     return float(np.mean(vals[1:] or vals))
 
 
@@ -162,8 +187,14 @@ def sweep_run(args, data, stats, out: Path) -> dict:
 
     setup_tracking(out / "mlflow", "bench")
     sweep = SweepConfig(
-        name=f"bench-sweep-{uuid.uuid4().hex[:8]}", model="rfresnet", mode="dann", num_samples=args.trials,
-        cpus_per_trial=1, scheduler="fifo", register_models=False, model_overrides={"width": args.width},
+        name=f"bench-sweep-{uuid.uuid4().hex[:8]}",
+        model="rfresnet",
+        mode="dann",
+        num_samples=args.trials,
+        cpus_per_trial=1,
+        scheduler="fifo",
+        register_models=False,
+        model_overrides={"width": args.width},
         train={"max_epochs": args.epochs, "device": "cpu"},
         search={"lr": {"loguniform": [1e-3, 4e-3]}, "seed": {"randint": [0, 10000]}, "batch_size": args.batch},
     )
@@ -174,17 +205,29 @@ def sweep_run(args, data, stats, out: Path) -> dict:
     ok = [r for r in res.results if r.error is None and r.metrics]
     busy = sum(r.metrics["time_total_s"] for r in ok)
     busy_epochs = sum(float(r.metrics_dataframe["seconds"].sum()) for r in ok)
-    return {"trials": len(res.results), "failed": len(res.results) - len(ok), "wall_s": wall, "cpus": cpus,
-            "busy_trial_s": busy, "busy_epoch_s": busy_epochs, "utilisation": busy / (wall * cpus),
-            "utilisation_epochs": busy_epochs / (wall * cpus)}
+    return {
+        "trials": len(res.results),
+        "failed": len(res.results) - len(ok),
+        "wall_s": wall,
+        "cpus": cpus,
+        "busy_trial_s": busy,
+        "busy_epoch_s": busy_epochs,
+        "utilisation": busy / (wall * cpus),
+        "utilisation_epochs": busy_epochs / (wall * cpus),
+    }
 
 
 def main() -> None:
     args = parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    info = {"args": vars(args), "nproc": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
-            "load_before": load()}
+    info = {
+        "args": vars(args),
+        "nproc": os.cpu_count(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "load_before": load(),
+    }
     t_start = time.perf_counter()
     ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False, include_dashboard=False)
     ctx = ray.data.DataContext.get_current()
@@ -193,16 +236,23 @@ def main() -> None:
     sweep_data = load_stage_data(ml, ma)  # as the chain: labelled Mid-level source, unlabelled MAESTRO target
     n_src = args.clips // 2
     if sweep_data.counts["source_train"] < n_src or n_src % args.batch:
-        raise SystemExit(f"--clips/2 = {n_src} must be a multiple of --batch and <= the train split's "
-                         f"{sweep_data.counts['source_train']} rows")
+        raise SystemExit(
+            f"--clips/2 = {n_src} must be a multiple of --batch and <= the train split's "
+            f"{sweep_data.counts['source_train']} rows"
+        )
     stats = frontend_stats(ml, sweep_data.source_train, out / "cache")  # over the whole train split
     # student: the source cut to n_src rows; the whole labelled Mid-level train split stands in for the target
-    data = replace(sweep_data, source_train=sweep_data.source_train.limit(n_src).materialize(),
-                   target=sweep_data.source_train)
-    cfg = StudentConfig(model="rfresnet", model_overrides={"width": args.width}, num_workers=1,
-                        cpus_per_worker=args.threads, max_failures=0,
-                        train={"max_epochs": args.epochs, "seed": 0, "lr": 2e-3, "device": "cpu",
-                               "batch_size": args.batch})
+    data = replace(
+        sweep_data, source_train=sweep_data.source_train.limit(n_src).materialize(), target=sweep_data.source_train
+    )
+    cfg = StudentConfig(
+        model="rfresnet",
+        model_overrides={"width": args.width},
+        num_workers=1,
+        cpus_per_worker=args.threads,
+        max_failures=0,
+        train={"max_epochs": args.epochs, "seed": 0, "lr": 2e-3, "device": "cpu", "batch_size": args.batch},
+    )
     src, tgt, valid = to_numpy(data.source_train), to_numpy(data.target), to_numpy(data.source_valid)
     samples = 2 * n_src
     runs, loads = {}, {}
@@ -214,36 +264,57 @@ def main() -> None:
             runs[phase] = bare_run(cfg, stats, src, tgt, valid, args.epochs, args.threads)
     loads["sweep"] = load()
     sweep = sweep_run(args, sweep_data, stats, out)
-    info.update(load_after=load(), loads=loads, runs=runs, sweep=sweep, samples_per_epoch=samples,
-                total_s=time.perf_counter() - t_start)
+    info.update(
+        load_after=load(),
+        loads=loads,
+        runs=runs,
+        sweep=sweep,
+        samples_per_epoch=samples,
+        total_s=time.perf_counter() - t_start,
+    )
 
-    print(f"\nnproc {info['nproc']}, torch {info['torch']}, ray {info['ray']}, torch threads {args.threads} in both "
-          f"(Ray Train worker: cpus_per_worker={args.threads}), width {args.width}, batch {args.batch}+{args.batch}, "
-          f"{samples} segments/epoch, {args.epochs} epochs; target = Mid-level train split (labelled stand-in)")
+    print(
+        f"\nnproc {info['nproc']}, torch {info['torch']}, ray {info['ray']}, torch threads {args.threads} in both "
+        f"(Ray Train worker: cpus_per_worker={args.threads}), width {args.width}, batch {args.batch}+{args.batch}, "
+        f"{samples} segments/epoch, {args.epochs} epochs; target = Mid-level train split (labelled stand-in)"
+    )
     print(f"load average before {info['load_before']}, after {info['load_after']}; per phase {loads}")
     print(f"Ray per-epoch metrics from: {runs['ray']['metrics_from']}")
-    print(f"\n{'run':8} {'epoch':>5} {'samples/s':>10} {'data_wait':>9} {'excl_wait':>9} {'train_s':>8} "
-          f"{'epoch_s':>8} {'outside_s':>9} {'outside/s':>9}")
+    print(
+        f"\n{'run':8} {'epoch':>5} {'samples/s':>10} {'data_wait':>9} {'excl_wait':>9} {'train_s':>8} "
+        f"{'epoch_s':>8} {'outside_s':>9} {'outside/s':>9}"
+    )
     for phase, r in runs.items():
         for e, (m, w) in enumerate(zip(r["epochs"], r["epoch_wall_s"], strict=False)):
             sps, wait = m["samples_per_s"], m["data_wait_fraction"]
-            print(f"{phase:8} {e:>5} {sps:>10.2f} {wait:>9.3f} {sps / (1 - wait):>9.2f} {m['train_seconds']:>8.2f} "
-                  f"{m['seconds']:>8.2f} {w:>9.2f} {samples / w:>9.2f}")
+            print(
+                f"{phase:8} {e:>5} {sps:>10.2f} {wait:>9.3f} {sps / (1 - wait):>9.2f} {m['train_seconds']:>8.2f} "
+                f"{m['seconds']:>8.2f} {w:>9.2f} {samples / w:>9.2f}"
+            )
         print(f"{phase:8} {'fit()':>5} wall {r['wall_s']:.1f} s" + (" (includes Train start-up)" * (phase == "ray")))
-    names = {"samples_per_s": "samples/s (loop)", "compute": "samples/s excl. data wait (loop)",
-             "outside": "samples/s (outside: epoch wall)"}
-    ratios = {f"{lab} ray/{b}": steady(runs["ray"], k, samples) / steady(runs[b], k, samples)
-              for b in ("bare-1", "bare-2") for k, lab in names.items()}
-    ratios.update({f"end-to-end fit() wall {b}/ray": runs[b]["wall_s"] / runs["ray"]["wall_s"]
-                   for b in ("bare-1", "bare-2")})
+    names = {
+        "samples_per_s": "samples/s (loop)",
+        "compute": "samples/s excl. data wait (loop)",
+        "outside": "samples/s (outside: epoch wall)",
+    }
+    ratios = {
+        f"{lab} ray/{b}": steady(runs["ray"], k, samples) / steady(runs[b], k, samples)
+        for b in ("bare-1", "bare-2")
+        for k, lab in names.items()
+    }
+    ratios.update(
+        {f"end-to-end fit() wall {b}/ray": runs[b]["wall_s"] / runs["ray"]["wall_s"] for b in ("bare-1", "bare-2")}
+    )
     info["ratios"] = ratios
     print(f"\n{'ratio, steady = mean of epochs >= 1 (target >= 0.9)':52} value")
     for k, v in ratios.items():
         print(f"{k:52} {v:.3f}")
     s = sweep
-    print(f"\nsweep: {s['trials']} trials ({s['failed']} failed) x {args.epochs} epochs, wall {s['wall_s']:.1f} s, "
-          f"{s['cpus']:g} CPUs: busy {s['busy_trial_s']:.1f} trial-s -> utilisation {s['utilisation']:.3f} "
-          f"(per-epoch seconds: {s['busy_epoch_s']:.1f} s -> {s['utilisation_epochs']:.3f})")
+    print(
+        f"\nsweep: {s['trials']} trials ({s['failed']} failed) x {args.epochs} epochs, wall {s['wall_s']:.1f} s, "
+        f"{s['cpus']:g} CPUs: busy {s['busy_trial_s']:.1f} trial-s -> utilisation {s['utilisation']:.3f} "
+        f"(per-epoch seconds: {s['busy_epoch_s']:.1f} s -> {s['utilisation_epochs']:.3f})"
+    )
     print(f"total {info['total_s']:.0f} s; results: {out / 'results.json'}")
     (out / "results.json").write_text(json.dumps(info, indent=2, default=float))
     ray.shutdown()

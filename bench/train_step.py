@@ -41,9 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--width", type=int, default=128, help="model width (base channels)")
     p.add_argument("--steps", type=int, default=3, help="timed training steps after the counted warm-up step")
     p.add_argument("--batch", type=int, default=8, help="clips per domain per step (source and target each)")
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
-    )
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     return p.parse_args()
 
 

@@ -20,9 +20,7 @@ import time
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--gpus", type=int, required=True, help="GPUs the cluster must have before the command runs."
-    )
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs the cluster must have before the command runs.")
     parser.add_argument(
         "--timeout-min",
         type=float,

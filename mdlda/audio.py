@@ -73,9 +73,7 @@ def load(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     return resample(x, sr, target_sr)
 
 
-def fit_clip(
-    x: np.ndarray, max_pad_s: float = MAX_PAD_SECONDS, sr: int = SAMPLE_RATE
-) -> tuple[np.ndarray, str]:
+def fit_clip(x: np.ndarray, max_pad_s: float = MAX_PAD_SECONDS, sr: int = SAMPLE_RATE) -> tuple[np.ndarray, str]:
     """One 15-s segment from a clip: crop a longer clip, zero-pad one at most ``max_pad_s`` short.
 
     Returns the segment and what was done (``"exact"``, ``"cropped"``, ``"padded"``); a clip shorter than
@@ -130,9 +128,7 @@ def stream_segments(
         raise AudioError(f"{path}: cannot decode ({exc})") from exc
     with f:
         sr = f.samplerate
-        stream = (
-            None if sr == target_sr else soxr.ResampleStream(sr, target_sr, 1, dtype="float32", quality="HQ")
-        )
+        stream = None if sr == target_sr else soxr.ResampleStream(sr, target_sr, 1, dtype="float32", quality="HQ")
         buf = np.zeros(0, dtype=np.float32)
         index = 0
         block = max(1, int(block_seconds * sr))

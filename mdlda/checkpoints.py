@@ -100,9 +100,7 @@ def save_model(model: nn.Module, directory: str | Path, extra: Mapping[str, Any]
     directory = Path(directory)
     config = model.config.to_dict()
     config_text = json.dumps(config, indent=2, sort_keys=False)
-    extra_text = (
-        json.dumps(dict(extra), indent=2) if extra is not None else None
-    )  # fail before writing anything
+    extra_text = json.dumps(dict(extra), indent=2) if extra is not None else None  # fail before writing anything
     state = to_cpu(model.state_dict())
     _atomic_write(directory / MODEL_FILE, lambda p: torch.save(state, p))
     _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(config_text + "\n"))
@@ -115,9 +113,7 @@ def read_model_config(directory: str | Path) -> dict[str, Any]:
     """The model config stored in a checkpoint folder."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: not a model checkpoint folder (need {MODEL_FILE} + {CONFIG_FILE})"
-        )
+        raise FileNotFoundError(f"{path} not found: not a model checkpoint folder (need {MODEL_FILE} + {CONFIG_FILE})")
     return json.loads(path.read_text())
 
 
@@ -147,8 +143,7 @@ def load_model(
         diffs = config_differences(config, expect_config)
         if diffs:
             raise CheckpointMismatch(
-                f"the checkpoint in {directory} was made with another model config than expected: "
-                + "; ".join(diffs)
+                f"the checkpoint in {directory} was made with another model config than expected: " + "; ".join(diffs)
             )
     if factory is None:
         from mdlda.models import create_model as factory

@@ -46,9 +46,7 @@ class SweepConfig(_Strict):
 
 class PseudoLabelConfig(_Strict):
     num_segments: int | None = 500
-    fraction: float | None = Field(
-        None, description="Of the labelled source train size; overrides num_segments."
-    )
+    fraction: float | None = Field(None, description="Of the labelled source train size; overrides num_segments.")
     seed: int = 0
     batch_size: int = 16
     concurrency: int | None = None
@@ -77,12 +75,8 @@ class DataConfig(_Strict):
     maestro_splits: list[str] | None = None
     max_performances: int | None = None
     seed: int = 0
-    eval_fraction: float = Field(
-        0.1, description="Mid-level: source share drawn for valid+test (reference 10%)."
-    )
-    valid_fraction: float = Field(
-        0.2, description="Mid-level: share of the evaluation set used for validation."
-    )
+    eval_fraction: float = Field(0.1, description="Mid-level: source share drawn for valid+test (reference 10%).")
+    valid_fraction: float = Field(0.2, description="Mid-level: share of the evaluation set used for validation.")
     max_failure_share: float = 0.1
 
 

@@ -56,9 +56,7 @@ class FrontendConfig:
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0 or self.hop_size <= 0:
-            raise ValueError(
-                f"sample_rate and hop_size must be positive, got {self.sample_rate}, {self.hop_size}"
-            )
+            raise ValueError(f"sample_rate and hop_size must be positive, got {self.sample_rate}, {self.hop_size}")
         if self.frame_size <= 0 or self.frame_size % 2:
             raise ValueError(f"frame_size must be a positive even number, got {self.frame_size}")
         if self.bands_per_octave <= 0:

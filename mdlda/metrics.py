@@ -50,9 +50,7 @@ def pearson_r(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
         r = (tc * pc).sum(axis=0) / denom
     # "Constant" relative to the column's magnitude: round-off around a constant does not count as signal.
     tiny = np.finfo(np.float64).eps * 8
-    constant = (np.ptp(t, axis=0) <= tiny * np.abs(t).max(axis=0)) | (
-        np.ptp(p, axis=0) <= tiny * np.abs(p).max(axis=0)
-    )
+    constant = (np.ptp(t, axis=0) <= tiny * np.abs(t).max(axis=0)) | (np.ptp(p, axis=0) <= tiny * np.abs(p).max(axis=0))
     r = np.where(constant, 0.0, np.clip(r, -1.0, 1.0))
     return np.where(finite, r, np.nan)
 

@@ -53,9 +53,7 @@ def check_audio_params(found: dict[str, Any], where: str) -> None:
     diffs = []
     for key, want in expected.items():
         got = found.get(key)
-        same = (
-            isinstance(want, float) and isinstance(got, int | float) and math.isclose(want, got)
-        ) or got == want
+        same = (isinstance(want, float) and isinstance(got, int | float) and math.isclose(want, got)) or got == want
         if not same:
             diffs.append(f"{key}: shards have {got!r}, this code uses {want!r}")
     if diffs:

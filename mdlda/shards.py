@@ -56,14 +56,10 @@ def decode_item(item: dict, max_pad_s: float = MAX_PAD_SECONDS) -> ItemResult:
         if item["dataset"] == "maestro":
             for i, seg in stream_segments(item["path"]):
                 result.rows.append(
-                    _row(
-                        item, segment_id(item["clip_id"], i), i * SEGMENT_SAMPLES / SAMPLE_RATE, to_pcm16(seg)
-                    )
+                    _row(item, segment_id(item["clip_id"], i), i * SEGMENT_SAMPLES / SAMPLE_RATE, to_pcm16(seg))
                 )
             if not result.rows:
-                raise AudioError(
-                    f"{item['path']}: shorter than one {SEGMENT_SAMPLES / SAMPLE_RATE:.0f}-s segment"
-                )
+                raise AudioError(f"{item['path']}: shorter than one {SEGMENT_SAMPLES / SAMPLE_RATE:.0f}-s segment")
         else:
             x = load(item["path"])
             try:

@@ -74,9 +74,7 @@ def _audio(x: Any, device: torch.device, name: str) -> Tensor:
 def _labels(x: Any, device: torch.device, name: str, batch_size: int) -> Tensor:
     t = torch.as_tensor(np.asarray(x, dtype=np.float32) if not isinstance(x, Tensor) else x).float()
     if t.shape != (batch_size, NUM_FEATURES):
-        raise ValueError(
-            f"batch[{name!r}] must be ({batch_size}, {NUM_FEATURES}) ratings; got shape {tuple(t.shape)}"
-        )
+        raise ValueError(f"batch[{name!r}] must be ({batch_size}, {NUM_FEATURES}) ratings; got shape {tuple(t.shape)}")
     bad = ~torch.isfinite(t)
     if bad.any():
         rows = torch.nonzero(bad.any(dim=1)).flatten().tolist()
@@ -105,9 +103,7 @@ def prepare_batch(batch: Mapping[str, Any], mode: str, device: torch.device | st
     if mode in ("dann", "distill"):
         out["target_audio"] = _audio(batch["target_audio"], device, "target_audio")
     if mode == "distill":
-        out["target_labels"] = _labels(
-            batch["target_labels"], device, "target_labels", out["target_audio"].shape[0]
-        )
+        out["target_labels"] = _labels(batch["target_labels"], device, "target_labels", out["target_audio"].shape[0])
     return out
 
 
@@ -141,8 +137,7 @@ def dann_step(
     src, tgt = batch["audio"], batch["target_audio"]
     if src.shape[0] != tgt.shape[0]:
         raise ValueError(
-            "a DANN batch needs equal numbers of source and target segments; "
-            f"got {src.shape[0]} and {tgt.shape[0]}"
+            f"a DANN batch needs equal numbers of source and target segments; got {src.shape[0]} and {tgt.shape[0]}"
         )
     domain_head.set_lambda(adv_lambda)
     feat_s = model.forward_features(src)  # (B, D) — BN over source only

@@ -124,8 +124,7 @@ class EpochResult:
     def summary(self) -> str:
         best = " (best)" if self.is_best else ""
         return (
-            f"train loss {self.train['loss']:.4f}, valid r_mean {self.valid['r_mean']:.4f}{best}, "
-            f"{self.seconds:.1f} s"
+            f"train loss {self.train['loss']:.4f}, valid r_mean {self.valid['r_mean']:.4f}{best}, {self.seconds:.1f} s"
         )
 
     def metrics(self) -> dict[str, float]:
@@ -193,9 +192,7 @@ def fit(
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _Fit(model, domain_head, config, after_backward).run(
-            train_batches, valid_batches, on_epoch, state
-        )
+        return _Fit(model, domain_head, config, after_backward).run(train_batches, valid_batches, on_epoch, state)
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 

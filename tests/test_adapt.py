@@ -76,9 +76,7 @@ def test_domain_head_shapes_and_set_lambda() -> None:
 def test_domain_loss_is_bce_with_source_0_target_1() -> None:
     head = DomainHead(in_dim=4)
     s, t = torch.randn(3, 4), torch.randn(2, 4)
-    want = F.binary_cross_entropy_with_logits(
-        torch.cat([head(s), head(t)]), torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0])
-    )
+    want = F.binary_cross_entropy_with_logits(torch.cat([head(s), head(t)]), torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0]))
     torch.testing.assert_close(domain_loss(head, s, t), want)
 
 

@@ -136,9 +136,7 @@ def test_runs_are_nested(chain):
         "evaluate",
     } <= names
     teacher_stage = next(r for r in stages if r.data.tags.get("mdlda.stage") == "teachers")
-    trials = client.search_runs(
-        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{teacher_stage.info.run_id}'"
-    )
+    trials = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{teacher_stage.info.run_id}'")
     assert len(trials) == 3
     assert all("valid_r_mean" in t.data.metrics for t in trials if t.info.status == "FINISHED")
     assert all("lr" in t.data.params for t in trials)
@@ -161,9 +159,7 @@ def test_student_is_champion_and_predicts(chain):
 def test_pseudolabels(chain):
     first, _ = chain
     out = os.path.join(first.workdir, "shards", "pseudolabels")
-    table = pq.read_table(
-        os.path.join(out, DATA_DIR), columns=["clip_id", "labels", "teacher_spread"]
-    ).to_pandas()
+    table = pq.read_table(os.path.join(out, DATA_DIR), columns=["clip_id", "labels", "teacher_spread"]).to_pandas()
     assert len(table) == 4 and table.clip_id.is_unique
     labels = np.stack(table.labels.to_numpy())
     assert labels.shape == (4, 7) and labels.min() >= 1.0 and labels.max() <= 10.0
@@ -173,9 +169,7 @@ def test_pseudolabels(chain):
 def test_summary_covers_every_model(chain):
     first, _ = chain
     models = set(first.summary.model)
-    assert {"baseline-rfresnet", "student", "teacher-ensemble"} | {
-        f"teacher-{i}" for i in range(1, K + 1)
-    } <= models
+    assert {"baseline-rfresnet", "student", "teacher-ensemble"} | {f"teacher-{i}" for i in range(1, K + 1)} <= models
     assert set(first.summary.split) == {"test", "piano_test"}
 
 

@@ -34,9 +34,7 @@ def one_thread():
 def model():
     torch.manual_seed(0)
     m = create_model("rfresnet", width=4)
-    with (
-        torch.no_grad()
-    ):  # make running stats and BN biases non-default so the round trip has something to carry
+    with torch.no_grad():  # make running stats and BN biases non-default so the round trip has something to carry
         m.train()(torch.randn(4, 22050) * 0.1)
     return m.eval()
 

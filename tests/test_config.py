@@ -27,9 +27,16 @@ def test_every_space_parses_and_builds(path):
         space = param_space(sweep)
         assert space["model"] == sweep.model
         # every entry resolves to a value a trial can use: sample one configuration and route it
-        sample = {k: (v.sample() if isinstance(v, tune.search.sample.Domain) else
-                      v["grid_search"][0] if isinstance(v, dict) and "grid_search" in v else v)
-                  for k, v in space.items()}
+        sample = {
+            k: (
+                v.sample()
+                if isinstance(v, tune.search.sample.Domain)
+                else v["grid_search"][0]
+                if isinstance(v, dict) and "grid_search" in v
+                else v
+            )
+            for k, v in space.items()
+        }
         model, overrides, train_cfg, batch = split_trial_config(sample)
         assert train_cfg.mode == sweep.mode and batch["batch_size"] >= 2
         from mdlda.models import create_model

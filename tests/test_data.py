@@ -55,7 +55,8 @@ def test_empty_target_is_a_clear_error(ray_local):
 
     from pipelines.data import train_batches
 
-    empty = ray.data.from_items([{"clip_id": "x", "audio": np.zeros(16, np.int16)}]).filter(
-        lambda r: False).materialize()
+    empty = (
+        ray.data.from_items([{"clip_id": "x", "audio": np.zeros(16, np.int16)}]).filter(lambda r: False).materialize()
+    )
     with pytest.raises(ValueError, match="target set is empty"):
         list(train_batches(_ds(8), 4, 0, 0, target=empty))

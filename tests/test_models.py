@@ -61,9 +61,7 @@ def test_eval_batch_one_and_train_mode(name: str, audio: torch.Tensor) -> None:
     assert one.shape == (1, NUM_FEATURES)
     with torch.no_grad():
         both = model(audio)
-    torch.testing.assert_close(
-        one[0], both[0], rtol=1e-4, atol=1e-5
-    )  # eval: a sample ignores its batch mates
+    torch.testing.assert_close(one[0], both[0], rtol=1e-4, atol=1e-5)  # eval: a sample ignores its batch mates
     model.train()
     assert model(audio).shape == (2, NUM_FEATURES)
 

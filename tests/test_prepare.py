@@ -172,9 +172,7 @@ def test_maestro_segments(ray_local, demo_root, tmp_path):
 
     index = index_maestro(demo_root / "maestro")
     result = prepare(
-        PrepareConfig(
-            dataset="maestro", root=str(demo_root / "maestro"), out=str(tmp_path / "m"), progress=False
-        )
+        PrepareConfig(dataset="maestro", root=str(demo_root / "maestro"), out=str(tmp_path / "m"), progress=False)
     )
     rows = _rows(tmp_path / "m", ["clip_id", "group", "labels", "offset_s", "domain"])
     assert result.manifest["rows"] == int(index.table.expected_segments.sum()) == len(rows)

@@ -50,9 +50,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for model {cls.name!r}; known options: {sorted(known)}"
-            )
+            raise ValueError(f"unknown option(s) {unknown} for model {cls.name!r}; known options: {sorted(known)}")
         frontend = d.get("frontend")
         if isinstance(frontend, dict):
             d["frontend"] = FrontendConfig.from_dict(frontend)

@@ -63,9 +63,7 @@ class FreqConv2d(nn.Conv2d):
         padding: int | None = None,
     ) -> None:
         padding = kernel_size // 3 if padding is None else padding
-        super().__init__(
-            in_channels + 1, out_channels, kernel_size, stride=stride, padding=padding, bias=False
-        )
+        super().__init__(in_channels + 1, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         # Same result as conv(cat([x, frequency_channel(x)])) but without a (B, C + 1, H, W) copy: the conv is
@@ -158,9 +156,7 @@ class RFResNet(AudioModel):
         self.stage3 = nn.Sequential(BasicBlock(2 * w, 4 * w, *kernels[4]))
         # the reference's 1x1 conv + BN, applied after the pool (see the module docstring)
         self.head = nn.Sequential(
-            OrderedDict(
-                fc=nn.Linear(4 * w, config.num_outputs, bias=False), bn=nn.BatchNorm1d(config.num_outputs)
-            )
+            OrderedDict(fc=nn.Linear(4 * w, config.num_outputs, bias=False), bn=nn.BatchNorm1d(config.num_outputs))
         )
         self.apply(init_weights)
         nn.init.constant_(self.head.bn.bias, LABEL_CENTRE)

@@ -57,9 +57,7 @@ class VGGishConfig(ModelConfig):
     def __post_init__(self) -> None:
         check_positive_int(width=self.width, num_outputs=self.num_outputs)
         if self.width % 2:
-            raise ValueError(
-                f"vggish width must be even (its first layers have width / 2 channels), got {self.width}"
-            )
+            raise ValueError(f"vggish width must be even (its first layers have width / 2 channels), got {self.width}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

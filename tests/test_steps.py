@@ -1,0 +1,160 @@
+"""The training steps: per-domain passes, losses, batch checks (tiny stand-in model, briefly the real RF-ResNet)."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import (  # noqa: F401  (one_thread is an autouse fixture)
+    FRAME,
+    N_SAMPLES,
+    TARGET,
+    TRAIN,
+    VALID,
+    TinyConfig,
+    TinyModel,
+    batches_of,
+    head_bn_names,
+    make_data,
+    one_thread,
+    quick,
+    record_bn_batch_sizes,
+    shuffled_train,
+    valid,
+)
+from torch import nn
+
+from mdlda.adapt import DomainHead
+from mdlda.params import LABEL_SCALE
+from mdlda.steps import dann_step, distill_step, prepare_batch, supervised_step
+from mdlda.training import fit
+
+
+@pytest.mark.parametrize("make", [lambda: TinyModel(), "rfresnet"])
+def test_dann_step_passes_each_domain_separately_and_regresses_on_source_only(make):
+    if make == "rfresnet":
+        from mdlda.models import create_model
+
+        torch.manual_seed(0)
+        model, n = create_model("rfresnet", width=4), 22050 * 2
+    else:
+        model, n = make(), N_SAMPLES
+    head = DomainHead(model.embed_dim)
+    seen = record_bn_batch_sizes(model)
+    in_head = head_bn_names(model, seen)
+    assert seen and in_head
+    feats, head_inputs = [], []
+    ff, fh = model.forward_features, model.forward_head
+    model.forward_features = lambda x: feats.append(ff(x)) or feats[-1]
+    model.forward_head = lambda f: head_inputs.append(f) or fh(f)
+    batch = prepare_batch(
+        {
+            "audio": torch.randn(8, n) * 0.1,
+            "labels": torch.rand(8, 7) * 9 + 1,
+            "target_audio": torch.randn(8, n),
+        },
+        "dann",
+        "cpu",
+    )
+    out = dann_step(model, head, batch, adv_lambda=0.3)
+    out.loss.backward()
+    for name, sizes in seen.items():
+        # never one concatenated batch of 16: features BN twice (source, target), head BN once (source)
+        assert sizes == ([8] if name in in_head else [8, 8]), name
+    assert len(feats) == 2 and len(head_inputs) == 1 and head_inputs[0] is feats[0]
+    assert set(out.losses) == {"loss", "mse", "domain_bce", "domain_acc", "adv_lambda"}
+    assert out.losses["loss"] == pytest.approx(out.losses["mse"] + out.losses["domain_bce"], rel=1e-5)
+    assert out.losses["adv_lambda"] == 0.3 and head.grl.lambda_.item() == pytest.approx(0.3)
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_dann_step_reverses_the_domain_gradient_into_the_features():
+    torch.manual_seed(0)
+    model = TinyModel()
+    batch = prepare_batch({"audio": TRAIN[0][:8], "labels": TRAIN[1][:8], "target_audio": TARGET[0][:8]}, "dann", "cpu")
+    grads = {}
+    for lam in (0.0, 1.0):
+        torch.manual_seed(1)
+        head = DomainHead(model.embed_dim)
+        model.zero_grad()
+        dann_step(model, head, batch, adv_lambda=lam).loss.backward()
+        grads[lam] = model.proj.weight.grad.clone()
+    assert not torch.allclose(grads[0.0], grads[1.0])  # lambda 0: features get the regression gradient only
+
+
+def test_dann_step_needs_equal_domain_sizes():
+    batch = prepare_batch({"audio": TRAIN[0][:8], "labels": TRAIN[1][:8], "target_audio": TARGET[0][:4]}, "dann", "cpu")
+    with pytest.raises(ValueError, match="equal numbers"):
+        dann_step(TinyModel(), DomainHead(16), batch, adv_lambda=1.0)
+
+
+def test_distill_step_uses_both_domains_in_separate_passes():
+    torch.manual_seed(0)
+    model = TinyModel()
+    seen = record_bn_batch_sizes(model)
+    raw = {
+        "audio": TRAIN[0][:8],
+        "labels": TRAIN[1][:8],
+        "target_audio": TARGET[0][:4],
+        "target_labels": TARGET[1][:4],
+    }
+    out = distill_step(model, prepare_batch(raw, "distill", "cpu"))
+    assert all(sizes == [8, 4] for sizes in seen.values())
+    with torch.no_grad():  # train-mode BN: the same per-domain passes give the same outputs
+        pred = torch.cat([model(raw["audio"]), model(raw["target_audio"])])
+        want = torch.nn.functional.mse_loss(pred, torch.cat([raw["labels"], raw["target_labels"]]) / LABEL_SCALE)
+    assert out.losses["loss"] == pytest.approx(want.item(), rel=1e-5)
+    assert out.losses["mse_target"] > 0 and out.losses["mse_source"] > 0
+
+
+class ForwardOnly(nn.Module):
+    """Like DistributedDataParallel: exposes forward() and nothing else of the wrapped model."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, audio):
+        return self.module(audio)
+
+
+def test_supervised_and_distill_steps_work_through_a_forward_only_wrapper():
+    raw = {
+        "audio": TRAIN[0][:8],
+        "labels": TRAIN[1][:8],
+        "target_audio": TARGET[0][:4],
+        "target_labels": TARGET[1][:4],
+    }
+    for mode, step in (("supervised", supervised_step), ("distill", distill_step)):
+        out = step(ForwardOnly(TinyModel()), prepare_batch(raw, mode, "cpu"))
+        assert np.isfinite(out.losses["loss"])
+
+
+def test_supervised_step_is_mse_on_the_0_1_scale():
+    torch.manual_seed(0)
+    model = TinyModel()
+    out = supervised_step(model, prepare_batch({"audio": TRAIN[0][:8], "labels": TRAIN[1][:8]}, "supervised", "cpu"))
+    want = torch.nn.functional.mse_loss(model(TRAIN[0][:8]), TRAIN[1][:8] / 10)
+    assert out.losses["loss"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_nan_labels_are_a_clear_error():
+    labels = TRAIN[1][:8].clone()
+    labels[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/inf labels in rows \[3\]"):
+        prepare_batch({"audio": TRAIN[0][:8], "labels": labels}, "supervised", "cpu")
+    with pytest.raises(ValueError, match="NaN"):
+        fit(TinyModel(), lambda e: [{"audio": TRAIN[0][:8], "labels": labels}], valid, quick())
+
+
+def test_prepare_batch_accepts_numpy_and_int16():
+    b = prepare_batch(
+        {
+            "audio": (TRAIN[0][:4].numpy() * 32767).astype(np.int16),
+            "labels": TRAIN[1][:4].numpy().astype(np.float64),
+        },
+        "supervised",
+        "cpu",
+    )
+    assert b["audio"].dtype == torch.int16 and b["labels"].dtype == torch.float32
+    assert torch.allclose(b["labels"], TRAIN[1][:4] / 10)
+    with pytest.raises(KeyError, match="target_audio"):
+        prepare_batch({"audio": TRAIN[0][:4], "labels": TRAIN[1][:4]}, "dann", "cpu")
