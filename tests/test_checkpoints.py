@@ -4,6 +4,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from tiny_models import one_thread  # noqa: F401  (autouse fixture: one torch thread for tiny tensors)
 
 from mdlda.checkpoints import (
     CheckpointMismatch,
@@ -19,15 +20,6 @@ from mdlda.checkpoints import (
 )
 from mdlda.models import create_model
 from mdlda.training import TrainConfig, fit
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: on a busy 2-CPU box a second thread mostly waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from tiny_models import (  # noqa: F401  (one_thread is an autouse fixture)
-    FRAME,
+from tiny_models import (
     N_SAMPLES,
     TARGET,
     TRAIN,
-    VALID,
-    TinyConfig,
     TinyModel,
-    batches_of,
     head_bn_names,
-    make_data,
-    one_thread,
+    one_thread,  # noqa: F401  (autouse fixture)
     quick,
     record_bn_batch_sizes,
-    shuffled_train,
     valid,
 )
 from torch import nn
