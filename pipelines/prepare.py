@@ -1,24 +1,30 @@
-"""Stage 1, `mdlda prepare`: audio files -> 15-s int16 segments in Parquet shards, with Ray Data.
+"""Stage 1, `mdlda prepare`: audio files -> 15-s int16 segments in Parquet shards, with Ray tasks.
 
-index (pandas) -> parallel decode + resample + segment (Ray Data ``map_batches``) -> ``write_parquet``, chunk by
-chunk. A finished chunk is recorded in ``<out>/.prepare/``; rerunning an interrupted run redoes only unfinished
-chunks, and rerunning a finished one does nothing. Bad files are reported skips (in the manifest), and the run
-stops with an error when more than ``max_failure_share`` of the items fail.
+index (pandas) -> Ray tasks, each decoding, resampling and segmenting a group of items and writing them as one
+Parquet file -> ``<out>/data``, chunk by chunk; the later stages read the shards with Ray Data. Plain tasks, not
+Ray Data's ``map_batches`` + ``write_parquet``: on 200 clips that cost 39 ms of CPU per file against 21 ms here (the
+decode itself: 12 ms), and needed an actor to collect the outcomes. A finished chunk is recorded in ``<out>/.prepare/``;
+rerunning an interrupted run redoes only unfinished chunks, and rerunning a finished one does nothing. Bad files are
+reported skips (in the manifest), and the run stops with an error when more than ``max_failure_share`` of the items
+fail.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from mdlda.audio import decoder_info
@@ -47,7 +53,7 @@ class PrepareConfig:
     max_performances: int | None = None  # MAESTRO: a seeded subset of performances
     max_pad_s: float = MAX_PAD_SECONDS
     max_failure_share: float = 0.1
-    chunk_items: int = 512  # items per resumable chunk (one Ray Data run each)
+    chunk_items: int = 512  # items per resumable chunk
     files_per_task: int | None = None  # items decoded and written per task; None: 16 clips or 1 performance
     num_cpus_per_task: float = 1.0
     overwrite: bool = False
@@ -61,24 +67,6 @@ class PrepareResult:
     skipped_work: bool = False
     chunks_done: int = 0
     failures: list[dict] = field(default_factory=list)
-
-
-@ray.remote(num_cpus=0)
-class _Ledger:
-    """Collects per-item outcomes from the decode tasks (digests, fitting, failures) for the manifest."""
-
-    def __init__(self) -> None:
-        self.items: list[dict] = []
-
-    def add(self, records: list[dict]) -> None:
-        self.items.extend(records)
-
-    def count(self) -> int:
-        return len(self.items)
-
-    def take(self) -> list[dict]:
-        items, self.items = self.items, []
-        return items
 
 
 # list<float32> holding exactly NUM_FEATURES values, or null. Not a fixed-size list: pyarrow 25 writes null
@@ -96,10 +84,14 @@ def _rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.table({**cols, "audio": audio, "labels": labels})
 
 
-def _decode_batch(batch: pd.DataFrame, ledger, max_pad_s: float) -> pa.Table:
+@ray.remote
+def _decode_group(items: list[dict], path: str, max_pad_s: float) -> list[dict]:
+    """Decode a group of index items and write their rows as one Parquet file at ``path`` (none if no rows).
+
+    Returns one outcome per item (rows with digests, fitting, or the error) for the chunk's record.
+    """
     rows, records = [], []
-    for item in batch.to_dict("records"):
-        item["labels"] = json.loads(item["labels"])
+    for item in items:
         res = decode_item(item, max_pad_s)
         rows.extend(res.rows)
         records.append(
@@ -110,8 +102,9 @@ def _decode_batch(batch: pd.DataFrame, ledger, max_pad_s: float) -> pa.Table:
                 "rows": [(r["clip_id"], r["split"], r["digest"]) for r in res.rows],
             }
         )
-    ray.get(ledger.add.remote(records))
-    return _rows_to_table(rows)
+    if rows:
+        pq.write_table(_rows_to_table(rows), path, **WRITE_OPTIONS)
+    return records
 
 
 def _index(config: PrepareConfig):
@@ -200,61 +193,69 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     chunks = [
         (i, table.iloc[s : s + config.chunk_items]) for i, s in enumerate(range(0, n_items, max(1, config.chunk_items)))
     ]
-    ledger = _Ledger.remote()
+    per_task = config.files_per_task or (1 if config.dataset == "maestro" else 16)
+    todo = [(i, chunk) for i, chunk in chunks if i not in done]
     with _progress(n_items, config.progress) as bar:
         task = bar.add_task("decode", total=n_items)
-        bar.advance(task, sum(len(c) for i, c in chunks if i in done))
-        for i, chunk in chunks:
-            if i in done:
-                continue
-            records = _run_chunk(out, i, chunk, ledger, config, bar, task)
-            (state_dir / f"chunk-{i:05d}.json").write_text(json.dumps(records))
-            done.add(i)
-            state["done"] = sorted(done)
-            (state_dir / "state.json").write_text(json.dumps(state))
-            failed = index_failures + _failures(state_dir)
-            if len(failed) > allowed:
-                raise PrepareError(_too_many(failed, n_total, config))
+        bar.advance(task, n_items - sum(len(chunk) for _, chunk in todo))
+        runs = _run_chunks(out, todo, per_task, config, advance=lambda n: bar.advance(task, n))
+        with closing(runs):  # leaving early (an error) cancels the tasks still running
+            for i, records in runs:
+                (state_dir / f"chunk-{i:05d}.json").write_text(json.dumps(records))
+                done.add(i)
+                state["done"] = sorted(done)
+                (state_dir / "state.json").write_text(json.dumps(state))
+                failed = index_failures + _failures(state_dir)
+                if len(failed) > allowed:
+                    raise PrepareError(_too_many(failed, n_total, config))
     return _finish(out, state_dir, index, digest, options, config)
 
 
-def _run_chunk(out: Path, i: int, chunk: pd.DataFrame, ledger, config: PrepareConfig, bar, task) -> list[dict]:
-    staging = out / STATE_DIR / f"staging-{i:05d}"
-    items = [{k: v for k, v in item.items()} for item in chunk.to_dict("records")]
-    for item in items:  # labels travel as a JSON string: Ray would turn lists-or-None into tensor columns
-        item["labels"] = json.dumps(None if item["labels"] is None else [float(v) for v in item["labels"]])
-    per_task = config.files_per_task or (1 if config.dataset == "maestro" else 16)
-    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task))
-    ds = ds.map_batches(
-        _decode_batch,
-        batch_size=per_task,
-        batch_format="pandas",
-        num_cpus=config.num_cpus_per_task,
-        fn_kwargs={"ledger": ledger, "max_pad_s": config.max_pad_s},
-    )
-    seen = [0]
-    stop = threading.Event()
+def _run_chunks(
+    out: Path, chunks: list[tuple[int, pd.DataFrame]], per_task: int, config: PrepareConfig, advance: Callable
+) -> Iterator[tuple[int, list[dict]]]:
+    """Decode the chunks with plain Ray tasks (``per_task`` items and one Parquet file each), a few in flight.
 
-    def poll() -> None:
-        while not stop.wait(0.5):
-            n = ray.get(ledger.count.remote())
-            bar.advance(task, n - seen[0])
-            seen[0] = n
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
+    Yields ``(chunk, records)`` once all files of a chunk are in ``<out>/data``; ``advance(items)`` is called
+    as each task finishes. Tasks run across chunk boundaries, so no CPU idles while a chunk's last task finishes.
+    Closing the iterator early cancels the tasks in flight and waits for them to stop.
+    """
+    groups = []  # (chunk, part, items)
+    for i, chunk in chunks:
+        items = chunk.to_dict("records")
+        for item in items:
+            item["labels"] = None if item["labels"] is None else [float(v) for v in item["labels"]]
+        groups += [(i, k, items[s : s + per_task]) for k, s in enumerate(range(0, len(items), per_task))]
+    left = Counter(i for i, _, _ in groups)
+    parts: dict[int, dict[int, list[dict]]] = {i: {} for i in left}
+    decode = _decode_group.options(num_cpus=config.num_cpus_per_task)
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / config.num_cpus_per_task))
+    queue, inflight = iter(groups), {}
     try:
-        # each decode task writes its own file
-        ds.write_parquet(str(staging), **WRITE_OPTIONS)
+        while True:
+            for i, k, items in islice(queue, window - len(inflight)):
+                staging = out / STATE_DIR / f"staging-{i:05d}"
+                staging.mkdir(exist_ok=True)
+                inflight[decode.remote(items, str(staging / f"part-{k:05d}.parquet"), config.max_pad_s)] = (i, k)
+            if not inflight:
+                return
+            [ref], _ = ray.wait(list(inflight), num_returns=1)
+            i, k = inflight.pop(ref)
+            parts[i][k] = ray.get(ref)
+            advance(len(parts[i][k]))
+            left[i] -= 1
+            if left[i] == 0:
+                staging = out / STATE_DIR / f"staging-{i:05d}"
+                for f in sorted(staging.glob("*.parquet")):
+                    f.rename(out / DATA_DIR / f"chunk-{i:05d}-{f.name}")
+                shutil.rmtree(staging, ignore_errors=True)
+                done = parts.pop(i)
+                yield i, [rec for k in sorted(done) for rec in done[k]]
     finally:
-        stop.set()
-        poller.join()
-    records = ray.get(ledger.take.remote())
-    bar.advance(task, len(records) - seen[0])
-    for f in sorted(staging.glob("*.parquet")):
-        f.rename(out / DATA_DIR / f"chunk-{i:05d}-{f.name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    return records
+        for ref in inflight:
+            ray.cancel(ref)
+        if inflight:
+            ray.wait(list(inflight), num_returns=len(inflight), timeout=60)
 
 
 def _failures(state_dir: Path) -> list[dict]:

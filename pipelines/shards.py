@@ -52,8 +52,16 @@ def tensor_array(x: np.ndarray) -> pa.ExtensionArray:
 
 
 # Parquet options of every shard writer: dictionary-encode only the short strings (dictionary-encoding the PCM
-# column triples write and read time), zstd for the int16 samples (0.78 MB per 15-s segment; snappy 1.2 MB).
-WRITE_OPTIONS = {"use_dictionary": ["clip_id", "dataset", "domain", "split", "group"], "compression": "zstd"}
+# column triples write and read time); the int16 samples (stored as Parquet INT32) byte-stream-split, then zstd,
+# without min/max statistics: 0.55 MB per 15-s segment and ~5.4 ms CPU to write, against 0.75 MB and ~8.5 ms for
+# plain zstd with statistics (snappy: 1.2 MB). Reading back is no slower.
+_STRINGS = ["clip_id", "dataset", "domain", "split", "group"]
+WRITE_OPTIONS = {
+    "use_dictionary": _STRINGS,
+    "compression": "zstd",
+    "column_encoding": {"audio.list.element": "BYTE_STREAM_SPLIT"},
+    "write_statistics": _STRINGS,  # what the split filter can use
+}
 
 
 def labels_array(labels: np.ndarray) -> pa.ListArray:
