@@ -113,7 +113,7 @@ def conespressione(
         help="Workdir whose embedded MLflow store holds the registry (ignored when MLFLOW_TRACKING_URI is set).",
     ),
     out: Path | None = typer.Option(
-        None, help="Output folder for the tables and figure [default: WORKDIR/conespressione]."
+        None, help="Output folder for the tables and figure (default: WORKDIR/conespressione)."
     ),
     hop: float = typer.Option(15.0, help="Seconds between window starts (15 = non-overlapping)."),
     min_seconds: float = typer.Option(

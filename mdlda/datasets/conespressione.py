@@ -31,7 +31,7 @@ AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".mp3")
 CSV_NAME = "dimensions.csv"
 AUDIO_DIR = "audio"
 DEMO_RATE = 44_100
-DEMO_PATTERN = r"^\d+_(?P<piece>[^_]+)_"  # the demo's names: <nn>_<piece>_<performer>
+DEMO_PATTERN = r"^\d+_(?P<piece>[^_]+)_"  # the demo's names: <nn>_<piece>_<performer>_<mm.ss-mm.ss>
 
 
 def _listing(items: list[str], limit: int = 8) -> str:
@@ -233,7 +233,7 @@ def generate_conespressione_demo(
             score = compose(played, length * 1.3, np.random.default_rng([seed, 12, p]), PIANO, drums=False)
             x = _perform(score, style, length, bank, prng)
             k += 1
-            name = f"{k:02d}_{_PIECES[p]}_{_PERFORMERS[q]}"
+            name = f"{k:02d}_{_PIECES[p]}_{_PERFORMERS[q]}_00.00-00.{int(length):02d}"  # like the release's names
             path = out / AUDIO_DIR / f"{name}.wav"
             sf.write(str(path), soxr.resample(x, SR, DEMO_RATE, quality="HQ"), DEMO_RATE, subtype="PCM_16")
             rows.append({"performance_name": name, "piece_name": _PIECES[p], "performer": _PERFORMERS[q]})
