@@ -96,6 +96,8 @@ def test_missing_columns_are_all_named(tmp_path, demo):
     dims = pd.read_csv(demo["dims_csv"]).drop(columns=["dim_2", "dim_4"])
     with pytest.raises(DatasetFormatError, match=r"missing column\(s\) dim_2, dim_4"):
         read_dimensions(_write(tmp_path, dims))
+    with pytest.raises(DatasetFormatError, match=r"missing column\(s\) dim_2 \(did you mean 'Dim2'\?\), dim_4 \("):
+        read_dimensions(_write(tmp_path, dims.assign(Dim2=1.0)))
     with pytest.raises(DatasetFormatError, match=r"missing column\(s\) piece_name.*piece pattern"):
         read_dimensions(_write(tmp_path, pd.read_csv(demo["dims_csv"]).drop(columns="piece_name")))
     with pytest.raises(DatasetFormatError, match="piece_name column and a piece pattern"):
@@ -120,6 +122,10 @@ def test_duplicate_performance_names_are_refused(tmp_path, demo):
     dims = pd.concat([dims, dims.iloc[[2]]])
     with pytest.raises(DatasetFormatError, match=f"duplicate performance_name '{dims.iloc[2].performance_name}'"):
         read_dimensions(_write(tmp_path, dims))
+    result = CliRunner().invoke(
+        _app(), ["conespressione", demo["audio_dir"], "--dims", str(tmp_path / "dims.csv"), "--workdir", str(tmp_path)]
+    )
+    assert result.exit_code == 1 and "duplicate performance_name" in _text(result)
 
 
 def test_missing_stray_and_ambiguous_audio_are_reported(tmp_path, demo):

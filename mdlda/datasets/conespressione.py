@@ -16,6 +16,7 @@ are computed from the written audio (loudness, detachment, brightness, dynamic r
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,16 @@ def read_dimensions(path: str | Path, piece_pattern: str | None = None) -> pd.Da
     required = ["performance_name", *DIMENSIONS] + ([] if piece_pattern else ["piece_name"])
     missing = [c for c in required if column_key(c) not in found]
     if missing:
-        hints = "".join(suggest(column_key(c), list(found)) for c in missing[:1])
+        spare = [k for k in found if k not in {column_key(c) for c in required}]  # candidates for a typo
+        named = []
+        for c in missing:
+            close = difflib.get_close_matches(column_key(c), spare, n=1, cutoff=0.5)
+            if close:
+                spare.remove(close[0])  # each found column is suggested once
+            named.append(c + (f" (did you mean {found[close[0]]!r}?)" if close else ""))
+        listing = ", ".join(named)
         raise DatasetFormatError(
-            f"{path}: missing column(s) {', '.join(missing)}{hints} (columns found: {', '.join(df.columns) or 'none'}; "
+            f"{path}: missing column(s) {listing} (columns found: {', '.join(df.columns) or 'none'}; "
             "expected performance_name, piece_name, dim_1..dim_4, comma-separated"
             + ("" if piece_pattern else "; or give a piece pattern instead of piece_name")
             + ")"
