@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 
@@ -108,35 +109,63 @@ def run(
         [], "--set", help="Override a config key, e.g. --set teachers.num_samples=8 (repeatable)."
     ),
     address: str | None = typer.Option(None, help="Ray address ('auto' for a running cluster); local Ray if unset."),
+    time_budget: float | None = typer.Option(None, help="Teacher sweep: stop launching trials after SECONDS."),
+    max_trials: int | None = typer.Option(None, help="Teacher sweep: stop launching trials after N in total."),
 ) -> None:
     """Run the whole chain: prepare, baselines, teachers, selection, pseudo-labels, student, evaluation.
 
     Resumable stage by stage: rerunning the same command skips every stage whose outputs exist and match.
     """
     from mdlda.config import ConfigError, load_chain_config
-    from mdlda.tracking import TrackingError
 
     try:
-        cfg = load_chain_config(config, set_)
+        cfg = with_budget(load_chain_config(config, set_), time_budget, max_trials, baseline=False)
     except ConfigError as exc:
         _fail(str(exc))
     from pipelines.run import run_chain
 
-    try:
+    with _guarded(workdir):
         run_chain(cfg, data, workdir, address=address, console=console)
-    except TrackingError as exc:
+
+
+@contextmanager
+def _guarded(workdir: Path):
+    """Clear messages for an unusable tracking store (a locked SQLite store shows the server command) and for a
+    multi-node run whose storage is node-local."""
+    from mdlda.tracking import TrackingError, sqlite_guard
+    from pipelines.preflight import DurabilityError
+
+    try:
+        with sqlite_guard(workdir):
+            yield
+    except (TrackingError, DurabilityError) as exc:
         _fail(str(exc))
 
 
-def _chain(config: Path, workdir: Path, set_: list[str], address: str | None):
+def with_budget(cfg, time_budget: float | None, max_trials: int | None, baseline: bool):
+    """The config with the command line's sweep budget on the teacher sweep (or, ``baseline``, every baseline)."""
+    from mdlda.config import ConfigError
+
+    update = {k: v for k, v in (("time_budget_s", time_budget), ("max_trials", max_trials)) if v is not None}
+    if not update:
+        return cfg
+    if any(v < 0 for v in update.values()):
+        raise ConfigError(f"budgets must be >= 0, got {update}")
+    if baseline:
+        return cfg.model_copy(update={"baselines": [b.model_copy(update=update) for b in cfg.baselines]})
+    return cfg.model_copy(update={"teachers": cfg.teachers.model_copy(update=update)})
+
+
+def _chain(config: Path, workdir: Path, set_: list[str], address: str | None, budget: tuple = (None, None, False)):
     from mdlda.config import ConfigError, load_chain_config
-    from mdlda.tracking import TrackingError
     from pipelines.run import Chain
 
     try:
-        return Chain(load_chain_config(config, set_), workdir, address=address, console=console)
-    except (ConfigError, TrackingError) as exc:
+        cfg = with_budget(load_chain_config(config, set_), *budget)
+    except ConfigError as exc:
         _fail(str(exc))
+    with _guarded(workdir):
+        return Chain(cfg, workdir, address=address, console=console)
 
 
 CONFIG_OPT = typer.Option(Path("tune_spaces/demo.yaml"), help="Chain config YAML (tune_spaces/).")
@@ -157,18 +186,45 @@ def teachers(
         help="Do not train: re-read the finished sweep from its storage folder "
         "and print (and register) the same ordered top-k.",
     ),
+    time_budget: float | None = typer.Option(
+        None, help="Stop launching trials after SECONDS of wall time; running trials finish, selection follows."
+    ),
+    max_trials: int | None = typer.Option(None, help="Stop launching trials after N in total (resumes count)."),
+    rerun: str | None = typer.Option(
+        None,
+        help="Train trial TRIAL_ID of the stored sweep again from its recorded config and compare its "
+        "per-epoch validation scores with the logged ones (exit 1 beyond the tolerance).",
+    ),
 ) -> None:
     """Ray Tune sweep of DANN teachers (or --baseline), then automatic top-k selection into the registry.
 
     Needs the shards of `mdlda prepare` (or of an earlier `mdlda run`) in WORKDIR/shards. Rerunning resumes an
     interrupted sweep without redoing finished trials.
     """
+    chain = _chain(config, workdir, set_, address, (time_budget, max_trials, baseline))
+    with _guarded(workdir):
+        _teachers(chain, baseline, select_only, rerun)
+
+
+def _teachers(chain, baseline: bool, select_only: bool, rerun: str | None) -> None:
     from mdlda.manifest import ShardError
     from pipelines.select import SelectionError
 
-    chain = _chain(config, workdir, set_, address)
     try:
-        if select_only:
+        if rerun:
+            sweeps = chain.cfg.baselines if baseline else [chain.cfg.teachers]
+            errors = []
+            for sweep in sweeps:
+                try:
+                    res = chain.rerun(sweep, baseline, rerun)
+                except KeyError as exc:
+                    errors.append(str(exc).strip("'\""))
+                    continue
+                if not res.matches:
+                    _fail(f"the rerun of {rerun} differs from its logged scores by {res.max_abs_diff:.2e}")
+                return
+            _fail("; ".join(errors))
+        elif select_only:
             sweeps = chain.cfg.baselines if baseline else [chain.cfg.teachers]
             for sweep in sweeps:
                 chain.select_only(sweep, baseline)
@@ -186,10 +242,11 @@ def pseudolabel(
 ) -> None:
     """Label a seeded subset of MAESTRO segments with the mean of the registered teachers (Ray Data actors)."""
     chain = _chain(config, workdir, set_, address)
-    try:
-        chain.pseudolabel()
-    except RuntimeError as exc:
-        _fail(str(exc))
+    with _guarded(workdir):
+        try:
+            chain.pseudolabel()
+        except RuntimeError as exc:
+            _fail(str(exc))
 
 
 @app.command()
@@ -198,7 +255,8 @@ def student(
 ) -> None:
     """Distil the student with Ray Train on source + pseudo-labelled piano segments; register it."""
     chain = _chain(config, workdir, set_, address)
-    chain.student()
+    with _guarded(workdir):
+        chain.student()
 
 
 @app.command()
@@ -221,9 +279,8 @@ def evaluate(
         if not sep:
             name, uri = item, item
         chosen[name] = uri
-    if not chosen:
-        chosen = chain.registered_models()
-    chain.evaluate(chosen)
+    with _guarded(workdir):
+        chain.evaluate(chosen or chain.registered_models())
 
 
 @app.command()
@@ -283,6 +340,39 @@ def predict(
     Console(stderr=True).print(table)
     if plot is not None:
         Console(stderr=True).print(f"plot: {plot_curves(frame, plot)}")
+
+
+@app.command()
+def lineage(
+    model: str = typer.Argument("models:/mdlda-student@champion", help="models:/NAME@ALIAS or models:/NAME/VERSION"),
+    workdir: Path = typer.Option(
+        Path("work"), help="Workdir whose embedded MLflow store holds the registry (ignored with MLFLOW_TRACKING_URI)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the lineage as JSON instead of a tree."),
+) -> None:
+    """The chain that made a registered model: shard manifests (digests), sweep, teachers, pseudo-labels, runs.
+
+    Every link is resolved against the tracking store; the command exits with 1 when one does not resolve.
+    """
+    import os
+
+    import mlflow
+
+    from mdlda.lineage import LineageError, render, trace
+    from mdlda.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(workdir))
+    try:
+        tree = trace(model)
+    except LineageError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(tree.to_dict(), indent=1))
+    else:
+        console.print(render(tree))
+    broken = tree.broken()
+    if broken:
+        _fail(f"{len(broken)} link(s) do not resolve: " + "; ".join(f"{b.role} {b.ref}: {b.detail}" for b in broken))
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -40,7 +40,10 @@ class SweepConfig(_Strict):
     top_k: int = 4
     allow_fewer: bool = False
     register_models: bool = True
-    time_budget_s: float | None = None
+    time_budget_s: float | None = Field(
+        None, ge=0, description="Stop launching trials after this many seconds of wall time (per command)."
+    )
+    max_trials: int | None = Field(None, ge=0, description="Stop launching trials after this many in total.")
     max_failures_per_trial: int = 0
 
 
@@ -148,6 +151,22 @@ def load_chain_config(path: str | Path | None = None, overrides: list[str] | Non
         return ChainConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path or 'config'}: {exc}") from exc
+
+
+# Settings that bound how much of a sweep runs, not what a trial does: a budget change resumes the same sweep.
+BUDGET_KEYS = ("time_budget_s", "max_trials")
+
+
+def identity(cfg: ChainConfig | SweepConfig) -> dict:
+    """The config as it decides results (budgets left out), the input of the chain and sweep digests."""
+
+    def sweep(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in BUDGET_KEYS}
+
+    d = cfg.model_dump(mode="json")
+    if isinstance(cfg, SweepConfig):
+        return sweep(d)
+    return {**d, "teachers": sweep(d["teachers"]), "baselines": [sweep(b) for b in d["baselines"]]}
 
 
 def config_digest(obj: Any) -> str:

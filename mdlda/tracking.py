@@ -9,6 +9,7 @@ the 1..10 scale.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,44 @@ def setup_tracking(workdir: str | Path, experiment: str) -> str:
                 os.environ[k] = v
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def server_command(workdir: str | Path) -> str:
+    """The commands that move a workdir's embedded store behind a tracking server (same database, same files)."""
+    workdir = Path(workdir).resolve()
+    return (
+        f"mlflow server --backend-store-uri sqlite:///{workdir / 'mlflow.db'} "
+        f"--default-artifact-root {(workdir / 'mlartifacts').as_uri()} --host 127.0.0.1 --port 5000 &\n"
+        "  export MLFLOW_TRACKING_URI=http://127.0.0.1:5000"
+    )
+
+
+def _is_locked(exc: BaseException | None) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if "database is locked" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextmanager
+def sqlite_guard(workdir: str | Path):
+    """Turn SQLite's "database is locked" (more concurrent writers than the embedded store copes with, e.g. two
+    chains on one workdir) into a TrackingError that shows how to start the tracking server instead."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as exc:
+        if not (tracking_uri(workdir).startswith("sqlite:") and _is_locked(exc)):
+            raise
+        raise TrackingError(
+            f"the embedded MLflow store {tracking_uri(workdir)} is locked by another writer, and SQLite serialises "
+            "writers: run one chain per workdir, or start a tracking server on the same database and point mdlda "
+            f"at it:\n  {server_command(workdir)}"
+        ) from exc
 
 
 class RatingModel(nn.Module):

@@ -114,6 +114,7 @@ class EpochResult:
     best_epoch: int | None
     best_score: float
     get_state: Callable[[], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    device: dict[str, float] = field(default_factory=dict)  # GPU utilisation and memory on CUDA (device_metrics)
 
     def state(self) -> dict[str, Any]:
         """The full training state after this epoch (CPU tensors; ``checkpoints.save_training_state``)."""
@@ -140,6 +141,7 @@ class EpochResult:
             "data_wait_fraction": self.data_wait_fraction,
             "is_best": float(self.is_best),
             "best_score": self.best_score,
+            **self.device,
         }
 
 
@@ -158,6 +160,42 @@ class FitResult:
     best_state_dict: dict[str, Tensor] | None
     best_domain_head_state_dict: dict[str, Tensor] | None
     history: list[dict[str, float]]
+
+
+class DeviceMonitor:
+    """Per-epoch GPU metrics on CUDA: ``gpu_util`` (%, NVML's utilisation over its last sample period, read at the
+    end of each epoch through torch.cuda.utilization, which needs the ``nvidia-ml-py`` package), ``gpu_mem_peak_gb`` (peak allocated by
+    torch in the epoch) and ``gpu_mem_reserved_gb``. Nothing on CPU. When NVML cannot be read on a GPU machine it
+    says so once (a warning, not silence) and logs the memory metrics alone."""
+
+    def __init__(self, device: torch.device, utilization: Callable[[torch.device], float] | None = None) -> None:
+        self.device = device
+        self.utilization = utilization or (lambda d: float(torch.cuda.utilization(d)))
+        self.warned = False
+
+    def epoch_metrics(self) -> dict[str, float]:
+        if self.device.type != "cuda":
+            return {}
+        out = {
+            "gpu_mem_peak_gb": torch.cuda.max_memory_allocated(self.device) / 1e9,
+            "gpu_mem_reserved_gb": torch.cuda.memory_reserved(self.device) / 1e9,
+        }
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return {**out, **self.util_metrics()}
+
+    def util_metrics(self) -> dict[str, float]:
+        try:
+            return {"gpu_util": self.utilization(self.device)}
+        except Exception as exc:  # no NVML library or no pynvml module
+            if not self.warned:
+                self.warned = True
+                logger.warning(
+                    "GPU utilisation of %s cannot be read (%s: %s); install nvidia-ml-py to log gpu_util",
+                    self.device,
+                    type(exc).__name__,
+                    exc,
+                )
+            return {}
 
 
 def fit(
@@ -211,6 +249,7 @@ class _Fit:
         if head is not None:
             params += list(head.to(self.device).parameters())
         self.precision = Precision(config.mixed_precision, self.device, config.amp_dtype)
+        self.gpu = DeviceMonitor(self.device)
         self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(config.lr_milestones), gamma=config.lr_gamma
@@ -324,6 +363,7 @@ class _Fit:
                 best_epoch=self.best_epoch,
                 best_score=self.best_score,
                 get_state=self.snapshot,
+                device=self.gpu.epoch_metrics(),
             )
             self.history.append(result.metrics())
             logger.info("epoch %d: %s", epoch, result.summary())

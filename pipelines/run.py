@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from mdlda.config import ChainConfig, SweepConfig, config_digest
+from mdlda.config import ChainConfig, SweepConfig, config_digest, identity
 from mdlda.tracking import STUDENT_MODEL, setup_tracking, tracking_uri
 from pipelines import stages
+from pipelines.preflight import check_durability
 from pipelines.raysetup import init_ray
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ class ChainResult:
 
 
 def sweep_name(sweep: SweepConfig, data_digest: str) -> str:
-    return f"{sweep.name}-{config_digest({'sweep': sweep.model_dump(mode='json'), 'data': data_digest})[:8]}"
+    return f"{sweep.name}-{config_digest({'sweep': identity(sweep), 'data': data_digest})[:8]}"
 
 
 class Chain:
@@ -57,7 +59,9 @@ class Chain:
         self.exp_id = setup_tracking(self.workdir, cfg.experiment)  # fail fast, before any compute
         self.uri = tracking_uri(self.workdir)
         init_ray(address)
-        self.key = config_digest({"cfg": cfg.model_dump(mode="json"), "workdir": str(self.workdir)})
+        # a multi-node run refuses storage that dies with a node (pipelines/preflight.py)
+        check_durability(self.workdir, self.uri, MlflowClient().get_experiment(self.exp_id).artifact_location)
+        self.key = config_digest({"cfg": identity(cfg), "workdir": str(self.workdir)})
         self.parent = stages.parent_run(self.exp_id, self.key, cfg)
         self.result = ChainResult(str(self.workdir), self.uri, self.parent)
         self._data = None
@@ -210,6 +214,45 @@ class Chain:
             )
         self.console.print(t)
         return registered
+
+    def rerun(self, sweep: SweepConfig, baseline: bool, trial_id: str):
+        """Train one trial of this chain's stored sweep again from its recorded config and compare its
+        per-epoch validation scores with the logged ones (a nested MLflow run under the sweep's stage run)."""
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        from pipelines.teachers import RERUN_TOLERANCE, rerun_trial
+
+        data, fstats, digest = self.data
+        name = sweep_name(sweep, digest)
+        stage_name = f"baseline:{sweep.name}" if baseline else "teachers"
+        with stages.stage(self.exp_id, self.parent, stage_name) as run:
+            tags = {"mlflow.parentRunId": run.info.run_id, "sweep": name, "rerun_of": trial_id}
+            callback = MLflowLoggerCallback(
+                tracking_uri=self.uri, experiment_name=self.cfg.experiment, tags=tags, save_artifact=False
+            )
+            res = rerun_trial(
+                sweep,
+                self.workdir / "ray_results" / name,
+                trial_id,
+                data,
+                fstats,
+                self.workdir / "ray_results",
+                sweep.metric,
+                callbacks=[callback],
+            )
+        from rich.table import Table
+
+        t = Table(title=f"rerun of {trial_id} ({name}): {sweep.metric} per epoch")
+        for c in ("epoch", "logged", "rerun", "|diff|"):
+            t.add_column(c, justify="right")
+        for row in res.comparison.itertuples():
+            t.add_row(str(row.epoch), f"{row.logged:.6f}", f"{row.rerun:.6f}", f"{row.abs_diff:.2e}")
+        self.console.print(t)
+        verdict = "matches" if res.matches else "DOES NOT match"
+        self.say(
+            f"rerun {verdict} the logged scores (max |diff| {res.max_abs_diff:.2e}, tolerance {RERUN_TOLERANCE:g})"
+        )
+        return res
 
     def registered_models(self) -> dict[str, str]:
         """name -> URI of this chain's registered baselines, teachers and champion student."""

@@ -23,6 +23,28 @@ class SelectionError(RuntimeError):
     """Fewer trials finished than the selection needs."""
 
 
+# Errors that mean the trial's process or node went away (preemption, node loss, a killed worker), not that the
+# trial's code failed: such trials are reported as "lost", not "failed", and never selected.
+LOST_ERRORS = (
+    "ActorDiedError",
+    "RayActorError",
+    "ActorUnavailableError",
+    "NodeDiedError",
+    "WorkerCrashedError",
+    "ActorUnschedulableError",
+)
+
+
+def is_lost(error) -> bool:
+    """True when Ray reports the trial's worker or node as gone (also for errors read back from storage, where
+    only the text survives)."""
+    text = f"{type(error).__name__}: {error}"
+    cause = getattr(error, "cause", None)
+    if cause is not None:
+        text += f" {type(cause).__name__}"
+    return any(name in text for name in LOST_ERRORS)
+
+
 def _last_line(error) -> str:
     """The exception line of a trial's error (its traceback is in the trial folder)."""
     lines = [ln.strip() for ln in str(error or "").splitlines() if ln.strip()]
@@ -37,7 +59,7 @@ def rank_trials(results, metric: str = "valid_r_mean") -> pd.DataFrame:
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
         row = {
             "trial_id": trial_id,
-            "status": "error" if r.error else "finished",
+            "status": ("lost" if is_lost(r.error) else "error") if r.error else "finished",
             "score": math.nan,
             "valid_loss": math.nan,
             "best_epoch": None,
@@ -70,10 +92,11 @@ def rank_trials(results, metric: str = "valid_r_mean") -> pd.DataFrame:
 def select_top_k(table: pd.DataFrame, k: int, allow_fewer: bool = False) -> pd.DataFrame:
     chosen = table[table.status == "finished"].head(k)
     if len(chosen) < k:
-        failed = table[table.status != "finished"]
+        lost = int((table.status == "lost").sum())
+        failed = int((table.status != "finished").sum()) - lost
         msg = (
             f"only {len(chosen)} of {len(table)} trials finished with a score; {k} teachers were asked for "
-            f"({len(failed)} failed or diverged)"
+            f"({failed} failed or diverged, {lost} lost with their worker or node)"
         )
         if not allow_fewer or chosen.empty:
             raise SelectionError(msg + ". Rerun with more samples, or allow_fewer=true to continue with fewer.")
@@ -102,8 +125,10 @@ def register_top_k(
     experiment_id: str,
     frontend_stats,
     registered_model: str = TEACHER_MODEL,
+    extra_tags: dict[str, str] | None = None,
 ) -> list[dict]:
-    """Log each chosen trial's best model into its trial run and register it; idempotent per (sweep, trial)."""
+    """Log each chosen trial's best model into its trial run and register it; idempotent per (sweep, trial).
+    ``extra_tags`` (the lineage links) are set on every version, and on the trial runs so the UI shows them."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -140,6 +165,9 @@ def register_top_k(
             v = client.get_model_version(registered_model, str(info.registered_model_version))
         for key, value in tags.items():
             client.set_model_version_tag(registered_model, v.version, key, value)
+        for key, value in (extra_tags or {}).items():
+            client.set_model_version_tag(registered_model, v.version, key, value)
+            client.set_tag(v.run_id, key, value)
         out.append(
             {
                 **tags,

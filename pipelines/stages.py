@@ -7,6 +7,7 @@ its resolved config and the manifests it read, and reports whether it did any wo
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from pipelines.prepare import PrepareConfig, prepare
 from pipelines.select import TIE_RULE, rank_trials, register_top_k, select_top_k
 from pipelines.teachers import run_sweep, summarize
 
+logger = logging.getLogger(__name__)
 STAGE_TAG = "mdlda.stage"
 CHAIN_TAG = "mdlda.chain"
 
@@ -142,17 +144,30 @@ def sweep_and_select(
         }
     )
     _log_json(sweep.model_dump(mode="json"), "sweep_config.json")
-    _log_json({k2: m.get("content_digest") for k2, m in data.manifests.items()}, "manifests_read.json")
+    links = log_manifests_read(run, {"midlevel": data.manifests["source"], "maestro": data.manifests["target"]})
+    links.update({"lineage.sweep_run": run.info.run_id, "lineage.sweep": name})
     sweep = sweep.model_copy(update={"name": name})
     res = run_sweep(sweep, data, fstats, workdir / "ray_results", experiment, run.info.run_id, uri)
     info = summarize(res.results)
     mlflow.log_metrics({f"trials_{k2}": v for k2, v in info.items() if isinstance(v, int | float) and v is not None})
+    # budgets are tags, not params: a rerun of the same sweep may be given another budget
+    mlflow.set_tags(
+        {
+            "budget.max_trials": str(sweep.max_trials),
+            "budget.time_budget_s": str(sweep.time_budget_s),
+            "budget.stopped_by": res.stopped_by or "",
+            "trials_planned": str(res.total),
+        }
+    )
     table = rank_trials(res.results, sweep.metric)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "selection.csv"
         table.drop(columns=["checkpoint"]).to_csv(path, index=False)
         mlflow.log_artifact(str(path))
-    chosen = select_top_k(table, k, allow_fewer=sweep.allow_fewer)
+    # a sweep its budget stopped selects from what finished, even when that is fewer than k
+    chosen = select_top_k(table, k, allow_fewer=sweep.allow_fewer or bool(res.stopped_by))
+    if len(chosen) < k:
+        logger.warning("sweep %s: selecting %d of the %d asked for (%s)", name, len(chosen), k, res.stopped_by)
     registered = (
         register_top_k(
             chosen,
@@ -162,12 +177,28 @@ def sweep_and_select(
             exp_id,
             fstats,
             registered_model=registered_model,
+            extra_tags=links,
         )
         if sweep.register_models
         else []
     )
     _log_json(registered, "registered.json")
     return registered, res.ran
+
+
+def log_manifests_read(run, manifests: dict[str, dict]) -> dict[str, str]:
+    """Log the full manifests of the shard sets a stage read (``name`` -> manifest) with its run; return the
+    lineage tags naming them (see mdlda/lineage.py)."""
+    from mdlda.lineage import manifest_artifact
+
+    for name, manifest in manifests.items():
+        _log_json(manifest, manifest_artifact(name))
+    parent = MlflowClient().get_run(run.info.run_id).data.tags.get("mlflow.parentRunId", "")
+    return {
+        "lineage.chain_run": parent,
+        "lineage.manifests_run": run.info.run_id,
+        **{f"lineage.shards.{name}": m["content_digest"] for name, m in manifests.items()},
+    }
 
 
 def registered_for_sweep(registered_model: str, sweep_id: str) -> list[dict]:
@@ -236,7 +267,20 @@ def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir:
             **{f"train.{k}": v for k, v in student_trial_config(cfg.student).items()},
         }
     )
-    _log_json({k: m.get("content_digest") for k, m in data.manifests.items()}, "manifests_read.json")
+    pseudo_manifest = data.manifests["target"]
+    links = log_manifests_read(
+        run,
+        {"midlevel": data.manifests["source"], "maestro": base.manifests["target"], "pseudolabels": pseudo_manifest},
+    )
+    links["lineage.teachers"] = ",".join(pseudo_manifest["options"]["teachers"])
+    siblings = client.search_runs(
+        [run.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{links['lineage.chain_run']}' and tags.`{STAGE_TAG}` = 'pseudolabel'",
+        max_results=1,
+    )
+    if siblings:
+        links["lineage.pseudolabel_run"] = siblings[0].info.run_id
+    mlflow.set_tags(links)  # on the student run too, so the MLflow UI shows the chain
     res = train_student(cfg.student, data, fstats, workdir / "ray_results", f"student-{skey}")
     history = res.result.metrics_dataframe
     if history is not None:
@@ -256,6 +300,8 @@ def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir:
     v = latest_version(STUDENT_MODEL, run.info.run_id)
     client.set_model_version_tag(STUDENT_MODEL, v.version, "student_key", skey)
     client.set_model_version_tag(STUDENT_MODEL, v.version, "chain", key)
+    for tag, value in links.items():
+        client.set_model_version_tag(STUDENT_MODEL, v.version, tag, value)
     move_champion_if_better(STUDENT_MODEL, v.version, res.best_score)
     mlflow.log_metric("best_valid_r_mean", res.best_score)
     return _student_info(client, client.get_model_version(STUDENT_MODEL, v.version)), True

@@ -19,6 +19,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from mdlda.config import SweepConfig
+from pipelines.budget import BudgetedVariantGenerator, set_budget
 from pipelines.data import StageData
 from pipelines.progress import SweepProgress
 from pipelines.spaces import to_tune
@@ -34,6 +35,8 @@ class SweepResult:
     results: Any  # ray.tune.ResultGrid
     resumed: bool
     ran: bool = True
+    total: int = 0  # trials the search space defines (num_samples x grid)
+    stopped_by: str | None = None  # the budget that stopped launching trials, if one did
 
 
 def trial_resources(sweep: SweepConfig, materialized: bool) -> tuple[dict, int]:
@@ -89,14 +92,22 @@ def run_sweep(
     trainable = tune.with_parameters(train_trial, data=data, frontend_stats=frontend_stats)
     per, limit = trial_resources(sweep, data.materialized)
     trainable = tune.with_resources(trainable, per)
+    space = param_space(sweep)
+    total = sweep.num_samples * math.prod(
+        len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v
+    )
+    budget = set_budget(sweep.max_trials, sweep.time_budget_s)
+    planned = min(total, sweep.max_trials) if sweep.max_trials is not None else total
     resumed = tune.Tuner.can_restore(path)
     if resumed:
         tuner = tune.Tuner.restore(
             path, trainable=trainable, resume_errored=False, restart_errored=False, resume_unfinished=True
         )
-        if sweep_finished(path):  # read the stored results back; nothing is rerun
-            return SweepResult(sweep.name, path, tuner.get_results(), resumed=True, ran=False)
-        logger.info("resuming sweep %s from %s", sweep.name, path)
+        stored = stored_trials(path)
+        if sweep_finished(path) and (stored >= planned or budget.reason(stored)):
+            # read the stored results back; nothing is rerun
+            return SweepResult(sweep.name, path, tuner.get_results(), resumed=True, ran=False, total=total)
+        logger.info("resuming sweep %s from %s (%d of %d trials stored)", sweep.name, path, stored, planned)
     else:
         max_t = int(sweep.train.get("max_epochs", 99))
         if sweep.scheduler == "asha":
@@ -112,9 +123,7 @@ def run_sweep(
         callback = MLflowLoggerCallback(
             tracking_uri=tracking_uri, experiment_name=experiment_name, tags=tags, save_artifact=False
         )
-        space = param_space(sweep)
-        grid = math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v)
-        progress = SweepProgress(total=sweep.num_samples * grid, metric=sweep.metric)
+        progress = SweepProgress(total=planned, metric=sweep.metric)
         tuner = tune.Tuner(
             trainable,
             param_space=space,
@@ -123,9 +132,9 @@ def run_sweep(
                 mode=sweep.mode_metric,
                 scheduler=scheduler,
                 num_samples=sweep.num_samples,
-                max_concurrent_trials=limit,
+                # Tune's default generator, which also stops launching trials when the budget is spent
+                search_alg=BudgetedVariantGenerator(max_concurrent=limit),
                 reuse_actors=True,  # no new process per trial: fit() re-seeds and resets its state each time
-                time_budget_s=sweep.time_budget_s,
             ),
             run_config=tune.RunConfig(
                 name=sweep.name,
@@ -137,7 +146,22 @@ def run_sweep(
             ),
         )
     results = tuner.fit()
-    return SweepResult(sweep.name, path, results, resumed, ran=True)
+    stopped_by = budget.reason(len(results)) if len(results) < total else None
+    if stopped_by:
+        logger.warning(
+            "sweep %s: %s; %d of %d trials ran, selecting from those", sweep.name, stopped_by, len(results), total
+        )
+    return SweepResult(sweep.name, path, results, resumed, ran=True, total=total, stopped_by=stopped_by)
+
+
+def stored_trials(path: str | Path) -> int:
+    """How many trials the sweep stored at ``path`` has launched so far (0 when nothing is readable)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return len(ExperimentAnalysis(str(path)).trials)
+    except Exception:
+        return 0
 
 
 def sweep_finished(path: str | Path) -> bool:
@@ -153,12 +177,106 @@ def sweep_finished(path: str | Path) -> bool:
 
 def summarize(results) -> dict[str, Any]:
     """Counts and the best finite score of a ResultGrid (for logs and the CLI)."""
+    from pipelines.select import is_lost
+
     ok = [r for r in results if r.error is None]
+    lost = sum(1 for r in results if r.error is not None and is_lost(r.error))
     scores = [r.metrics.get("best_valid_r_mean") for r in ok if r.metrics]
     scores = [s for s in scores if s is not None and math.isfinite(s)]
     return {
         "trials": len(results),
         "finished": len(ok),
-        "failed": len(results) - len(ok),
+        "failed": len(results) - len(ok) - lost,
+        "lost": lost,
         "best_valid_r_mean": max(scores) if scores else None,
     }
+
+
+# Reruns on the same kind of machine repeat a trial's per-epoch validation scores within this tolerance: on CPU the
+# data order, initialisation and augmentation are seeded and one thread per trial keeps the arithmetic in the same
+# order; GPUs (cuDNN autotuning, atomics) and a different thread count can move scores by more.
+RERUN_TOLERANCE = 1e-3
+
+
+@dataclass
+class RerunResult:
+    trial_id: str
+    config: dict
+    comparison: Any  # pandas DataFrame: epoch, logged, rerun, abs_diff
+    max_abs_diff: float
+    path: str
+
+    @property
+    def matches(self) -> bool:
+        return self.max_abs_diff <= RERUN_TOLERANCE
+
+
+def recorded_trial(path: str | Path, trial_id: str):
+    """(config, per-epoch metrics) of one trial of the sweep stored at ``path``."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        analysis = ExperimentAnalysis(str(path))
+    except Exception as exc:
+        raise FileNotFoundError(f"{path}: no sweep stored there ({exc})") from exc
+    for trial in analysis.trials:
+        if trial.trial_id == trial_id or str(trial).endswith(trial_id):
+            frame = analysis.trial_dataframes.get(trial.trial_id)
+            if frame is None or frame.empty:
+                raise ValueError(f"trial {trial_id} of {path} reported no epochs: nothing to compare a rerun with")
+            return dict(trial.config), frame
+    known = ", ".join(sorted(t.trial_id for t in analysis.trials))
+    raise KeyError(f"no trial {trial_id!r} in {path} (trials: {known})")
+
+
+def rerun_trial(
+    sweep: SweepConfig,
+    path: str | Path,
+    trial_id: str,
+    data: StageData,
+    frontend_stats,
+    storage: str | Path,
+    metric: str = "valid_r_mean",
+    callbacks: list | None = None,
+) -> RerunResult:
+    """Train one stored trial again from its recorded config, for as many epochs as it reported, and compare
+    its per-epoch validation scores with the logged ones."""
+    import time
+
+    import numpy as np
+    import pandas as pd
+
+    config, logged = recorded_trial(path, trial_id)
+    epochs = int(len(logged))
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, data=data, frontend_stats=frontend_stats),
+        {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial},
+    )
+    name = f"rerun-{trial_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tuner = tune.Tuner(
+        trainable,
+        param_space=config,
+        tune_config=tune.TuneConfig(num_samples=1),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(Path(storage).resolve()) if "://" not in str(storage) else str(storage),
+            stop={"training_iteration": epochs},  # ASHA may have stopped the original early
+            callbacks=callbacks or [],
+            verbose=0,
+        ),
+    )
+    result = tuner.fit()[0]
+    if result.error is not None:
+        raise RuntimeError(f"the rerun of {trial_id} failed: {result.error}")
+    again = result.metrics_dataframe
+    n = min(len(again), epochs)
+    comparison = pd.DataFrame(
+        {
+            "epoch": logged["epoch"].to_numpy()[:n] if "epoch" in logged else np.arange(n),
+            "logged": logged[metric].to_numpy(dtype=float)[:n],
+            "rerun": again[metric].to_numpy(dtype=float)[:n],
+        }
+    )
+    comparison["abs_diff"] = (comparison.logged - comparison.rerun).abs()
+    worst = float(comparison.abs_diff.max()) if n == epochs else float("inf")
+    return RerunResult(trial_id, config, comparison, worst, result.path)

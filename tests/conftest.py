@@ -45,3 +45,24 @@ def demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     generate_demo(root, seed=0, size="tiny")
     return root
+
+
+@pytest.fixture(scope="session")
+def chain(ray_local, demo_root, tmp_path_factory):
+    """The tiny chain run twice in one workdir (the second run must do no work): (first, second) ChainResults."""
+    from tiny_chain import tiny_chain_config
+
+    from pipelines.run import run_chain
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    workdir = tmp_path_factory.mktemp("chain")
+    try:
+        first = run_chain(tiny_chain_config(), demo_root, workdir)
+        second = run_chain(tiny_chain_config(), demo_root, workdir)
+        yield first, second
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved

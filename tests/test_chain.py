@@ -7,71 +7,11 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from tiny_chain import K
 
-from mdlda.config import ChainConfig
 from mdlda.manifest import DATA_DIR
 
 pytestmark = pytest.mark.slow
-
-TINY = {"width": 4}
-TRAIN = {"max_epochs": 2, "patience": 2, "lr_milestones": [1], "device": "cpu"}
-K = 2
-
-
-def tiny_chain_config() -> ChainConfig:
-    return ChainConfig.model_validate(
-        {
-            "experiment": "mdlda-test-chain",
-            "data": {"eval_fraction": 0.25, "valid_fraction": 0.4},
-            "teachers": {
-                "name": "teachers",
-                "mode": "dann",
-                "num_samples": 1,
-                "top_k": K,
-                "scheduler": "fifo",
-                "model_overrides": TINY,
-                "train": TRAIN,
-                # the third learning rate makes the loss explode: that trial must fail and never be selected
-                "search": {
-                    "lr": {"grid": [2.0e-3, 3.0e-3, 1.0e30]},
-                    "adv_scale": 0.3,
-                    "seed": 1,
-                    "batch_size": 4,
-                },
-            },
-            "baselines": [
-                {
-                    "name": "baseline-rfresnet",
-                    "mode": "supervised",
-                    "num_samples": 1,
-                    "top_k": 1,
-                    "model_overrides": TINY,
-                    "train": {**TRAIN, "max_epochs": 1},
-                    "search": {"lr": 2.0e-3, "batch_size": 4},
-                }
-            ],
-            "pseudolabel": {"num_segments": 4, "seed": 0, "batch_size": 4},
-            "student": {"model_overrides": TINY, "train": {**TRAIN, "lr": 2.0e-3, "batch_size": 4}},
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def chain(ray_local, demo_root, tmp_path_factory):
-    from pipelines.run import run_chain
-
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    workdir = tmp_path_factory.mktemp("chain")
-    try:
-        first = run_chain(tiny_chain_config(), demo_root, workdir)
-        second = run_chain(tiny_chain_config(), demo_root, workdir)
-        yield first, second
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def _client(result):

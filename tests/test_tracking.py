@@ -57,3 +57,30 @@ def test_champion_moves_only_to_a_better_student(clean_env, tmp_path):
     assert not move_champion_if_better("m", versions[1], 0.5)  # a tie does not move it
     assert move_champion_if_better("m", versions[2], 0.6)
     assert client.get_model_version_by_alias("m", CHAMPION).version == versions[2]
+
+
+def test_a_locked_sqlite_store_names_the_server_command(tmp_path, monkeypatch):
+    """Another writer holds the embedded store: the error says so and shows how to start the tracking server."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from mdlda.tracking import TrackingError, setup_tracking, sqlite_guard
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    exp = setup_tracking(tmp_path, "locked")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    other = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(TrackingError) as info, sqlite_guard(tmp_path):
+            MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_run(exp)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    message = str(info.value)
+    assert "is locked by another writer" in message
+    assert f"mlflow server --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in message
+    assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in message
+    with pytest.raises(ValueError, match="unrelated"), sqlite_guard(tmp_path):  # other errors pass through
+        raise ValueError("unrelated")

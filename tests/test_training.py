@@ -221,3 +221,19 @@ def test_config_validation_and_round_trip():
         TrainConfig.from_dict({"learning_rate": 1e-3})
     with pytest.raises(ValueError, match="domain_head"):
         fit(TinyModel(), shuffled_train, valid, quick(mode="dann"))
+
+
+def test_device_monitor_logs_nothing_on_cpu_and_warns_once_without_nvml(caplog):
+    from mdlda.training import DeviceMonitor
+
+    assert DeviceMonitor(torch.device("cpu")).epoch_metrics() == {}
+
+    def no_nvml(device):
+        raise ModuleNotFoundError("No module named 'pynvml'")
+
+    gpu = DeviceMonitor(torch.device("cuda"), utilization=no_nvml)  # the path a GPU without NVML takes
+    with caplog.at_level(logging.WARNING, logger="mdlda.training"):
+        assert gpu.util_metrics() == {} and gpu.util_metrics() == {}
+    warnings = [r for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(warnings) == 1 and "nvidia-ml-py" in warnings[0].getMessage()
+    assert DeviceMonitor(torch.device("cuda"), utilization=lambda d: 87.0).util_metrics() == {"gpu_util": 87.0}

@@ -1,0 +1,231 @@
+"""Operating sweeps on the session's tiny chain: lineage, reruns of one trial, budgets, lost trials."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from tiny_chain import K, tiny_chain_config
+from typer.testing import CliRunner
+
+from mdlda.config import ChainConfig
+
+pytestmark = pytest.mark.slow
+
+
+def _use_store(result):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(result.tracking_uri)
+    return MlflowClient(result.tracking_uri)
+
+
+def _chain_obj(result, cfg: ChainConfig | None = None):
+    from pipelines.run import Chain
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return Chain(cfg or tiny_chain_config(), result.workdir)
+
+
+# ----------------------------------------------------------------------------------------------------- lineage
+def test_lineage_of_the_champion_resolves_every_link(chain):
+    from mdlda.lineage import trace
+    from mdlda.manifest import read_manifest
+
+    first, _ = chain
+    client = _use_store(first)
+    tree = trace("models:/mdlda-student@champion", client)
+    assert tree.broken() == []
+    by_role = {c.role: c for c in tree.children}
+    assert by_role["chain"].ref == first.parent_run_id
+    for name in ("midlevel", "maestro", "pseudolabels"):  # the digests are those of the shards on disk
+        assert (
+            by_role[f"shards:{name}"].ref
+            == read_manifest(os.path.join(first.workdir, "shards", name))["content_digest"]
+        )
+    teachers = [c for c in tree.children if c.role.startswith("teacher-")]
+    assert [t.ref for t in teachers] == [t["uri"] for t in first.teachers] and len(teachers) == K
+    for t in teachers:  # each teacher traced to its trial run, the sweep run and its own shards
+        roles = {c.role: c for c in t.children}
+        assert roles["trained in"].ok and roles["sweep"].ok and roles["shards:maestro"].ok
+    # the same links are tags of the student's run (the MLflow UI shows them)
+    run_tags = client.get_run(first.student["run_id"]).data.tags
+    assert run_tags["lineage.teachers"] == ",".join(t["uri"] for t in first.teachers)
+
+
+def test_lineage_command_reports_a_broken_link(chain):
+    from mdlda.cli import app
+
+    first, _ = chain
+    client = _use_store(first)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["lineage", "models:/mdlda-student@champion", "--workdir", first.workdir, "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert '"role": "teacher-1"' in ok.output
+    version = first.teachers[0]["version"]
+    good = client.get_model_version("mdlda-teacher", version).tags["lineage.shards.midlevel"]
+    client.set_model_version_tag("mdlda-teacher", version, "lineage.shards.midlevel", "0" * 64)
+    try:
+        bad = runner.invoke(app, ["lineage", f"models:/mdlda-teacher/{version}", "--workdir", first.workdir])
+    finally:
+        client.set_model_version_tag("mdlda-teacher", version, "lineage.shards.midlevel", good)
+    assert bad.exit_code == 1
+    assert "shards:midlevel" in bad.output and "digest" in bad.output
+    unknown = runner.invoke(app, ["lineage", "models:/mdlda-teacher/999", "--workdir", first.workdir])
+    assert unknown.exit_code == 1 and "not in the registry" in unknown.output
+
+
+# ------------------------------------------------------------------------------------------------------ rerun
+def test_rerun_of_a_trial_matches_its_logged_scores(chain):
+    from pipelines.teachers import RERUN_TOLERANCE
+
+    first, _ = chain
+    trial_id = first.teachers[0]["trial_id"]
+    obj = _chain_obj(first)
+    res = obj.rerun(obj.cfg.teachers, False, trial_id)
+    assert len(res.comparison) == 2  # both epochs the trial reported
+    assert res.max_abs_diff <= RERUN_TOLERANCE, res.comparison
+    assert res.config["lr"] in (2.0e-3, 3.0e-3)
+    with pytest.raises(KeyError, match="no trial"):
+        obj.rerun(obj.cfg.teachers, False, "nosuchtrial_00009")
+
+
+# ----------------------------------------------------------------------------------------------------- budgets
+def _budget_config(**budget) -> ChainConfig:
+    data = tiny_chain_config().model_dump(mode="json")
+    data["teachers"].update(
+        name="budgeted",
+        top_k=1,
+        max_concurrent=1,
+        register_models=False,
+        search={"lr": {"grid": [2.0e-3, 3.0e-3, 4.0e-3]}, "adv_scale": 0.3, "seed": 1, "batch_size": 4},
+        **budget,
+    )
+    return ChainConfig.model_validate(data)
+
+
+def test_max_trials_and_time_budget_stop_launching_and_resume(chain):
+    from pipelines.run import sweep_name
+    from pipelines.teachers import stored_trials
+
+    first, _ = chain
+    obj = _chain_obj(first, _budget_config(max_trials=1))
+    path = os.path.join(first.workdir, "ray_results", sweep_name(obj.cfg.teachers, obj.data[2]))
+    chosen = obj.sweep(obj.cfg.teachers, baseline=False)
+    assert stored_trials(path) == 1 and chosen == []  # not registered (register_models=False), but selected
+    client = _use_store(first)
+    stage = client.search_runs(
+        [obj.exp_id], f"tags.`mlflow.parentRunId` = '{obj.parent}' and tags.`mdlda.stage` = 'teachers'"
+    )[0]
+    assert stage.data.tags["budget.stopped_by"] == "max_trials=1 reached"
+    assert stage.data.tags["trials_planned"] == "3"
+    # a larger budget resumes the same sweep (budgets are not part of its identity): one more trial, not three
+    more = _chain_obj(first, _budget_config(max_trials=2))
+    assert more.key == obj.key
+    more.sweep(more.cfg.teachers, baseline=False)
+    assert stored_trials(path) == 2
+    # a spent time budget launches nothing and reads the stored sweep back
+    spent = _chain_obj(first, _budget_config(time_budget_s=0))
+    spent.sweep(spent.cfg.teachers, baseline=False)
+    assert stored_trials(path) == 2 and spent.result.did_work["teachers"] is False
+
+
+# ------------------------------------------------------------------------------------------------- lost trials
+def _kill_first_trial_worker(stop: threading.Event, killed: list) -> None:
+    import psutil
+
+    while not stop.is_set():
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if cmd.startswith("ray::ImplicitFunc.train"):
+                time.sleep(1.0)
+                os.kill(p.pid, signal.SIGKILL)
+                killed.append(p.pid)
+                return
+        time.sleep(0.2)
+
+
+def test_a_killed_trial_worker_is_lost_not_failed(chain):
+    from pipelines.select import is_lost, rank_trials
+    from pipelines.teachers import run_sweep, summarize
+
+    first, _ = chain
+    obj = _chain_obj(first)
+    data, fstats, _ = obj.data
+    sweep = obj.cfg.teachers.model_copy(
+        update={
+            "name": "lost-worker",
+            "search": {"lr": 2.0e-3, "adv_scale": 0.3, "seed": 1, "batch_size": 4},
+            "train": {**obj.cfg.teachers.train, "max_epochs": 50, "patience": 50},
+        }
+    )
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_first_trial_worker, args=(stop, killed), daemon=True)
+    killer.start()
+    try:
+        res = run_sweep(sweep, data, fstats, os.path.join(first.workdir, "ray_results"), "lost", None, obj.uri)
+    finally:
+        stop.set()
+    assert killed, "no trial worker process was found to kill"
+    [result] = list(res.results)
+    assert result.error is not None and is_lost(result.error), repr(result.error)
+    assert rank_trials(res.results).status.tolist() == ["lost"]
+    assert summarize(res.results) | {"best_valid_r_mean": None} == {
+        "trials": 1,
+        "finished": 0,
+        "failed": 0,
+        "lost": 1,
+        "best_valid_r_mean": None,
+    }
+
+
+def test_is_lost_tells_worker_loss_from_a_crash():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from pipelines.select import is_lost
+    from pipelines.trial import TrialDiverged
+
+    assert is_lost(ActorDiedError())
+    crash = RayTaskError("train", "Traceback ...\nTrialDiverged: loss is nan", TrialDiverged("loss is nan"))
+    assert not is_lost(crash)
+    assert not is_lost(ValueError("bad config"))
+
+
+# ------------------------------------------------------------------------------------ SQLite under many trials
+def test_many_concurrent_trials_lose_no_metric_in_the_sqlite_store(chain):
+    """8 trials on 8 quarter-CPU slots write to the embedded store at once: every reported point is there."""
+    from pipelines.teachers import run_sweep
+
+    first, _ = chain
+    obj = _chain_obj(first)
+    data, fstats, _ = obj.data
+    sweep = obj.cfg.teachers.model_copy(
+        update={
+            "name": "many-trials",
+            "num_samples": 8,
+            "cpus_per_trial": 0.25,
+            "search": {"lr": 2.0e-3, "adv_scale": 0.3, "seed": {"randint": [0, 1000]}, "batch_size": 4},
+        }
+    )
+    res = run_sweep(sweep, data, fstats, os.path.join(first.workdir, "ray_results"), "many", None, obj.uri)
+    assert len(res.results) == 8 and all(r.error is None for r in res.results)
+    client = _use_store(first)
+    exp = client.get_experiment_by_name("many")
+    runs = client.search_runs([exp.experiment_id], "tags.sweep = 'many-trials'")
+    assert len(runs) == 8
+    by_trial = {r.data.tags["trial_name"]: r for r in runs}
+    keys = ("valid_r_mean", "train_loss", "samples_per_s", "data_wait_fraction")
+    reported = logged = 0
+    for result in res.results:
+        frame = result.metrics_dataframe
+        run = next(r for name, r in by_trial.items() if name.endswith(result.metrics["trial_id"]))
+        for key in keys:
+            history = client.get_metric_history(run.info.run_id, key)
+            assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(list(frame[key]))
+            reported += len(frame)
+            logged += len(history)
+    assert logged == reported == 8 * 2 * len(keys)

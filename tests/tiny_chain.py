@@ -1,0 +1,47 @@
+"""The tiny chain config and the session's chain run, shared by the chain, lineage and sweep-operation tests."""
+
+from __future__ import annotations
+
+from mdlda.config import ChainConfig
+
+TINY = {"width": 4}
+TRAIN = {"max_epochs": 2, "patience": 2, "lr_milestones": [1], "device": "cpu"}
+K = 2
+
+
+def tiny_chain_config() -> ChainConfig:
+    return ChainConfig.model_validate(
+        {
+            "experiment": "mdlda-test-chain",
+            "data": {"eval_fraction": 0.25, "valid_fraction": 0.4},
+            "teachers": {
+                "name": "teachers",
+                "mode": "dann",
+                "num_samples": 1,
+                "top_k": K,
+                "scheduler": "fifo",
+                "model_overrides": TINY,
+                "train": TRAIN,
+                # the third learning rate makes the loss explode: that trial must fail and never be selected
+                "search": {
+                    "lr": {"grid": [2.0e-3, 3.0e-3, 1.0e30]},
+                    "adv_scale": 0.3,
+                    "seed": 1,
+                    "batch_size": 4,
+                },
+            },
+            "baselines": [
+                {
+                    "name": "baseline-rfresnet",
+                    "mode": "supervised",
+                    "num_samples": 1,
+                    "top_k": 1,
+                    "model_overrides": TINY,
+                    "train": {**TRAIN, "max_epochs": 1},
+                    "search": {"lr": 2.0e-3, "batch_size": 4},
+                }
+            ],
+            "pseudolabel": {"num_segments": 4, "seed": 0, "batch_size": 4},
+            "student": {"model_overrides": TINY, "train": {**TRAIN, "lr": 2.0e-3, "batch_size": 4}},
+        }
+    )
