@@ -84,11 +84,11 @@ def _rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.table({**cols, "audio": audio, "labels": labels})
 
 
-@ray.remote
-def _decode_group(items: list[dict], path: str, max_pad_s: float) -> list[dict]:
+def decode_group(items: list[dict], path: str, max_pad_s: float = MAX_PAD_SECONDS) -> list[dict]:
     """Decode a group of index items and write their rows as one Parquet file at ``path`` (none if no rows).
 
-    Returns one outcome per item (rows with digests, fitting, or the error) for the chunk's record.
+    Returns one outcome per item (rows with digests, fitting, or the error) for the chunk's record. The body of a
+    prepare task; plain Python, so bench/prepare.py can run it without Ray.
     """
     rows, records = [], []
     for item in items:
@@ -105,6 +105,9 @@ def _decode_group(items: list[dict], path: str, max_pad_s: float) -> list[dict]:
     if rows:
         pq.write_table(_rows_to_table(rows), path, **WRITE_OPTIONS)
     return records
+
+
+_decode_group = ray.remote(decode_group)
 
 
 def _index(config: PrepareConfig):
@@ -220,16 +223,22 @@ def _run_chunks(
     as each task finishes. Tasks run across chunk boundaries, so no CPU idles while a chunk's last task finishes.
     Closing the iterator early cancels the tasks in flight and waits for them to stop.
     """
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / config.num_cpus_per_task))  # tasks at once
     groups = []  # (chunk, part, items)
     for i, chunk in chunks:
         items = chunk.to_dict("records")
         for item in items:
             item["labels"] = None if item["labels"] is None else [float(v) for v in item["labels"]]
-        groups += [(i, k, items[s : s + per_task]) for k, s in enumerate(range(0, len(items), per_task))]
+        # at most per_task items per task, in a multiple of `slots` tasks of (nearly) equal size: no CPU idles
+        # while another finishes a chunk's last, larger task
+        n = -(-len(items) // per_task)
+        n = min(len(items), -(-n // slots) * slots)
+        bounds = [len(items) * k // n for k in range(n + 1)]
+        groups += [(i, k, items[bounds[k] : bounds[k + 1]]) for k in range(n)]
     left = Counter(i for i, _, _ in groups)
     parts: dict[int, dict[int, list[dict]]] = {i: {} for i in left}
     decode = _decode_group.options(num_cpus=config.num_cpus_per_task)
-    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / config.num_cpus_per_task))
+    window = 2 * slots
     queue, inflight = iter(groups), {}
     try:
         while True:
