@@ -375,6 +375,11 @@ def lineage(
         _fail(f"{len(broken)} link(s) do not resolve: " + "; ".join(f"{b.role} {b.ref}: {b.detail}" for b in broken))
 
 
+from mdlda.cli_conespressione import register as _register_conespressione  # noqa: E402
+
+_register_conespressione(app)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
