@@ -198,6 +198,9 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     ]
     per_task = config.files_per_task or (1 if config.dataset == "maestro" else 16)
     todo = [(i, chunk) for i, chunk in chunks if i not in done]
+    failed = index_failures.copy()  # and those of the chunks done before an interruption:
+    for i in done:
+        failed += _failures(json.loads((state_dir / f"chunk-{i:05d}.json").read_text()))
     with _progress(n_items, config.progress) as bar:
         task = bar.add_task("decode", total=n_items)
         bar.advance(task, n_items - sum(len(chunk) for _, chunk in todo))
@@ -208,7 +211,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
                 done.add(i)
                 state["done"] = sorted(done)
                 (state_dir / "state.json").write_text(json.dumps(state))
-                failed = index_failures + _failures(state_dir)
+                failed += _failures(records)
                 if len(failed) > allowed:
                     raise PrepareError(_too_many(failed, n_total, config))
     return _finish(out, state_dir, index, digest, options, config)
@@ -267,11 +270,8 @@ def _run_chunks(
             ray.wait(list(inflight), num_returns=len(inflight), timeout=60)
 
 
-def _failures(state_dir: Path) -> list[dict]:
-    out = []
-    for f in sorted(state_dir.glob("chunk-*.json")):
-        out += [{"item": r["item"], "reason": r["error"]} for r in json.loads(f.read_text()) if r["error"]]
-    return out
+def _failures(records: list[dict]) -> list[dict]:
+    return [{"item": r["item"], "reason": r["error"]} for r in records if r["error"]]
 
 
 def _too_many(failed: list[dict], total: int, config: PrepareConfig) -> str:
