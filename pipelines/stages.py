@@ -282,7 +282,7 @@ def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir:
         links["lineage.pseudolabel_run"] = siblings[0].info.run_id
     mlflow.set_tags(links)  # on the student run too, so the MLflow UI shows the chain
     res = train_student(cfg.student, data, fstats, workdir / "ray_results", f"student-{skey}")
-    history = res.result.metrics_dataframe
+    history = res.history
     if history is not None:
         for _, row in history.iterrows():
             step = int(row.get("epoch", 0))

@@ -33,6 +33,7 @@ class StudentResult:
     path: str
     best_score: float
     checkpoint_dir: str
+    history: Any = None  # pandas DataFrame: every epoch's metrics, also those before a restart
 
 
 def _allreduce_grads(params) -> None:
@@ -53,6 +54,20 @@ def _broadcast_params(model: torch.nn.Module) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
+
+
+def _replicas_in_sync(model: torch.nn.Module) -> bool:
+    """True when every rank holds the same weights (min and max over ranks of a weight checksum agree)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return True
+    with torch.no_grad():
+        total = sum(p.detach().double().sum() for p in model.parameters())
+    lo, hi = total.clone().reshape(1), total.clone().reshape(1)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(torch.isclose(lo, hi, rtol=1e-9, atol=1e-9).item())
 
 
 def student_loop(config: dict) -> None:
@@ -78,8 +93,17 @@ def student_loop(config: dict) -> None:
         with checkpoint.as_directory() as d:
             state = load_training_state(d)
 
+    start_epoch = int(state["next_epoch"]) if state and "next_epoch" in state else 0
+
     def on_epoch(res) -> None:
-        metrics = {**res.metrics(), "best_valid_r_mean": res.best_score}
+        if not _replicas_in_sync(model):  # the gradient all-reduce must keep every rank's weights identical
+            raise RuntimeError(f"epoch {res.epoch}: the data-parallel replicas' weights diverged")
+        metrics = {
+            **res.metrics(),
+            "best_valid_r_mean": res.best_score,
+            "world_size": ctx.get_world_size(),
+            "start_epoch": start_epoch,  # > 0 after a restart from a checkpoint
+        }
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 save_training_state(res.state(), d)
@@ -146,6 +170,12 @@ def train_student(
         ),
     )
     result = trainer.fit()
-    df = result.metrics_dataframe
-    best = float(df["valid_r_mean"].max()) if df is not None and "valid_r_mean" in df else float("nan")
-    return StudentResult(result, f"{storage}/{name}", best, result.checkpoint.path)
+    if result.error is not None or result.checkpoint is None:
+        raise RuntimeError(f"student run {name} failed: {result.error}")
+    # Ray Train's metrics_dataframe holds only the reports whose checkpoints are kept (num_to_keep): the history
+    # of every epoch is in the last checkpoint's training state
+    import pandas as pd
+
+    history = pd.DataFrame(load_training_state(result.checkpoint.path)["history"])
+    best = float(history["valid_r_mean"].max()) if "valid_r_mean" in history else float("nan")
+    return StudentResult(result, f"{storage}/{name}", best, result.checkpoint.path, history)

@@ -229,3 +229,49 @@ def test_many_concurrent_trials_lose_no_metric_in_the_sqlite_store(chain):
             reported += len(frame)
             logged += len(history)
     assert logged == reported == 8 * 2 * len(keys)
+
+
+# ------------------------------------------------------------------------------------------ killed driver
+def test_a_killed_driver_resumes_the_sweep_without_redoing_finished_trials(chain, tmp_path):
+    """`mdlda teachers` is SIGKILLed (with its whole process group) once a trial finished; running the same
+    command again finishes the sweep from its storage folder and leaves the finished trial as it was."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from pipelines.run import sweep_name
+    from pipelines.teachers import stored_trials
+
+    first, _ = chain
+    cfg = _budget_config()
+    cfg = cfg.model_copy(update={"teachers": cfg.teachers.model_copy(update={"name": "killed-driver"})})
+    config = tmp_path / "chain.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    obj = _chain_obj(first, cfg)
+    path = Path(first.workdir) / "ray_results" / sweep_name(cfg.teachers, obj.data[2])
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    cmd = [sys.executable, "-m", "mdlda.cli", "teachers", "--config", str(config), "--workdir", first.workdir]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = None
+    deadline = time.monotonic() + 600
+    try:
+        while done is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            for progress in path.glob("*/progress.csv"):
+                if len(progress.read_text().splitlines()) == 1 + 2:  # header + both epochs
+                    done = progress
+                    break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert done is not None, f"no trial finished before the kill (rc {proc.returncode}): {proc.stderr.read()[-2000:]}"
+    assert stored_trials(path) < 3, "the driver was killed too late to test a resume"
+    before = done.read_text()
+    obj.sweep(cfg.teachers, baseline=False)  # the same command, run again (here in-process)
+    assert stored_trials(path) == 3
+    assert done.read_text() == before  # the finished trial was not run again
+    from ray.tune import ExperimentAnalysis
+
+    assert {t.status for t in ExperimentAnalysis(str(path)).trials} == {"TERMINATED"}

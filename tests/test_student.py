@@ -1,0 +1,76 @@
+"""Ray Train student on the session chain's shards: two data-parallel workers, and a worker killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mdlda.config import StudentConfig
+
+pytestmark = pytest.mark.slow
+
+TINY = {"width": 4}
+
+
+def _inputs(first):
+    from pipelines.data import frontend_stats, load_stage_data
+
+    shards = Path(first.workdir) / "shards"
+    data = load_stage_data(shards / "midlevel", shards / "pseudolabels", target_labelled=True)
+    return data, frontend_stats(str(shards / "midlevel"), data.source_train, Path(first.workdir) / "cache")
+
+
+def _cfg(**kw) -> StudentConfig:
+    train = {"max_epochs": 3, "patience": 3, "lr_milestones": [2], "lr": 2.0e-3, "batch_size": 4, "device": "cpu"}
+    return StudentConfig(model_overrides=TINY, train=train, **kw)
+
+
+def test_two_data_parallel_workers_train_in_sync(chain, tmp_path):
+    from pipelines.student import train_student
+
+    first, _ = chain
+    data, fstats = _inputs(first)
+    res = train_student(_cfg(num_workers=2, cpus_per_worker=0.5), data, fstats, tmp_path, "two-workers")
+    # every epoch checked that the replicas' weights are identical (the loop raises otherwise)
+    assert list(res.history.epoch) == [0, 1, 2] and res.result.metrics["world_size"] == 2
+    assert res.best_score == res.history.valid_r_mean.max()
+
+
+def _kill_a_train_worker_after_first_checkpoint(run_dir: Path, stop: threading.Event, killed: list) -> None:
+    import psutil
+
+    while not stop.is_set():
+        if any(run_dir.glob("checkpoint_*")):
+            for p in psutil.process_iter(["cmdline"]):
+                if " ".join(p.info["cmdline"] or []).startswith("ray::RayTrainWorker"):
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
+                    return
+        time.sleep(0.2)
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(chain, tmp_path):
+    from pipelines.student import train_student
+
+    first, _ = chain
+    data, fstats = _inputs(first)
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(
+        target=_kill_a_train_worker_after_first_checkpoint,
+        args=(tmp_path / "killed-worker", stop, killed),
+        daemon=True,
+    )
+    killer.start()
+    try:
+        res = train_student(_cfg(max_failures=1), data, fstats, tmp_path, "killed-worker")
+    finally:
+        stop.set()
+    assert killed, "no Ray Train worker process was found to kill"
+    assert res.result.error is None
+    assert list(res.history.epoch) == [0, 1, 2]  # no epoch lost or repeated across the restart
+    assert res.result.metrics["start_epoch"] >= 1  # the restarted worker group resumed from a checkpoint
