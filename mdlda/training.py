@@ -163,10 +163,10 @@ class FitResult:
 
 
 class DeviceMonitor:
-    """Per-epoch GPU metrics on CUDA: ``gpu_util`` (%, NVML's utilisation over its last sample period, read at the
-    end of each epoch through torch.cuda.utilization, which needs the ``nvidia-ml-py`` package), ``gpu_mem_peak_gb`` (peak allocated by
-    torch in the epoch) and ``gpu_mem_reserved_gb``. Nothing on CPU. When NVML cannot be read on a GPU machine it
-    says so once (a warning, not silence) and logs the memory metrics alone."""
+    """Per-epoch GPU metrics on CUDA: ``gpu_util`` (%, NVML's utilisation over its last sample period, read at
+    the end of each epoch through torch.cuda.utilization, which needs the ``nvidia-ml-py`` package),
+    ``gpu_mem_peak_gb`` (peak allocated by torch in the epoch) and ``gpu_mem_reserved_gb``. Nothing on CPU. When
+    NVML cannot be read on a GPU machine it says so once (a warning, not silence) and logs the memory metrics."""
 
     def __init__(self, device: torch.device, utilization: Callable[[torch.device], float] | None = None) -> None:
         self.device = device

@@ -17,8 +17,14 @@ logger = logging.getLogger("mdlda.sweep")
 DATA_WAIT_WARN = 0.3
 
 
+def echo_and_log(line: str) -> None:
+    """Print a progress line and keep it in the workdir log (a module function: Tune pickles the callback)."""
+    print(line, flush=True)
+    logger.info(line)
+
+
 class SweepProgress(Callback):
-    def __init__(self, total: int, metric: str = "valid_r_mean", interval_s: float = 30.0, echo=print) -> None:
+    def __init__(self, total: int, metric: str = "valid_r_mean", interval_s: float = 30.0, echo=echo_and_log) -> None:
         self.total, self.metric, self.interval_s, self.echo = total, metric, interval_s, echo
         self.start = time.monotonic()
         self.last = 0.0

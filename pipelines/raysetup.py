@@ -6,6 +6,8 @@ import os
 
 import ray
 
+from mdlda.logs import cap_ray_logs
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> dict:
     """Start or join Ray once per process and return the cluster resources.
@@ -15,6 +17,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     """
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
+        if address is None:
+            cap_ray_logs()  # the local Ray this starts rotates its log files (mdlda/logs.py)
         kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": not quiet}
         if address is None and num_cpus is not None:
             kwargs["num_cpus"] = num_cpus

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from mdlda.config import ChainConfig, SweepConfig, config_digest, identity
+from mdlda.logs import setup_file_logging
 from mdlda.tracking import STUDENT_MODEL, setup_tracking, tracking_uri
 from pipelines import stages
 from pipelines.preflight import check_durability
@@ -57,6 +58,7 @@ class Chain:
         self.started = time.monotonic()
         self.workdir = Path(workdir).resolve()
         self.exp_id = setup_tracking(self.workdir, cfg.experiment)  # fail fast, before any compute
+        self.log_file = setup_file_logging(self.workdir)  # size-capped (mdlda/logs.py)
         self.uri = tracking_uri(self.workdir)
         init_ray(address)
         # a multi-node run refuses storage that dies with a node (pipelines/preflight.py)

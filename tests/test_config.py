@@ -45,12 +45,13 @@ def test_every_space_parses_and_builds(path):
 
 
 def test_overrides_and_errors(tmp_path):
-    cfg = load_chain_config(SPACES[0], ["teachers.num_samples=3", "baselines.0.top_k=1"])
+    demo = SPACES[0].parent / "demo.yaml"
+    cfg = load_chain_config(demo, ["teachers.num_samples=3", "baselines.0.top_k=1"])
     assert cfg.teachers.num_samples == 3
     with pytest.raises(ConfigError, match="key=value"):
         load_chain_config(None, ["teachers.num_samples"])
     with pytest.raises(ConfigError, match="not an index"):
-        load_chain_config(SPACES[0], ["baselines.9.top_k=1"])
+        load_chain_config(demo, ["baselines.9.top_k=1"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("teachers:\n  num_sampels: 3\n")
     with pytest.raises(ConfigError, match="num_sampels"):

@@ -41,11 +41,12 @@ def test_two_data_parallel_workers_train_in_sync(chain, tmp_path):
     assert res.best_score == res.history.valid_r_mean.max()
 
 
-def _kill_a_train_worker_after_first_checkpoint(run_dir: Path, stop: threading.Event, killed: list) -> None:
+def _kill_a_train_worker_after_two_checkpoints(run_dir: Path, stop: threading.Event, killed: list) -> None:
     import psutil
 
     while not stop.is_set():
-        if any(run_dir.glob("checkpoint_*")):
+        # two checkpoints on disk: the first is registered for sure (the newest may still be in upload)
+        if len(list(run_dir.glob("checkpoint_*"))) >= 2:
             for p in psutil.process_iter(["cmdline"]):
                 if " ".join(p.info["cmdline"] or []).startswith("ray::RayTrainWorker"):
                     os.kill(p.pid, signal.SIGKILL)
@@ -61,7 +62,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(chain, tmp_path):
     data, fstats = _inputs(first)
     stop, killed = threading.Event(), []
     killer = threading.Thread(
-        target=_kill_a_train_worker_after_first_checkpoint,
+        target=_kill_a_train_worker_after_two_checkpoints,
         args=(tmp_path / "killed-worker", stop, killed),
         daemon=True,
     )
