@@ -135,6 +135,19 @@ def test_max_trials_and_time_budget_stop_launching_and_resume(chain):
 
 
 # ------------------------------------------------------------------------------------------------- lost trials
+ONE_TRIAL = {"lr": 2.0e-3, "adv_scale": 0.3, "seed": 1, "batch_size": 4}
+
+
+def _run_variant(first, **update):
+    """run_sweep of a variant of the tiny chain's teacher sweep on its shards (no selection, no registry)."""
+    from pipelines.teachers import run_sweep
+
+    obj = _chain_obj(first)
+    data, fstats, _ = obj.data
+    sweep = obj.cfg.teachers.model_copy(update=update)
+    return run_sweep(sweep, data, fstats, os.path.join(first.workdir, "ray_results"), "sweeps", None, obj.uri)
+
+
 def _kill_first_trial_worker(stop: threading.Event, killed: list) -> None:
     import psutil
 
@@ -151,23 +164,15 @@ def _kill_first_trial_worker(stop: threading.Event, killed: list) -> None:
 
 def test_a_killed_trial_worker_is_lost_not_failed(chain):
     from pipelines.select import is_lost, rank_trials
-    from pipelines.teachers import run_sweep, summarize
+    from pipelines.teachers import summarize
 
     first, _ = chain
-    obj = _chain_obj(first)
-    data, fstats, _ = obj.data
-    sweep = obj.cfg.teachers.model_copy(
-        update={
-            "name": "lost-worker",
-            "search": {"lr": 2.0e-3, "adv_scale": 0.3, "seed": 1, "batch_size": 4},
-            "train": {**obj.cfg.teachers.train, "max_epochs": 50, "patience": 50},
-        }
-    )
+    train = {**tiny_chain_config().teachers.train, "max_epochs": 50, "patience": 50}
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_first_trial_worker, args=(stop, killed), daemon=True)
     killer.start()
     try:
-        res = run_sweep(sweep, data, fstats, os.path.join(first.workdir, "ray_results"), "lost", None, obj.uri)
+        res = _run_variant(first, name="lost-worker", search=ONE_TRIAL, train=train)
     finally:
         stop.set()
     assert killed, "no trial worker process was found to kill"
@@ -198,20 +203,9 @@ def test_is_lost_tells_worker_loss_from_a_crash():
 # ------------------------------------------------------------------------------------ SQLite under many trials
 def test_many_concurrent_trials_lose_no_metric_in_the_sqlite_store(chain):
     """8 trials on 8 quarter-CPU slots write to the embedded store at once: every reported point is there."""
-    from pipelines.teachers import run_sweep
-
     first, _ = chain
-    obj = _chain_obj(first)
-    data, fstats, _ = obj.data
-    sweep = obj.cfg.teachers.model_copy(
-        update={
-            "name": "many-trials",
-            "num_samples": 8,
-            "cpus_per_trial": 0.25,
-            "search": {"lr": 2.0e-3, "adv_scale": 0.3, "seed": {"randint": [0, 1000]}, "batch_size": 4},
-        }
-    )
-    res = run_sweep(sweep, data, fstats, os.path.join(first.workdir, "ray_results"), "many", None, obj.uri)
+    search = {**ONE_TRIAL, "seed": {"randint": [0, 1000]}}
+    res = _run_variant(first, name="many-trials", num_samples=8, cpus_per_trial=0.25, search=search)
     assert len(res.results) == 8 and all(r.error is None for r in res.results)
     client = _use_store(first)
     # (the trials' experiment is the active one, MLFLOW_EXPERIMENT_ID, whatever name the callback was given)
