@@ -1,11 +1,16 @@
 """Training throughput under Ray vs a bare loop, and the sweep's CPU utilisation, side by side in one run.
 
-    python bench/train.py [--width 8] [--epochs 2] [--clips 48] [--threads 1] [--trials 4] [--out /tmp/bench_train]
+    python bench/train.py [--width 32] [--epochs 3] [--clips 96] [--rounds 2] [--threads 1] [--trials 4]
+                          [--demo-size small] [--out /tmp/bench_train]
 
-Data: the tiny generated demo (``generate_demo``) prepared into real shards (``pipelines.prepare``, Mid-level with
-eval_fraction 0.25 / valid_fraction 0.4, and MAESTRO), cached in ``--out``.
+Data: the generated demo (``generate_demo``, ``--demo-size``: small = 200 source clips, tiny = 40) prepared into
+real shards (``pipelines.prepare``, Mid-level with eval_fraction 0.15 (tiny: 0.25) / valid_fraction 0.4, and
+MAESTRO), cached in ``--out``. Width 32 makes an epoch of 96 segments take several seconds on 2 CPUs, so that the
+comparison is about the training path, not about timer noise (at width 8 an epoch lasts ~1 s).
 
-1. Student, three runs interleaved (bare, Ray, bare) so a changing machine load hits both sides:
+1. Student, interleaved: bare-1, ray-1, bare-2, ray-2, ..., bare-(rounds+1), so a drifting machine speed (shared
+   hosts) hits both sides alike; the headline ratio pools the steady epochs of all Ray runs against those of all
+   bare runs, and each Ray run is also compared with the two bare runs either side of it.
    - Ray: ``pipelines.student.train_student`` as the product runs it (TorchTrainer, one worker of ``--threads``
      CPUs, so Ray sets OMP_NUM_THREADS to that; the data is materialized, so Ray Data needs no CPU of its own).
      Distillation needs a labelled target: the Mid-level train split stands in for the pseudo-labelled set
@@ -54,12 +59,14 @@ KEYS = ("samples_per_s", "data_wait_fraction", "train_seconds", "seconds")
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--width", type=int, default=8, help="RF-ResNet width")
-    p.add_argument("--epochs", type=int, default=2, help="epochs of the student runs and of each sweep trial")
-    p.add_argument("--clips", type=int, default=48, help="segments (source + target) per student epoch")
+    p.add_argument("--width", type=int, default=32, help="RF-ResNet width")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of the student runs and of each sweep trial")
+    p.add_argument("--clips", type=int, default=96, help="segments (source + target) per student epoch")
+    p.add_argument("--rounds", type=int, default=2, help="Ray runs, interleaved with rounds + 1 bare runs")
     p.add_argument("--batch", type=int, default=8, help="clips per domain per step")
     p.add_argument("--threads", type=int, default=1, help="torch threads = CPUs of the Ray Train worker")
     p.add_argument("--trials", type=int, default=4, help="trials in the sweep")
+    p.add_argument("--demo-size", default="small", choices=("tiny", "small"), help="demo size (train: 30 / ~150 rows)")
     p.add_argument("--out", default="/tmp/bench_train", help="work folder (data cache, Ray results, JSON)")
     return p.parse_args()
 
@@ -68,13 +75,14 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def build_shards(out: Path) -> tuple[str, str]:
+def build_shards(out: Path, size: str) -> tuple[str, str]:
     from mdlda.datasets import generate_demo
     from pipelines.prepare import PrepareConfig, prepare
 
+    out = out / size
     demo = out / "demo"
     if not (demo / "DONE").exists():
-        generate_demo(demo, size="tiny")
+        generate_demo(demo, size=size)
         (demo / "DONE").write_text("ok")
     mid = demo / "midlevel"
     ml = prepare(
@@ -83,7 +91,7 @@ def build_shards(out: Path) -> tuple[str, str]:
             root=str(mid),
             out=str(out / "shards" / "midlevel"),
             piano_ids=str(mid / "piano_ids.csv"),
-            eval_fraction=0.25,
+            eval_fraction=0.25 if size == "tiny" else 0.15,
             valid_fraction=0.4,
             progress=False,
         )
@@ -171,14 +179,20 @@ def ray_run(cfg: StudentConfig, data, stats, storage: Path) -> dict:
     }
 
 
-def steady(run: dict, key: str, samples: int) -> float:
-    """Mean over epochs >= 1 (epoch 0 alone for one epoch): loop samples/s, excluding data waits, or outside."""
-    vals = (
-        [samples / w for w in run["epoch_wall_s"]]
-        if key == "outside"
-        else [e["samples_per_s"] / (1 - e["data_wait_fraction"]) if key == "compute" else e[key] for e in run["epochs"]]
-    )
-    return float(np.mean(vals[1:] or vals))
+def steady(runs: list[dict], key: str, samples: int) -> float:
+    """Mean over the runs' epochs >= 1 (epoch 0 if only one): loop samples/s, excluding data waits, or outside."""
+    vals = []
+    for run in runs:
+        v = (
+            [samples / w for w in run["epoch_wall_s"]]
+            if key == "outside"
+            else [
+                e["samples_per_s"] / (1 - e["data_wait_fraction"]) if key == "compute" else e[key]
+                for e in run["epochs"]
+            ]
+        )
+        vals += v[1:] or v
+    return float(np.mean(vals))
 
 
 def sweep_run(args, data, stats, out: Path) -> dict:
@@ -232,7 +246,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False, include_dashboard=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
-    ml, ma = build_shards(out)
+    ml, ma = build_shards(out, args.demo_size)
     sweep_data = load_stage_data(ml, ma)  # as the chain: labelled Mid-level source, unlabelled MAESTRO target
     n_src = args.clips // 2
     if sweep_data.counts["source_train"] < n_src or n_src % args.batch:
@@ -256,9 +270,11 @@ def main() -> None:
     src, tgt, valid = to_numpy(data.source_train), to_numpy(data.target), to_numpy(data.source_valid)
     samples = 2 * n_src
     runs, loads = {}, {}
-    for phase in ("bare-1", "ray", "bare-2"):
+    phases = [f"bare-{k + 1}" for k in range(args.rounds + 1)]
+    phases = [x for k in range(args.rounds) for x in (phases[k], f"ray-{k + 1}")] + [phases[-1]]
+    for phase in phases:
         loads[phase] = load()
-        if phase == "ray":
+        if phase.startswith("ray"):
             runs[phase] = ray_run(cfg, data, stats, out / "ray_results")
         else:
             runs[phase] = bare_run(cfg, stats, src, tgt, valid, args.epochs, args.threads)
@@ -279,7 +295,7 @@ def main() -> None:
         f"{samples} segments/epoch, {args.epochs} epochs; target = Mid-level train split (labelled stand-in)"
     )
     print(f"load average before {info['load_before']}, after {info['load_after']}; per phase {loads}")
-    print(f"Ray per-epoch metrics from: {runs['ray']['metrics_from']}")
+    print(f"Ray per-epoch metrics from: {runs['ray-1']['metrics_from']}")
     print(
         f"\n{'run':8} {'epoch':>5} {'samples/s':>10} {'data_wait':>9} {'excl_wait':>9} {'train_s':>8} "
         f"{'epoch_s':>8} {'outside_s':>9} {'outside/s':>9}"
@@ -291,24 +307,27 @@ def main() -> None:
                 f"{phase:8} {e:>5} {sps:>10.2f} {wait:>9.3f} {sps / (1 - wait):>9.2f} {m['train_seconds']:>8.2f} "
                 f"{m['seconds']:>8.2f} {w:>9.2f} {samples / w:>9.2f}"
             )
-        print(f"{phase:8} {'fit()':>5} wall {r['wall_s']:.1f} s" + (" (includes Train start-up)" * (phase == "ray")))
+        start = " (includes Train start-up)" * phase.startswith("ray")
+        print(f"{phase:8} {'fit()':>5} wall {r['wall_s']:.1f} s" + start)
     names = {
         "samples_per_s": "samples/s (loop)",
         "compute": "samples/s excl. data wait (loop)",
         "outside": "samples/s (outside: epoch wall)",
     }
-    ratios = {
-        f"{lab} ray/{b}": steady(runs["ray"], k, samples) / steady(runs[b], k, samples)
-        for b in ("bare-1", "bare-2")
-        for k, lab in names.items()
-    }
-    ratios.update(
-        {f"end-to-end fit() wall {b}/ray": runs[b]["wall_s"] / runs["ray"]["wall_s"] for b in ("bare-1", "bare-2")}
+    rays = [r for p, r in runs.items() if p.startswith("ray")]
+    bares = [r for p, r in runs.items() if p.startswith("bare")]
+    ratios = {f"{lab} ray/bare, all": steady(rays, k, samples) / steady(bares, k, samples) for k, lab in names.items()}
+    for k in range(args.rounds):  # each Ray run against the bare runs either side of it
+        ratios[f"samples/s (loop) ray-{k + 1}/(bare-{k + 1}, bare-{k + 2})"] = steady(
+            [runs[f"ray-{k + 1}"]], "samples_per_s", samples
+        ) / steady([runs[f"bare-{k + 1}"], runs[f"bare-{k + 2}"]], "samples_per_s", samples)
+    ratios["end-to-end fit() wall bare/ray (Ray: with Train start-up)"] = float(
+        np.mean([r["wall_s"] for r in bares]) / np.mean([r["wall_s"] for r in rays])
     )
     info["ratios"] = ratios
-    print(f"\n{'ratio, steady = mean of epochs >= 1 (target >= 0.9)':52} value")
+    print(f"\n{'ratio, steady = mean of epochs >= 1 (target >= 0.9)':60} value")
     for k, v in ratios.items():
-        print(f"{k:52} {v:.3f}")
+        print(f"{k:60} {v:.3f}")
     s = sweep
     print(
         f"\nsweep: {s['trials']} trials ({s['failed']} failed) x {args.epochs} epochs, wall {s['wall_s']:.1f} s, "
