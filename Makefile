@@ -31,6 +31,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/prepare.py
+	$(BIN)/python bench/parquet_write.py
+	$(BIN)/python bench/train.py --trials 2
 	$(BIN)/python bench/train_step.py --width 16 --steps 3
 
 lint: $(STAMP)
