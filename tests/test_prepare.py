@@ -105,9 +105,19 @@ def test_interrupted_run_completes_with_same_content(midlevel_shards, demo_root,
 
 
 def test_rebuild_gives_same_digest(midlevel_shards, demo_root, tmp_path):
+    import ray
+
     from pipelines.prepare import prepare
 
-    again = prepare(_cfg(demo_root, tmp_path / "rebuild", chunk_items=64))
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = True
+    try:
+        again = prepare(_cfg(demo_root, tmp_path / "rebuild", chunk_items=64))
+        # prepare turns Ray Data's per-operator reservation off on its own dataset only, never process-wide
+        assert ray.data.DataContext.get_current().op_resource_reservation_enabled is True
+    finally:
+        ctx.op_resource_reservation_enabled = before
     assert again.manifest["content_digest"] == midlevel_shards.manifest["content_digest"]
 
 
