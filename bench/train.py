@@ -6,7 +6,8 @@
 Data: the generated demo (``generate_demo``, ``--demo-size``: small = 200 source clips, tiny = 40) prepared into
 real shards (``pipelines.prepare``, Mid-level with eval_fraction 0.15 (tiny: 0.25) / valid_fraction 0.4, and
 MAESTRO), cached in ``--out``. Width 32 makes an epoch of 96 segments take several seconds on 2 CPUs, so that the
-comparison is about the training path, not about timer noise (at width 8 an epoch lasts ~1 s).
+comparison is about the training path, not about timer noise (the old default, width 8 with 48 segments,
+had ~1-s epochs).
 
 1. Student, interleaved: bare-1, ray-1, bare-2, ray-2, ..., bare-(rounds+1), so a drifting machine speed (shared
    hosts) hits both sides alike; the headline ratio pools the steady epochs of all Ray runs against those of all
@@ -19,7 +20,8 @@ comparison is about the training path, not about timer noise (at width 8 an epoc
    - bare: the same model, config, seed and batch size through the same ``mdlda.training.fit`` in the driver,
      ``torch.set_num_threads(--threads)``, batches from Python lists of in-memory numpy arrays.
    Per epoch: ``samples_per_s`` and ``data_wait_fraction`` as the loop reports them (Ray: from
-   ``result.metrics_dataframe``), and the wall per epoch from outside the loop's timers (bare: between
+   the history in the last checkpoint, since ``result.metrics_dataframe`` keeps only kept checkpoints), and the
+   wall per epoch from outside the loop's timers (bare: between
    ``on_epoch`` calls; Ray: between ``ray.train.report`` calls, timestamped by Ray in the checkpoint folder
    names). Ray's epoch 0 includes the Train start-up: "steady" ratios use epochs >= 1 (epoch 0 if only one).
 2. A Tune sweep (``pipelines.teachers.run_sweep``: DANN teachers, FIFO, ``--trials`` x ``--epochs``, MLflow in
