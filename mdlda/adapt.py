@@ -112,3 +112,46 @@ def domain_loss(head: DomainHead, source: Tensor, target: Tensor) -> Tensor:
     logits = torch.cat([head(source), head(target)])  # (B_s + B_t,)
     labels = torch.cat([logits.new_zeros(source.shape[0]), logits.new_ones(target.shape[0])])
     return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+# -------------------------------------------------------------------------------- BatchNorm statistics (AdaBN)
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches, device: torch.device | str = "cpu") -> int:
+    """AdaBN (Li et al., 2016): recompute every BatchNorm's running mean/variance on ``batches`` of one domain.
+
+    ``batches`` yields (B, N) audio tensors (float in [-1, 1] or int16), all from the domain the model will then
+    be evaluated on. The weights are unchanged; each BN's statistics become the plain average over every batch
+    (``momentum=None``), each batch normalised over its own items as in training. The model is left in eval
+    mode; returns the number of segments seen. A model without BatchNorm is returned unchanged (0 segments).
+    """
+    layers = batchnorm_layers(model)
+    if not layers:
+        return 0
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    model.eval()
+    for m in layers:
+        m.train()
+    seen = 0
+    try:
+        for audio in batches:
+            x = torch.as_tensor(audio).to(device)
+            if x.shape[0] < 2:  # a BN in train mode needs more than one item
+                continue
+            model(x)
+            seen += x.shape[0]
+    finally:
+        for m, momentum in zip(layers, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
+    if seen == 0:
+        raise ValueError("recalibrate_batchnorm: no batch of at least 2 segments to compute statistics on")
+    return seen

@@ -147,8 +147,10 @@ def load_model(
             )
     if factory is None:
         from mdlda.models import create_model as factory
-    model = factory(**config)
     state = torch.load(directory / MODEL_FILE, map_location=map_location, weights_only=True)
+    if "head" not in config and any(k.startswith("head.bn.") for k in state):
+        config = {**config, "head": "bn"}  # saved before the head became an option: the BatchNorm head
+    model = factory(**config)
     model.load_state_dict(state)
     return model.eval()
 

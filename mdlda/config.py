@@ -29,6 +29,9 @@ class SweepConfig(_Strict):
     search: dict[str, Any] = Field(default_factory=dict, description="Search space (see tune_spaces/README).")
     train: dict[str, Any] = Field(default_factory=dict, description="Fixed TrainConfig fields.")
     num_samples: int = 16
+    search_seed: int | None = Field(
+        None, description="Seed of the search space sampling (the same seed draws the same trial configs)."
+    )
     max_concurrent: int | None = Field(None, description="Concurrent trials; None sizes from the cluster.")
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
@@ -39,6 +42,11 @@ class SweepConfig(_Strict):
     mode_metric: Literal["max", "min"] = "max"
     top_k: int = 4
     allow_fewer: bool = False
+    select_cut: bool = Field(
+        False,
+        description="Also select trials the scheduler (ASHA) stopped early; by default only trials that "
+        "trained out (max_epochs or patience) are compared.",
+    )
     register_models: bool = True
     time_budget_s: float | None = Field(
         None, ge=0, description="Stop launching trials after this many seconds of wall time (per command)."
@@ -62,11 +70,17 @@ class StudentConfig(_Strict):
     model: str = "rfresnet"
     model_overrides: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
+    mix: Literal["pooled", "paired"] = Field(
+        "pooled",
+        description="pooled: one shuffled union of labelled and pseudo-labelled segments, each seen once an epoch "
+        "(domain-pure batches); paired: every source batch paired with an equal pseudo-labelled batch.",
+    )
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 1
     register_models: bool = True
+    champion: bool = Field(True, description="Move the registry's champion alias when this student beats it.")
 
 
 class DataConfig(_Strict):

@@ -43,8 +43,9 @@ MODES = ("supervised", "dann", "distill")
 _REQUIRED_KEYS = {
     "supervised": ("audio", "labels"),
     "dann": ("audio", "labels", "target_audio"),
-    "distill": ("audio", "labels", "target_audio", "target_labels"),
+    "distill": (),  # a source pair ("audio", "labels"), a target pair ("target_audio", "target_labels"), or both
 }
+_PAIRS = (("audio", "labels"), ("target_audio", "target_labels"))
 
 
 class StepOutput(NamedTuple):
@@ -90,7 +91,8 @@ def prepare_batch(batch: Mapping[str, Any], mode: str, device: torch.device | st
 
     Audio (``"audio"``, ``"target_audio"``): ``(B, N)`` float in [-1, 1] or int16 PCM, tensor or numpy; kept
     in its dtype (float64 -> float32) for the model's front end. Labels (``"labels"``, ``"target_labels"``):
-    ``(B, 7)`` on the 1..10 scale -> float32 on the 0..1 scale. NaN/inf labels raise ``ValueError``.
+    ``(B, 7)`` on the 1..10 scale -> float32 on the 0..1 scale. NaN/inf labels raise ``ValueError``. A
+    "distill" batch may hold one domain only (the student's pooled mix) or both (the paired mix).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -98,19 +100,27 @@ def prepare_batch(batch: Mapping[str, Any], mode: str, device: torch.device | st
     if missing:
         raise KeyError(f"a {mode!r} batch needs keys {_REQUIRED_KEYS[mode]}; missing {missing}")
     device = torch.device(device)
+    if mode == "distill":
+        out: dict[str, Tensor] = {}
+        for audio_key, label_key in _PAIRS:
+            if (audio_key in batch) != (label_key in batch):
+                raise KeyError(f"a 'distill' batch holds {audio_key!r} and {label_key!r} together or neither")
+            if audio_key in batch:
+                out[audio_key] = _audio(batch[audio_key], device, audio_key)
+                out[label_key] = _labels(batch[label_key], device, label_key, out[audio_key].shape[0])
+        if not out:
+            raise KeyError("a 'distill' batch needs ('audio', 'labels'), ('target_audio', 'target_labels') or both")
+        return out
     out = {"audio": _audio(batch["audio"], device, "audio")}
     out["labels"] = _labels(batch["labels"], device, "labels", out["audio"].shape[0])
-    if mode in ("dann", "distill"):
+    if mode == "dann":
         out["target_audio"] = _audio(batch["target_audio"], device, "target_audio")
-    if mode == "distill":
-        out["target_labels"] = _labels(batch["target_labels"], device, "target_labels", out["target_audio"].shape[0])
     return out
 
 
 def batch_size(batch: Mapping[str, Tensor]) -> int:
     """Segments in a prepared batch that go through the model (source + target)."""
-    n = batch["audio"].shape[0]
-    return n + (batch["target_audio"].shape[0] if "target_audio" in batch else 0)
+    return sum(batch[k].shape[0] for k in ("audio", "target_audio") if k in batch)
 
 
 def supervised_step(model: nn.Module, batch: Mapping[str, Tensor]) -> StepOutput:
@@ -154,17 +164,25 @@ def dann_step(
 
 
 def distill_step(model: nn.Module, batch: Mapping[str, Tensor]) -> StepOutput:
-    """MSE over the union of labelled source and pseudo-labelled target segments, one forward pass per domain.
+    """MSE over the labelled source and pseudo-labelled target segments of a batch, one forward pass per domain.
 
-    Every segment weighs the same: the loss is the mean squared error over all source and target labels.
+    A batch holds either domain or both (see :func:`prepare_batch`). Every segment weighs the same: the loss is
+    the mean squared error over all labels in the batch; ``mse_source`` / ``mse_target`` are logged for the
+    domains present.
     """
-    pred_s = model(batch["audio"]).float()  # (Bs, 7) — BN over source only
-    pred_t = model(batch["target_audio"]).float()  # (Bt, 7) — BN over target only
-    sq_s = F.mse_loss(pred_s, batch["labels"], reduction="sum")
-    sq_t = F.mse_loss(pred_t, batch["target_labels"], reduction="sum")
-    n_s, n_t = batch["labels"].numel(), batch["target_labels"].numel()
-    loss = (sq_s + sq_t) / (n_s + n_t)
-    return StepOutput(loss, _floats({"loss": loss, "mse_source": sq_s / n_s, "mse_target": sq_t / n_t}))
+    sums: dict[str, Tensor] = {}
+    count = 0
+    for (audio_key, label_key), name in zip(_PAIRS, ("source", "target"), strict=True):
+        if audio_key in batch:
+            pred = model(batch[audio_key]).float()  # (B_d, 7) — BN over this domain only
+            sums[name] = F.mse_loss(pred, batch[label_key], reduction="sum")
+            count += batch[label_key].numel()
+    loss = sum(sums.values()) / count
+    logs = {"loss": loss}
+    for name, sq in sums.items():
+        n = batch["labels" if name == "source" else "target_labels"].numel()
+        logs[f"mse_{name}"] = sq / n
+    return StepOutput(loss, _floats(logs))
 
 
 def run_step(
@@ -290,6 +308,7 @@ def train_one_epoch(
     if domain_head is not None:
         domain_head.train()
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}  # batches that logged each loss (a pooled student batch holds one domain)
     n_batches = samples = 0
     wait = 0.0
     start = time.perf_counter()
@@ -309,11 +328,12 @@ def train_one_epoch(
         optimizer_step(out.loss, optimizer, precision, grad_clip_norm, after_backward)
         for k, v in out.losses.items():
             sums[k] = sums.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + 1
         n_batches += 1
         samples += batch_size(batch)
     if n_batches == 0:
         raise ValueError("the training batches were empty")
-    return TrainPass({k: v / n_batches for k, v in sums.items()}, time.perf_counter() - start, samples, wait)
+    return TrainPass({k: v / counts[k] for k, v in sums.items()}, time.perf_counter() - start, samples, wait)
 
 
 @torch.no_grad()

@@ -115,6 +115,7 @@ class EpochResult:
     best_score: float
     get_state: Callable[[], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
     device: dict[str, float] = field(default_factory=dict)  # GPU utilisation and memory on CUDA (device_metrics)
+    final: bool = False  # the loop ends after this epoch by itself (max_epochs or patience), not by a scheduler
 
     def state(self) -> dict[str, Any]:
         """The full training state after this epoch (CPU tensors; ``checkpoints.save_training_state``)."""
@@ -141,6 +142,7 @@ class EpochResult:
             "data_wait_fraction": self.data_wait_fraction,
             "is_best": float(self.is_best),
             "best_score": self.best_score,
+            "trained_out": float(self.final),
             **self.device,
         }
 
@@ -364,6 +366,7 @@ class _Fit:
                 best_score=self.best_score,
                 get_state=self.snapshot,
                 device=self.gpu.epoch_metrics(),
+                final=self.next_epoch >= cfg.max_epochs or self.bad_epochs >= cfg.patience,
             )
             self.history.append(result.metrics())
             logger.info("epoch %d: %s", epoch, result.summary())

@@ -78,10 +78,15 @@ def _labels(x: np.ndarray) -> np.ndarray:
 
 
 def _iter(ds, batch_size: int, seed: int | None, shuffle_buffer: int, drop_last: bool) -> Iterator[dict]:
-    """Numpy batches of a Dataset or a Ray Train DataIterator (same API), labels as (B, 7) float32."""
+    """Numpy batches of a Dataset or a Ray Train DataIterator (same API), labels as (B, 7) float32.
+
+    With a seed, a Dataset's blocks are read in a seeded random order and rows pass a local shuffle buffer, so
+    every pass starts somewhere else in the data (not at the first rows of storage every epoch)."""
     kwargs = {}
     if seed is not None and shuffle_buffer > 0:
         kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed}
+    if seed is not None and isinstance(ds, ray.data.Dataset):
+        ds = ds.randomize_block_order(seed=seed % 2**32)
     for b in ds.iter_batches(
         batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=4, **kwargs
     ):
@@ -161,3 +166,47 @@ def frontend_stats(
     out = {"mean": mean.numpy().astype(float).tolist(), "std": std.astype(float).tolist(), "digest": digest}
     cache.write_text(json.dumps(out))
     return out["mean"], out["std"]
+
+
+def pooled_batches(
+    source,
+    target,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    sizes: tuple[int, int],
+    shuffle_buffer: int = 64,
+) -> Iterator[dict]:
+    """One epoch of the student's pooled mix: every labelled source and every pseudo-labelled target segment once,
+    in domain-pure batches (``{"audio", "labels"}`` or ``{"target_audio", "target_labels"}``) interleaved in a
+    seeded random order, so each domain weighs by its size (the paper's union of the two sets) and BatchNorm
+    still normalises one domain at a time. ``sizes``: the expected (source, target) rows of this reader, for the
+    order; rows beyond it are still read. Batches of fewer than 2 rows are dropped (BatchNorm needs 2)."""
+    rng = np.random.default_rng([seed, epoch])
+    streams = [
+        (_iter(source, batch_size, seed + 104_729 * (epoch + 1), shuffle_buffer, drop_last=True), ("audio", "labels")),
+        (
+            _iter(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer, drop_last=False),
+            ("target_audio", "target_labels"),
+        ),
+    ]
+    order = rng.permutation(np.repeat([0, 1], [sizes[0] // batch_size, max(1, -(-sizes[1] // batch_size))]))
+    live = [True, True]
+
+    def pull(d: int) -> dict | None:
+        it, (audio_key, label_key) = streams[d]
+        while live[d]:
+            b = next(it, None)
+            if b is None:
+                live[d] = False
+            elif len(b["audio"]) >= 2:
+                return {audio_key: b["audio"], label_key: b["labels"]}
+        return None
+
+    for d in order:
+        b = pull(int(d))
+        if b is not None:
+            yield b
+    for d in (0, 1):  # whatever the expected sizes missed
+        while (b := pull(d)) is not None:
+            yield b

@@ -68,6 +68,7 @@ class Chain:
         self.result = ChainResult(str(self.workdir), self.uri, self.parent)
         self._data = None
         self.models: dict[str, str] = {}
+        self.pseudo_name = "pseudolabels"  # shards/<name>: the ablation gives every seed its own
 
     def say(self, msg: str) -> None:
         m, sec = divmod(int(time.monotonic() - self.started), 60)
@@ -139,7 +140,12 @@ class Chain:
         teachers = self.result.teachers or self.teachers_registered()
         with stages.stage(self.exp_id, self.parent, "pseudolabel") as run:
             pl = stages.pseudolabel_stage(
-                self.cfg, [t["uri"] for t in teachers], str(self.shards("maestro")), self.workdir, data, self.uri, run
+                self.cfg,
+                [t["uri"] for t in teachers],
+                str(self.shards("maestro")),
+                self.shards(self.pseudo_name),
+                data,
+                self.uri,
             )
         self.result.did_work["pseudolabel"] = not pl.skipped_work
         self.say(f"pseudolabel: {pl.manifest['rows']} MAESTRO segments labelled by the teachers' mean")
@@ -150,7 +156,7 @@ class Chain:
             student, worked = stages.student_stage(
                 self.cfg,
                 str(self.shards("midlevel")),
-                str(self.shards("pseudolabels")),
+                str(self.shards(self.pseudo_name)),
                 fstats,
                 self.workdir,
                 self.key,
@@ -189,7 +195,7 @@ class Chain:
         if not sweep_finished(path):
             raise FileNotFoundError(f"{path}: no finished sweep stored there (run `mdlda teachers` first)")
         results = tune.Tuner.restore(str(path), trainable=train_trial).get_results()
-        table = rank_trials(results, sweep.metric)
+        table = rank_trials(results, sweep.metric, include_cut=sweep.select_cut)
         chosen = select_top_k(table, sweep.top_k, sweep.allow_fewer)
         registered = register_top_k(
             chosen,

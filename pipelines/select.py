@@ -16,7 +16,10 @@ from mdlda.checkpoints import load_training_state
 from mdlda.tracking import TEACHER_MODEL, log_model
 from pipelines.trial import build_model, split_trial_config
 
-TIE_RULE = "best valid_r_mean desc, then valid_loss at that epoch asc, then trial_id asc"
+TIE_RULE = (
+    "only trials that trained out (max_epochs or patience; not cut early by the scheduler); "
+    "best valid_r_mean desc, then valid_loss at that epoch asc, then trial_id asc"
+)
 
 
 class SelectionError(RuntimeError):
@@ -51,8 +54,10 @@ def _last_line(error) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def rank_trials(results, metric: str = "valid_r_mean") -> pd.DataFrame:
-    """One row per trial: status, best score, loss at the best epoch, epochs, checkpoint; ranked."""
+def rank_trials(results, metric: str = "valid_r_mean", include_cut: bool = False) -> pd.DataFrame:
+    """One row per trial: status, best score, loss at the best epoch, epochs, checkpoint; ranked.
+
+    Status "cut": stopped early by the scheduler (``include_cut=True`` ranks those too)."""
     rows = []
     for r in results:
         df = r.metrics_dataframe
@@ -78,6 +83,10 @@ def rank_trials(results, metric: str = "valid_r_mean") -> pd.DataFrame:
                 row["best_epoch"] = int(df.loc[i, "epoch"]) if "epoch" in df else None
         if row["status"] == "finished" and not math.isfinite(row["score"]):
             row["status"] = "no_score"
+        # a trial the scheduler (ASHA) stopped before the lr decayed and the adversarial weight grew is not
+        # compared with trials that trained out; sweeps stored before this flag existed count as trained out
+        if row["status"] == "finished" and not include_cut and "trained_out" in df and not df["trained_out"].iloc[-1]:
+            row["status"] = "cut"
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
@@ -93,13 +102,19 @@ def select_top_k(table: pd.DataFrame, k: int, allow_fewer: bool = False) -> pd.D
     chosen = table[table.status == "finished"].head(k)
     if len(chosen) < k:
         lost = int((table.status == "lost").sum())
-        failed = int((table.status != "finished").sum()) - lost
+        cut = int((table.status == "cut").sum())
+        failed = int((table.status != "finished").sum()) - lost - cut
         msg = (
-            f"only {len(chosen)} of {len(table)} trials finished with a score; {k} teachers were asked for "
-            f"({failed} failed or diverged, {lost} lost with their worker or node)"
+            f"only {len(chosen)} of {len(table)} trials trained out with a score; {k} teachers were asked for "
+            f"({failed} failed or diverged, {lost} lost with their worker or node, {cut} cut early by the scheduler)"
         )
         if not allow_fewer or chosen.empty:
-            raise SelectionError(msg + ". Rerun with more samples, or allow_fewer=true to continue with fewer.")
+            hint = (
+                " Raise num_samples, use scheduler fifo, or select_cut=true to rank scheduler-cut trials too."
+                if cut
+                else ""
+            )
+            raise SelectionError(msg + f". Rerun with more samples, or allow_fewer=true to continue with fewer.{hint}")
     return chosen
 
 

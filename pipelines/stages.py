@@ -159,7 +159,7 @@ def sweep_and_select(
             "trials_planned": str(res.total),
         }
     )
-    table = rank_trials(res.results, sweep.metric)
+    table = rank_trials(res.results, sweep.metric, include_cut=sweep.select_cut)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "selection.csv"
         table.drop(columns=["checkpoint"]).to_csv(path, index=False)
@@ -215,16 +215,14 @@ def registered_for_sweep(registered_model: str, sweep_id: str) -> list[dict]:
     return sorted(found, key=lambda t: int(t.get("rank", 0)))
 
 
-def pseudolabel_stage(
-    cfg: ChainConfig, teacher_uris: list[str], maestro: str, workdir: Path, data: StageData, uri: str, run
-):
+def pseudolabel_stage(cfg: ChainConfig, teacher_uris: list[str], maestro: str, out: Path, data: StageData, uri: str):
     from pipelines.pseudolabel import log_spread, pseudolabel
 
     res = pseudolabel(
         cfg.pseudolabel,
         teacher_uris,
         maestro,
-        workdir / "shards" / "pseudolabels",
+        out,
         data.counts["source_train"],
         uri,
     )
@@ -302,7 +300,10 @@ def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir:
     client.set_model_version_tag(STUDENT_MODEL, v.version, "chain", key)
     for tag, value in links.items():
         client.set_model_version_tag(STUDENT_MODEL, v.version, tag, value)
-    move_champion_if_better(STUDENT_MODEL, v.version, res.best_score)
+    if cfg.student.champion:
+        move_champion_if_better(STUDENT_MODEL, v.version, res.best_score)
+    else:
+        client.set_model_version_tag(STUDENT_MODEL, v.version, "val_r_mean", f"{res.best_score:.6f}")
     mlflow.log_metric("best_valid_r_mean", res.best_score)
     return _student_info(client, client.get_model_version(STUDENT_MODEL, v.version)), True
 

@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from mdlda.checkpoints import load_training_state, save_training_state, seed_everything
 from mdlda.config import StudentConfig
-from pipelines.data import StageData, train_batches, valid_batches
+from pipelines.data import StageData, pooled_batches, train_batches, valid_batches
 from pipelines.trial import build_model, split_trial_config
 
 
@@ -111,17 +111,26 @@ def student_loop(config: dict) -> None:
         else:
             ray.train.report(metrics)  # a barrier: every rank reports every epoch
 
-    result = fit(
-        model,
-        lambda epoch: train_batches(
+    world = ctx.get_world_size()
+    sizes = (config["sizes"][0] // world, config["sizes"][1] // world)  # this rank's share of each set
+
+    def batches(epoch: int):
+        seed = train_cfg.seed + 1000 * rank
+        if config.get("mix", "pooled") == "pooled":
+            return pooled_batches(source, target, batch["batch_size"], seed, epoch, sizes, batch["shuffle_buffer"])
+        return train_batches(
             source,
             batch["batch_size"],
-            train_cfg.seed + 1000 * rank,
+            seed,
             epoch,
             target,
             target_labelled=True,
             shuffle_buffer=batch["shuffle_buffer"],
-        ),
+        )
+
+    result = fit(
+        model,
+        batches,
         lambda: valid_batches(valid, batch["valid_batch_size"]),
         train_cfg,
         on_epoch=on_epoch,
@@ -153,6 +162,8 @@ def train_student(
             "trial": student_trial_config(cfg),
             "frontend_stats": frontend_stats,
             "use_gpu": cfg.use_gpu,
+            "mix": cfg.mix,
+            "sizes": (data.counts["source_train"], data.counts["target"]),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,

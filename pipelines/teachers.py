@@ -133,7 +133,7 @@ def run_sweep(
                 scheduler=scheduler,
                 num_samples=sweep.num_samples,
                 # Tune's default generator, which also stops launching trials when the budget is spent
-                search_alg=BudgetedVariantGenerator(max_concurrent=limit),
+                search_alg=BudgetedVariantGenerator(max_concurrent=limit, random_state=sweep.search_seed),
                 reuse_actors=True,  # no new process per trial: fit() re-seeds and resets its state each time
             ),
             run_config=tune.RunConfig(

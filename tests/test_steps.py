@@ -28,7 +28,7 @@ def test_dann_step_passes_each_domain_separately_and_regresses_on_source_only(ma
         from mdlda.models import create_model
 
         torch.manual_seed(0)
-        model, n = create_model("rfresnet", width=4), 22050 * 2
+        model, n = create_model("rfresnet", width=4, head="bn"), 22050 * 2
     else:
         model, n = make(), N_SAMPLES
     head = DomainHead(model.embed_dim)

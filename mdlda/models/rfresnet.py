@@ -15,13 +15,20 @@ Shapes at width 128 for a 15-s segment (about 2.2 M parameters):
     audio (B, 330750) -> spectrogram (B, 1, 149, 469) -> stem (B, 128, 74, 234) -> stage 1 (B, 128, 18, 58)
     -> stage 2 (B, 256, 18, 58) -> stage 3 (B, 512, 18, 58) -> pool (B, 512) -> head (B, 7)
 
-Head. The reference ends with conv1x1(512 -> 7, no bias) -> BN2d -> global average pool. Here the pool comes
-first (``forward_features`` must return the pooled (B, 512) embedding) and ``forward_head`` applies
-Linear(512 -> 7, no bias) -> BN1d to it. The linear map commutes with the mean, so the conv part is identical;
-BN differs in training: the reference normalises each output with mean/variance over B x 18 x 58 positions,
-ours over the B pooled values (same mean, smaller variance). Both are a learned per-output affine map of the
-pooled conv output, so the function class is the same, but the training-time scaling is not, and BN1d needs
-batch > 1 in train mode (batch 1 is fine in eval). The BN bias starts at mid label scale (``LABEL_CENTRE``).
+Head (``head``). The reference ends with conv1x1(512 -> 7, no bias) -> BN2d -> global average pool: a
+BatchNorm on the 7 outputs. Here the pool comes first (``forward_features`` must return the pooled (B, 512)
+embedding), so the options act on the pooled embedding:
+
+- ``"linear"`` (default): Linear(512 -> 7) with bias, weights ~ N(0, 0.01), bias at mid label scale
+  (``LABEL_CENTRE``) -- as the VGG-ish head. Predictions start near the label centre with a small spread and
+  the spread is learnt, so short runs stay on the rating scale.
+- ``"bn"``: the reference form, Linear(512 -> 7, no bias) -> BN1d. In train mode the BN fixes each output's
+  spread over the batch to its weight, which starts at ``head_bn_weight``. At the reference's 1.0 that is a
+  spread of 10 rating points (labels are on the 0..1 scale), ~4x the labels' own; Adam moves it ~lr per step,
+  so a run of a few hundred steps ends with outputs far off the 1..10 scale even when their correlation is
+  good. BN1d needs batch > 1 in train mode (batch 1 is fine in eval).
+
+``docs/method.md`` has the measured effect of the choice.
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ class BasicBlock(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- config
 
+HEADS = ("linear", "bn")
 NUM_RHO_CONVS = 8  # convs whose kernel rho decides: stage-1 blocks 2-3, stage 2, stage 3 (two each)
 
 
@@ -119,17 +127,24 @@ def block_kernels(rho: int) -> tuple[tuple[int, int], ...]:
 
 @dataclass(frozen=True)
 class RFResNetConfig(ModelConfig):
-    """``width``: base channels (stages: width, 2x, 4x = embed_dim); ``rho``: see :func:`block_kernels`."""
+    """``width``: base channels (stages: width, 2x, 4x = embed_dim); ``rho``: see :func:`block_kernels`;
+    ``head``: "linear" or "bn" and ``head_bn_weight``: the "bn" head's initial output spread (module docstring)."""
 
     name = "rfresnet"
     width: int = 128
     rho: int = 6
     num_outputs: int = 7
+    head: str = "linear"
+    head_bn_weight: float = 1.0
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
 
     def __post_init__(self) -> None:
         check_positive_int(width=self.width, num_outputs=self.num_outputs)
         block_kernels(self.rho)  # validates rho
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if not self.head_bn_weight > 0:
+            raise ValueError(f"head_bn_weight must be > 0, got {self.head_bn_weight!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- network
@@ -154,12 +169,19 @@ class RFResNet(AudioModel):
         )
         self.stage2 = nn.Sequential(BasicBlock(w, 2 * w, *kernels[3]))
         self.stage3 = nn.Sequential(BasicBlock(2 * w, 4 * w, *kernels[4]))
-        # the reference's 1x1 conv + BN, applied after the pool (see the module docstring)
-        self.head = nn.Sequential(
-            OrderedDict(fc=nn.Linear(4 * w, config.num_outputs, bias=False), bn=nn.BatchNorm1d(config.num_outputs))
-        )
+        if config.head == "bn":  # the reference's 1x1 conv + BN, applied after the pool (module docstring)
+            self.head = nn.Sequential(
+                OrderedDict(fc=nn.Linear(4 * w, config.num_outputs, bias=False), bn=nn.BatchNorm1d(config.num_outputs))
+            )
+        else:
+            self.head = nn.Sequential(OrderedDict(fc=nn.Linear(4 * w, config.num_outputs)))
         self.apply(init_weights)
-        nn.init.constant_(self.head.bn.bias, LABEL_CENTRE)
+        if config.head == "bn":
+            nn.init.constant_(self.head.bn.weight, config.head_bn_weight)
+            nn.init.constant_(self.head.bn.bias, LABEL_CENTRE)
+        else:
+            nn.init.normal_(self.head.fc.weight, std=0.01)  # small start: predictions begin near the centre
+            nn.init.constant_(self.head.fc.bias, LABEL_CENTRE)
 
     def forward_maps(self, spec: Tensor) -> Tensor:
         """(B, 1, 149, T) spectrogram -> (B, 4 width, 18, 58) stage-3 map (for T = 469)."""

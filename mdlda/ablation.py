@@ -1,0 +1,142 @@
+"""Statistics of a multi-seed ablation: mean and 95% interval over seeds, paired differences to the baseline.
+
+Input: one row per (seed, model, split) with metric columns (``r_mean``, ``rmse_mean``, ``r_<feature>``, ...), as
+``pipelines/ablation.py`` measures them. The interval is Student's t over seeds (``mean +- t_{0.975, n-1} s /
+sqrt(n)``); a paired difference takes, per seed, the model's metric minus the baseline's on the same split (the
+seeds pair the runs: same data, same sampled configs), then the same interval over seeds. With one seed the
+intervals are NaN: one run has no spread to measure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+KEYS = ("seed", "model", "split")
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of the two-sided ``level`` t interval) of finite ``values``; half-width NaN for n < 2."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        return math.nan, math.nan
+    if x.size < 2:
+        return float(x.mean()), math.nan
+    half = stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return float(x.mean()), float(half)
+
+
+def metric_columns(per_seed: pd.DataFrame) -> list[str]:
+    return [c for c in per_seed.columns if c not in KEYS and pd.api.types.is_numeric_dtype(per_seed[c])]
+
+
+def summarize(per_seed: pd.DataFrame, baseline: str, level: float = 0.95) -> pd.DataFrame:
+    """Long table: one row per (model, split, metric) with ``n_seeds``, ``mean``, ``ci`` (half-width), and the
+    paired difference to ``baseline`` (``diff``, ``diff_ci``, ``n_pairs``; NaN for the baseline itself)."""
+    missing = [k for k in KEYS if k not in per_seed.columns]
+    if missing:
+        raise ValueError(f"per-seed table lacks columns {missing}")
+    if baseline not in set(per_seed.model):
+        raise ValueError(f"baseline {baseline!r} is not among the models {sorted(set(per_seed.model))}")
+    metrics = metric_columns(per_seed)
+    base = per_seed[per_seed.model == baseline].set_index(["seed", "split"])
+    rows = []
+    for (model, split), group in per_seed.groupby(["model", "split"], sort=False):
+        g = group.set_index("seed")
+        for metric in metrics:
+            mean, ci = t_interval(g[metric].tolist(), level)
+            row = {"model": model, "split": split, "metric": metric, "n_seeds": int(g[metric].notna().sum())}
+            row.update(mean=mean, ci=ci, diff=math.nan, diff_ci=math.nan, n_pairs=0)
+            if model != baseline:
+                diffs = [
+                    g.at[s, metric] - base.at[(s, split), metric]
+                    for s in g.index
+                    if (s, split) in base.index and math.isfinite(g.at[s, metric])
+                ]
+                row["diff"], row["diff_ci"] = t_interval(diffs, level)
+                row["n_pairs"] = len(diffs)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _pm(mean: float, ci: float, digits: int = 3) -> str:
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {ci:.{digits}f}" if math.isfinite(ci) else "")
+
+
+def _signed(mean: float, ci: float) -> str:
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:+.3f}" + (f" ± {ci:.3f}" if math.isfinite(ci) else "")
+
+
+def headline(summary: pd.DataFrame, splits: Sequence[str] = ("test", "piano_test")) -> pd.DataFrame:
+    """model x (split, quantity) strings: mean r, paired Δr to the baseline, RMSE and share on the 1..10 scale."""
+    rows = []
+    models = list(dict.fromkeys(summary.model))
+    for model in models:
+        row = {"model": model}
+        for split in splits:
+            s = summary[(summary.model == model) & (summary.split == split)].set_index("metric")
+            if s.empty:
+                continue
+            name = "piano" if split == "piano_test" else "non-piano"
+
+            def get(metric: str, col: str, frame=s) -> float:
+                return float(frame.at[metric, col]) if metric in frame.index else math.nan
+
+            row[f"{name} r"] = _pm(get("r_mean", "mean"), get("r_mean", "ci"))
+            row[f"{name} Δr vs baseline"] = _signed(get("r_mean", "diff"), get("r_mean", "diff_ci"))
+            row[f"{name} RMSE"] = _pm(get("rmse_mean", "mean"), get("rmse_mean", "ci"), 2)
+            row[f"{name} on scale"] = _pm(get("in_scale", "mean"), get("in_scale", "ci"), 3)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """A GitHub table of a small string frame (no extra dependency)."""
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(summary: pd.DataFrame, out, title: str = "") -> None:
+    """The paper's Fig. 2 with error bars: mean r per model (non-piano vs piano test), 95% intervals over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = summary[summary.metric == "r_mean"]
+    models = list(dict.fromkeys(r.model))
+    splits = [("test", "non-piano test", "#4c72b0"), ("piano_test", "piano test", "#dd8452")]
+    x = np.arange(len(models))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.15 * len(models)), 3.6))
+    for i, (split, label, colour) in enumerate(splits):
+        sub = r[r.split == split].set_index("model").reindex(models)
+        ax.bar(
+            x + (i - 0.5) * width,
+            sub["mean"],
+            width,
+            yerr=sub["ci"].fillna(0.0),
+            capsize=3,
+            color=colour,
+            label=label,
+        )
+    n = int(r.n_seeds.max()) if len(r) else 0
+    ax.set_xticks(x, models, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("mean Pearson r (7 features)")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_title(title or f"mean ± 95% interval over {n} seeds", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

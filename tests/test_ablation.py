@@ -1,0 +1,95 @@
+"""The ablation's statistics (intervals over seeds, paired differences), the AdaBN recalibration, the per-seed
+configs, and (on a local Ray) a two-seed ablation of the tiny chain."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats as sps
+from torch import nn
+
+from mdlda import ablation as stats
+from mdlda.adapt import recalibrate_batchnorm
+
+
+def test_t_interval_matches_scipy_and_is_nan_for_one_value():
+    x = [0.31, 0.35, 0.28, 0.40]
+    mean, half = stats.t_interval(x)
+    lo, hi = sps.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=sps.sem(x))
+    assert mean == pytest.approx(np.mean(x)) and half == pytest.approx((hi - lo) / 2)
+    assert stats.t_interval([0.3])[0] == 0.3 and math.isnan(stats.t_interval([0.3])[1])
+    assert stats.t_interval([0.3, float("nan"), 0.5]) == pytest.approx(stats.t_interval([0.3, 0.5]), nan_ok=True)
+
+
+def _per_seed() -> pd.DataFrame:
+    rows = []
+    for seed, (b, s) in {1: (0.30, 0.38), 2: (0.34, 0.37), 3: (0.20, 0.31)}.items():
+        for split in ("test", "piano_test"):
+            rows.append({"seed": seed, "model": "baseline", "split": split, "r_mean": b, "rmse_mean": 2.0})
+            rows.append({"seed": seed, "model": "student", "split": split, "r_mean": s, "rmse_mean": 1.5 + seed})
+    return pd.DataFrame(rows)
+
+
+def test_summary_pairs_runs_by_seed():
+    summary = stats.summarize(_per_seed(), "baseline")
+    row = summary[(summary.model == "student") & (summary.split == "piano_test") & (summary.metric == "r_mean")].iloc[0]
+    diffs = [0.08, 0.03, 0.11]
+    assert row["mean"] == pytest.approx(np.mean([0.38, 0.37, 0.31]))
+    assert row["diff"] == pytest.approx(np.mean(diffs)) and row.n_pairs == 3
+    assert row["diff_ci"] == pytest.approx(sps.t.ppf(0.975, 2) * np.std(diffs, ddof=1) / math.sqrt(3))
+    # the paired interval is narrower than the unpaired one here: the seeds' shared luck cancels
+    assert row["diff_ci"] < row["ci"] + summary[(summary.model == "baseline") & (summary.metric == "r_mean")].ci.max()
+    base = summary[summary.model == "baseline"]
+    assert base["diff"].isna().all() and (base.n_pairs == 0).all()
+    with pytest.raises(ValueError, match="baseline 'nope'"):
+        stats.summarize(_per_seed(), "nope")
+
+
+def test_headline_markdown_and_figure(tmp_path):
+    summary = stats.summarize(_per_seed(), "baseline")
+    head = stats.headline(summary)
+    assert list(head.model) == ["baseline", "student"]
+    assert head.loc[1, "piano Δr vs baseline"].startswith("+0.073 ± ")
+    md = stats.markdown(head)
+    assert md.count("\n") == 4 and "| student |" in md
+    stats.figure(summary, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 5000
+
+
+def test_recalibrate_batchnorm_gives_the_domain_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 1))
+    model.train()
+    for _ in range(5):  # running statistics of another domain
+        model(torch.randn(8, 3) * 5 + 10)
+    weights = [p.clone() for p in model.parameters()]
+    batches = [torch.randn(6, 3) for _ in range(4)]
+    seen = recalibrate_batchnorm(model, iter(batches + [torch.randn(1, 3)]))  # the 1-item batch is skipped
+    assert seen == 24 and not model.training
+    with torch.no_grad():
+        h = [model[0](b) for b in batches]
+    bn = model[1]
+    assert torch.allclose(bn.running_mean, torch.stack([x.mean(0) for x in h]).mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, torch.stack([x.var(0, unbiased=True) for x in h]).mean(0), atol=1e-5)
+    assert bn.momentum == 0.1 and all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+    with pytest.raises(ValueError, match="no batch"):
+        recalibrate_batchnorm(model, iter([torch.randn(1, 3)]))
+
+
+def test_seed_config_changes_only_seeds():
+    from tiny_chain import tiny_chain_config
+
+    from pipelines.ablation import seed_config
+
+    cfg = tiny_chain_config()
+    a, b = seed_config(cfg, 1), seed_config(cfg, 2)
+    assert a.teachers.search_seed == 1 and b.teachers.search_seed == 2
+    assert a.teachers.search == cfg.teachers.search and a.teachers.num_samples == cfg.teachers.num_samples
+    (base,) = a.baselines
+    assert base.mode == "supervised" and base.search["seed"] == 1 and "adv_scale" not in base.search
+    assert a.pseudolabel.seed == 1 and a.student.train["seed"] == 1 and not a.student.champion
+    assert a.student.train["lr"] == cfg.student.train["lr"] and cfg.student.champion
