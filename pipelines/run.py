@@ -138,7 +138,7 @@ class Chain:
     def pseudolabel(self) -> None:
         data, _, _ = self.data
         teachers = self.result.teachers or self.teachers_registered()
-        with stages.stage(self.exp_id, self.parent, "pseudolabel") as run:
+        with stages.stage(self.exp_id, self.parent, "pseudolabel"):
             pl = stages.pseudolabel_stage(
                 self.cfg,
                 [t["uri"] for t in teachers],
