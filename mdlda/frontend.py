@@ -53,6 +53,7 @@ class FrontendConfig:
     norm_filters: bool = True
     unique_filters: bool = True
     log_add: float = 1.0
+    peak_normalize: bool = False  # scale each segment to a peak of 1 before the STFT (level-free features)
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0 or self.hop_size <= 0:
@@ -163,10 +164,14 @@ class Frontend(nn.Module):
         if self.num_frames(audio.shape[-1]) < 1:
             raise ValueError(f"{audio.shape[-1]} samples is shorter than one hop ({self.config.hop_size})")
         if audio.dtype == torch.int16:
-            return audio.to(device=self.window.device, dtype=torch.float32) / PCM_SCALE
-        if not audio.is_floating_point():
+            audio = audio.to(device=self.window.device, dtype=torch.float32) / PCM_SCALE
+        elif not audio.is_floating_point():
             raise TypeError(f"expected float or int16 audio, got {audio.dtype}")
-        return audio.to(device=self.window.device, dtype=torch.float32)
+        else:
+            audio = audio.to(device=self.window.device, dtype=torch.float32)
+        if self.config.peak_normalize:  # digital silence stays silent: the peak is floored at -80 dBFS
+            audio = audio / audio.abs().amax(dim=1, keepdim=True).clamp_min(1e-4)
+        return audio
 
     def magnitude(self, audio: Tensor) -> Tensor:
         """(B, N) audio -> (B, frame_size // 2, T) STFT magnitude, float32 (framing: module docstring)."""

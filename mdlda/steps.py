@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -46,6 +46,26 @@ _REQUIRED_KEYS = {
     "distill": (),  # a source pair ("audio", "labels"), a target pair ("target_audio", "target_labels"), or both
 }
 _PAIRS = (("audio", "labels"), ("target_audio", "target_labels"))
+
+
+BN_STATS = ("both", "source", "target")
+
+
+@contextmanager
+def running_stats_frozen(model: nn.Module, frozen: bool = True):
+    """While active (and ``frozen``), the model's BatchNorm layers still normalise over the batch in train mode
+    but leave their running statistics unchanged (momentum 0): how a training step keeps one domain's passes out
+    of the statistics used at evaluation (``TrainConfig.bn_stats``)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(layers, saved, strict=True):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
 
 
 class StepOutput(NamedTuple):
@@ -131,7 +151,7 @@ def supervised_step(model: nn.Module, batch: Mapping[str, Tensor]) -> StepOutput
 
 
 def dann_step(
-    model: nn.Module, domain_head: nn.Module, batch: Mapping[str, Tensor], *, adv_lambda: float
+    model: nn.Module, domain_head: nn.Module, batch: Mapping[str, Tensor], *, adv_lambda: float, bn_stats: str = "both"
 ) -> StepOutput:
     """One DANN step (Ganin & Lempitsky, 2015) with per-domain passes.
 
@@ -139,6 +159,8 @@ def dann_step(
          + BCE-with-logits(domain head on source and target features)   (:func:`mdlda.adapt.domain_loss`),
 
     with equal weights; ``adv_lambda`` (from :func:`mdlda.adapt.dann_lambda`) is the gradient-reversal weight:
+    ``bn_stats`` names the domain(s) whose passes update the BatchNorm running statistics ("both", "source",
+    "target"); every pass is normalised over its own batch either way.
     how strongly the domain loss pushes the feature extractor (the domain head always learns at full weight).
     Domain labels follow :class:`mdlda.adapt.DomainHead` (target/piano = 1, source = 0); ``domain_acc`` is the
     head's accuracy on this batch (0.5 = domains confused). The batch must hold equally many source
@@ -150,8 +172,10 @@ def dann_step(
             f"a DANN batch needs equal numbers of source and target segments; got {src.shape[0]} and {tgt.shape[0]}"
         )
     domain_head.set_lambda(adv_lambda)
-    feat_s = model.forward_features(src)  # (B, D) — BN over source only
-    feat_t = model.forward_features(tgt)  # (B, D) — BN over target only
+    with running_stats_frozen(model, bn_stats == "target"):
+        feat_s = model.forward_features(src)  # (B, D) — BN over source only
+    with running_stats_frozen(model, bn_stats == "source"):
+        feat_t = model.forward_features(tgt)  # (B, D) — BN over target only
     mse = F.mse_loss(model.forward_head(feat_s).float(), batch["labels"])  # regression head: source only
     bce = domain_loss(domain_head, feat_s.float(), feat_t.float())
     loss = mse + bce
@@ -163,7 +187,7 @@ def dann_step(
     return StepOutput(loss, logs)
 
 
-def distill_step(model: nn.Module, batch: Mapping[str, Tensor]) -> StepOutput:
+def distill_step(model: nn.Module, batch: Mapping[str, Tensor], bn_stats: str = "both") -> StepOutput:
     """MSE over the labelled source and pseudo-labelled target segments of a batch, one forward pass per domain.
 
     A batch holds either domain or both (see :func:`prepare_batch`). Every segment weighs the same: the loss is
@@ -174,7 +198,8 @@ def distill_step(model: nn.Module, batch: Mapping[str, Tensor]) -> StepOutput:
     count = 0
     for (audio_key, label_key), name in zip(_PAIRS, ("source", "target"), strict=True):
         if audio_key in batch:
-            pred = model(batch[audio_key]).float()  # (B_d, 7) — BN over this domain only
+            with running_stats_frozen(model, bn_stats not in ("both", name)):
+                pred = model(batch[audio_key]).float()  # (B_d, 7) — BN over this domain only
             sums[name] = F.mse_loss(pred, batch[label_key], reduction="sum")
             count += batch[label_key].numel()
     loss = sum(sums.values()) / count
@@ -186,15 +211,20 @@ def distill_step(model: nn.Module, batch: Mapping[str, Tensor]) -> StepOutput:
 
 
 def run_step(
-    mode: str, model: nn.Module, batch: Mapping[str, Tensor], domain_head: nn.Module | None, adv_lambda: float
+    mode: str,
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    domain_head: nn.Module | None,
+    adv_lambda: float,
+    bn_stats: str = "both",
 ) -> StepOutput:
     """Dispatch to the step of ``mode`` ("supervised", "dann", "distill")."""
     if mode == "dann":
         if domain_head is None:
             raise ValueError("mode 'dann' needs a domain head")
-        return dann_step(model, domain_head, batch, adv_lambda=adv_lambda)
+        return dann_step(model, domain_head, batch, adv_lambda=adv_lambda, bn_stats=bn_stats)
     if mode == "distill":
-        return distill_step(model, batch)
+        return distill_step(model, batch, bn_stats)
     return supervised_step(model, batch)
 
 
@@ -302,6 +332,7 @@ def train_one_epoch(
     adv_lambda: float = 0.0,
     grad_clip_norm: float | None = None,
     after_backward: Callable[[list[Tensor]], None] | None = None,
+    bn_stats: str = "both",
 ) -> TrainPass:
     """Train ``model`` (and ``domain_head``) for one pass over ``batches`` with the step of ``mode``."""
     model.train()
@@ -321,7 +352,7 @@ def train_one_epoch(
             break
         batch = prepare_batch(raw, mode, device)
         with precision.autocast():
-            out = run_step(mode, model, batch, domain_head, adv_lambda)
+            out = run_step(mode, model, batch, domain_head, adv_lambda, bn_stats)
         problem = nonfinite_message(out.losses, batch)
         if problem is not None:
             return TrainPass({}, time.perf_counter() - start, samples, wait, f"batch {n_batches}: {problem}")

@@ -54,6 +54,9 @@ class TrainConfig:
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds a GradScaler
     grad_clip_norm: float | None = None  # clip the global gradient norm to this value
     deterministic: bool = True  # torch.use_deterministic_algorithms(True, warn_only=True) during fit
+    # DANN / distillation: whose passes update the BatchNorm running statistics the model is evaluated and
+    # served with ("both", "source" or "target"; docs/method.md has the measurements)
+    bn_stats: Literal["both", "source", "target"] = "both"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
@@ -71,6 +74,8 @@ class TrainConfig:
             problems.append(f"adv_scale must be >= 0, got {self.adv_scale}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
+        if self.bn_stats not in ("both", "source", "target"):
+            problems.append(f"bn_stats must be 'both', 'source' or 'target', got {self.bn_stats!r}")
         if self.amp_dtype not in ("bfloat16", "float16"):
             problems.append(f"amp_dtype must be 'bfloat16' or 'float16', got {self.amp_dtype!r}")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
@@ -332,6 +337,7 @@ class _Fit:
                 adv_lambda=adv_lambda,
                 grad_clip_norm=cfg.grad_clip_norm,
                 after_backward=self.after_backward,
+                bn_stats=cfg.bn_stats,
             )
             if train.error is not None:
                 return self._finish("nan", f"epoch {epoch}, {train.error}")

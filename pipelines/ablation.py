@@ -25,7 +25,6 @@ test clips on the 512-d embedding (``disc_emb``) and on the 7 outputs (``disc_ou
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -34,24 +33,18 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from mdlda import ablation as stats
-from mdlda.adapt import recalibrate_batchnorm
 from mdlda.config import ChainConfig, SweepConfig, config_digest, identity
-from mdlda.metrics import domain_discrepancy, regression_metrics
-from mdlda.params import PCM_SCALE, RATING_MAX, RATING_MIN
 from mdlda.tracking import load_checkpoint
-from pipelines.evaluate import load_split
 from pipelines.run import Chain
-from pipelines.shards import read_shards
+from pipelines.scoring import EvalData, eval_data, metric_rows, predict_all
 
 logger = logging.getLogger(__name__)
 ABLATION_TAG = "mdlda.ablation"
 BASELINE = "baseline"
-ADAPT_CAP = 512  # segments per domain used to recompute BatchNorm statistics
 
 
 @dataclass
@@ -103,98 +96,6 @@ def seed_config(cfg: ChainConfig, seed: int) -> ChainConfig:
     )
 
 
-# ------------------------------------------------------------------------------------------------- scoring
-def _audio(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x.astype(np.float32) / PCM_SCALE)
-
-
-@torch.no_grad()
-def _outputs(model, audio: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """(ratings (N, 7) on 1..10, embeddings (N, D)) of ``model`` in eval mode."""
-    model.eval()
-    preds, embs = [], []
-    for i in range(0, len(audio), batch_size):
-        feats = model.forward_features(_audio(audio[i : i + batch_size]))
-        embs.append(feats.float().numpy())
-        preds.append((model.forward_head(feats) * 10.0).float().numpy())
-    return np.concatenate(preds), np.concatenate(embs)
-
-
-def _batches(audio: np.ndarray, batch_size: int = 8):
-    for i in range(0, len(audio) - 1, batch_size):
-        yield _audio(audio[i : i + batch_size])
-
-
-def _adabn(model, domain_audio: np.ndarray):
-    adapted = copy.deepcopy(model)
-    recalibrate_batchnorm(adapted, _batches(domain_audio))
-    return adapted
-
-
-def _sample(shards: Path, splits: list[str] | None, cap: int, seed: int) -> np.ndarray:
-    ds, _ = read_shards(shards, splits=splits, columns=["audio"])
-    audio = np.concatenate([b["audio"] for b in ds.iter_batches(batch_size=256, batch_format="numpy")])
-    if len(audio) > cap:
-        audio = audio[np.sort(np.random.default_rng(seed).choice(len(audio), cap, replace=False))]
-    return audio
-
-
-@dataclass
-class EvalData:
-    test: dict
-    piano: dict
-    source_train: np.ndarray  # for the source-domain BN statistics
-    maestro_train: np.ndarray  # for the target-domain BN statistics
-    maestro_test: np.ndarray  # unlabelled piano recordings: the on-scale check
-    label_mean: np.ndarray
-
-
-def eval_data(workdir: Path, cfg: ChainConfig) -> EvalData:
-    midlevel, maestro = workdir / "shards" / "midlevel", workdir / "shards" / "maestro"
-    train = load_split(midlevel, "train")
-    maestro_splits = cfg.data.maestro_splits or ["train"]
-    test_split = [s for s in ("test",) if s not in maestro_splits] or None
-    return EvalData(
-        test=load_split(midlevel, "test"),
-        piano=load_split(midlevel, "piano_test"),
-        source_train=train["audio"][:ADAPT_CAP],
-        maestro_train=_sample(maestro, maestro_splits, ADAPT_CAP, 0),
-        maestro_test=_sample(maestro, test_split, ADAPT_CAP, 1),
-        label_mean=train["labels"].mean(axis=0),
-    )
-
-
-def _rows(name: str, seed: int, data: EvalData, pred: dict, emb: dict | None) -> list[dict]:
-    """Metric rows (test, piano_test) of one model from its predictions (and embeddings, if it has one)."""
-    rows = []
-    for split, d in (("test", data.test), ("piano_test", data.piano)):
-        p = pred[split]
-        ref = np.broadcast_to(data.label_mean, d["labels"].shape)
-        row = {"seed": seed, "model": name, "split": split, **regression_metrics(d["labels"], p)}
-        row["in_scale"] = float(((p >= RATING_MIN) & (p <= RATING_MAX)).mean())
-        row["rmse_ref"] = regression_metrics(d["labels"], ref)["rmse_mean"]
-        if split == "piano_test":
-            row["disc_out"] = domain_discrepancy(pred["test"], p)
-            row["disc_emb"] = domain_discrepancy(emb["test"], emb["piano_test"]) if emb else math.nan
-            m = pred.get("maestro")
-            row["in_scale_maestro"] = (
-                float(((m >= RATING_MIN) & (m <= RATING_MAX)).mean()) if m is not None else math.nan
-            )
-        rows.append(row)
-    return rows
-
-
-def _predict(model, data: EvalData, adabn: bool) -> tuple[dict, dict]:
-    """Predictions and embeddings on test / piano_test / MAESTRO test, with per-domain BN statistics if asked."""
-    src = _adabn(model, data.source_train) if adabn else model
-    tgt = _adabn(model, data.maestro_train) if adabn else model
-    pred, emb = {}, {}
-    pred["test"], emb["test"] = _outputs(src, data.test["audio"])
-    pred["piano_test"], emb["piano_test"] = _outputs(tgt, data.piano["audio"])
-    pred["maestro"], _ = _outputs(tgt, data.maestro_test) if len(data.maestro_test) else (None, None)
-    return pred, emb
-
-
 def score_seed(seed: int, models: dict[str, str], teachers: list[str], data: EvalData) -> list[dict]:
     """Every ablation row of one seed. ``models``: baseline and student URIs; ``teachers``: the k teacher URIs."""
     rows = []
@@ -202,16 +103,16 @@ def score_seed(seed: int, models: dict[str, str], teachers: list[str], data: Eva
     members = [load_checkpoint(uri) for uri in teachers]
     for name, model in loaded.items():
         for adabn in (False, True):
-            pred, emb = _predict(model, data, adabn)
-            rows += _rows(name + ("+AdaBN" if adabn else ""), seed, data, pred, emb)
+            pred, emb = predict_all(model, data, adabn)
+            rows += metric_rows(name + ("+AdaBN" if adabn else ""), seed, data, pred, emb)
     for adabn in (False, True):
-        outs = [_predict(m, data, adabn) for m in members]
-        single = pd.DataFrame([r for i, (p, e) in enumerate(outs) for r in _rows(f"t{i}", seed, data, p, e)])
+        outs = [predict_all(m, data, adabn) for m in members]
         if not adabn:  # a single teacher: each metric averaged over the k teachers
+            single = pd.DataFrame([r for i, (p, e) in enumerate(outs) for r in metric_rows(f"t{i}", seed, data, p, e)])
             for split, g in single.groupby("split", sort=False):
                 rows.append({"seed": seed, "model": "teacher", "split": split, **g.mean(numeric_only=True).to_dict()})
         mean_pred = {k: np.mean([p[k] for p, _ in outs], axis=0) for k in outs[0][0] if outs[0][0][k] is not None}
-        rows += _rows("teacher-ensemble" + ("+AdaBN" if adabn else ""), seed, data, mean_pred, None)
+        rows += metric_rows("teacher-ensemble" + ("+AdaBN" if adabn else ""), seed, data, mean_pred, None)
     for r in rows:
         r["seed"] = seed
     return rows

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from mdlda.metrics import regression_metrics
-from mdlda.params import FEATURES, PCM_SCALE
+from mdlda.params import FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN
 from mdlda.tracking import load_served
 from pipelines.shards import read_shards
 
@@ -77,13 +77,14 @@ def results_table(preds: Predictions) -> pd.DataFrame:
     rows = []
     for (name, split), y_pred in preds.y_pred.items():
         m = regression_metrics(preds.y_true[split], y_pred)
-        rows.append({"model": name, "split": split, "n": len(y_pred), **m})
+        in_scale = float(((y_pred >= RATING_MIN) & (y_pred <= RATING_MAX)).mean())
+        rows.append({"model": name, "split": split, "n": len(y_pred), **m, "in_scale": in_scale})
     return pd.DataFrame(rows)
 
 
-def summary_pivot(table: pd.DataFrame) -> pd.DataFrame:
-    """model x split mean Pearson r (the table `make demo` prints)."""
-    pivot = table.pivot(index="model", columns="split", values="r_mean")
+def summary_pivot(table: pd.DataFrame, value: str = "r_mean") -> pd.DataFrame:
+    """model x split ``value`` (mean Pearson r by default; the table `make demo` prints)."""
+    pivot = table.pivot(index="model", columns="split", values=value)
     order = list(dict.fromkeys(table.model))
     return pivot.reindex(order)[[s for s in EVAL_SPLITS if s in pivot.columns]]
 
@@ -137,7 +138,7 @@ def write_results(
     csv = out_dir / "results.csv"
     table.to_csv(csv, index=False)
     md = out_dir / "results.md"
-    cols = ["model", "split", "n", "r_mean", "rmse_mean"] + [f"r_{f}" for f in FEATURES]
+    cols = ["model", "split", "n", "r_mean", "rmse_mean", "in_scale"] + [f"r_{f}" for f in FEATURES]
     cols = [c for c in cols if c in table.columns]
     md.write_text(
         table[cols].to_markdown(index=False, floatfmt=".3f")

@@ -175,8 +175,9 @@ class Chain:
         models = models or self.models
         teachers = [m for m in models if m.startswith("teacher-")]
         ensembles = {"teacher-ensemble": teachers} if len(teachers) > 1 else {}
-        with stages.stage(self.exp_id, self.parent, "evaluate") as run:
-            table, worked = stages.evaluate_stage(models, ensembles, str(self.shards("midlevel")), self.workdir, run)
+        adabn = [b.name for b in self.cfg.baselines if b.name in models]  # the bar DA has to clear
+        with stages.stage(self.exp_id, self.parent, "evaluate"):
+            table, worked = stages.evaluate_stage(models, ensembles, adabn, self.cfg, self.workdir)
         self.result.did_work["evaluate"] = worked
         self.result.summary = table
         _print_summary(self.console, table, self.workdir, self.uri)
@@ -311,14 +312,22 @@ def _print_summary(console: Console, table: pd.DataFrame, workdir: Path, uri: st
 
     from pipelines.evaluate import summary_pivot
 
-    pivot = summary_pivot(table)
-    t = Table(title="mean Pearson r on the test splits (1..10 scale predictions)")
+    r, rmse = summary_pivot(table), summary_pivot(table, "rmse_mean")
+    scale = summary_pivot(table, "in_scale") if "in_scale" in table else None
+    t = Table(title="mean Pearson r and RMSE (rating points) on the test splits, share of outputs inside 1..10")
     t.add_column("model")
-    names = {"test": "non-piano test", "piano_test": "piano test"}
-    for c in pivot.columns:
-        t.add_column(names.get(c, c), justify="right")
-    for model, row in pivot.iterrows():
-        t.add_row(model, *[f"{v:.3f}" for v in row])
+    names = {"test": "non-piano", "piano_test": "piano"}
+    for c in r.columns:
+        t.add_column(f"{names.get(c, c)} r", justify="right")
+        t.add_column(f"{names.get(c, c)} RMSE", justify="right")
+    if scale is not None:
+        t.add_column("on scale", justify="right")
+    for model in r.index:
+        cells = [f"{v:.3f}" for c in r.columns for v in (r.at[model, c], rmse.at[model, c])]
+        cells = [c if i % 2 == 0 else c[:-1] for i, c in enumerate(cells)]  # RMSE to 2 decimals
+        if scale is not None:
+            cells.append(f"{scale.loc[model].mean():.0%}")
+        t.add_row(model, *cells)
     console.print(t)
     console.print(f"results: {workdir / 'results' / 'latest'}", soft_wrap=True)
     backend = uri if not uri.startswith("sqlite") else uri

@@ -17,7 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mdlda.config import ChainConfig, SweepConfig, config_digest
-from mdlda.tracking import STUDENT_MODEL, latest_version, log_model, move_champion_if_better
+from mdlda.tracking import STUDENT_MODEL, latest_version, load_checkpoint, log_model, move_champion_if_better
 from pipelines.data import StageData, frontend_stats, load_stage_data
 from pipelines.prepare import PrepareConfig, prepare
 from pipelines.select import TIE_RULE, rank_trials, register_top_k, select_top_k
@@ -324,8 +324,11 @@ def _student_info(client, v) -> dict:
     }
 
 
-def evaluate_stage(models: dict[str, str], ensembles: dict[str, list[str]], midlevel: str, workdir: Path, run):
-    """Metrics table of all models on test / piano_test; cached by the set of model URIs."""
+def evaluate_stage(
+    models: dict[str, str], ensembles: dict[str, list[str]], adabn: list[str], cfg: ChainConfig, workdir: Path
+):
+    """Metrics table of all models on test / piano_test (plus ``<name>+AdaBN`` rows for the models named in
+    ``adabn``: per-domain BatchNorm statistics); cached by the set of model URIs."""
     import pandas as pd
 
     from pipelines.evaluate import (
@@ -337,12 +340,21 @@ def evaluate_stage(models: dict[str, str], ensembles: dict[str, list[str]], midl
         write_results,
     )
 
-    key = config_digest({"models": models, "ensembles": ensembles, "shards": midlevel})
+    midlevel = str(workdir / "shards" / "midlevel")
+    key = config_digest({"models": models, "ensembles": ensembles, "adabn": adabn, "shards": midlevel, "v": 2})
     out = workdir / "results" / key
     if (out / "results.csv").exists():
         return pd.read_csv(out / "results.csv"), False
     data = {split: load_split(midlevel, split) for split in EVAL_SPLITS}
     preds = predict_splits(models, midlevel, ensembles=ensembles, data=data)
+    if adabn:
+        from pipelines.scoring import eval_data, predict_all
+
+        domains = eval_data(workdir, cfg)
+        for name in adabn:
+            pred, _ = predict_all(load_checkpoint(models[name]), domains, per_domain_bn=True)
+            for split in EVAL_SPLITS:
+                preds.y_pred[(f"{name}+AdaBN", split)] = pred[split]
     table = results_table(preds)
     disc = discrepancy_table(models, midlevel, data=data)
     for p in write_results(table, out, preds, disc):

@@ -93,3 +93,50 @@ def test_seed_config_changes_only_seeds():
     assert base.mode == "supervised" and base.search["seed"] == 1 and "adv_scale" not in base.search
     assert a.pseudolabel.seed == 1 and a.student.train["seed"] == 1 and not a.student.champion
     assert a.student.train["lr"] == cfg.student.train["lr"] and cfg.student.champion
+
+
+@pytest.mark.slow
+def test_two_seed_ablation_of_the_tiny_chain(ray_local, demo_root, tmp_path, monkeypatch):
+    """Every row of both seeds is measured and the written summary is the statistics of the written per-seed
+    table; the seeds' chains nest under one ablation run; ablation students never take the champion alias."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from tiny_chain import tiny_chain_config
+
+    from pipelines.ablation import ORDER, run_ablation
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny_chain_config()
+    search = {**cfg.teachers.search, "lr": {"grid": [2.0e-3, 3.0e-3]}}
+    cfg = cfg.model_copy(update={"teachers": cfg.teachers.model_copy(update={"search": search})})
+    res = run_ablation(cfg, demo_root, tmp_path / "w", seeds=[1, 2])
+
+    per_seed = pd.read_csv(res.out_dir / "per_seed.csv")
+    assert set(per_seed.model) == set(ORDER) and len(per_seed) == len(ORDER) * 2 * 2
+    assert per_seed.r_mean.notna().all() and per_seed.rmse_mean.gt(0).all()
+    assert per_seed.in_scale.between(0, 1).all()
+    piano = per_seed[per_seed.split == "piano_test"]
+    assert piano.disc_out.notna().all()
+    assert piano[piano.model.isin(["baseline", "student"])].disc_emb.notna().all()
+    # AdaBN changes the BN statistics, so the predictions, but never the weights' row identity
+    b = per_seed.set_index(["model", "split", "seed"]).r_mean
+    assert (b.loc["baseline"] != b.loc["baseline+AdaBN"]).any()
+
+    summary = pd.read_csv(res.out_dir / "ablation.csv")
+    row = summary[(summary.model == "student") & (summary.split == "piano_test") & (summary.metric == "r_mean")]
+    s = piano.set_index(["model", "seed"]).r_mean
+    diffs = [s.loc[("student", k)] - s.loc[("baseline", k)] for k in (1, 2)]
+    assert row["diff"].item() == pytest.approx(np.mean(diffs))
+    assert row["diff_ci"].item() == pytest.approx(stats.t_interval(diffs)[1])
+    text = (res.out_dir / "ablation.md").read_text()
+    assert "over 2 seeds" in text and "| student |" in text and (res.out_dir / "ablation.png").stat().st_size > 5000
+
+    client = MlflowClient()
+    children = client.search_runs(
+        [client.get_run(res.run_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{res.run_id}'"
+    )
+    assert sorted(r.data.tags["ablation.seed"] for r in children) == ["1", "2"]
+    assert {a.path for a in client.list_artifacts(res.run_id, "ablation")} >= {"ablation/ablation.md"}
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias("mdlda-student", "champion")
+    assert len(res.teachers) == 2 * cfg.teachers.top_k and res.teachers.adv_scale.eq(0.3).all()

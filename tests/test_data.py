@@ -60,3 +60,19 @@ def test_empty_target_is_a_clear_error(ray_local):
     )
     with pytest.raises(ValueError, match="target set is empty"):
         list(train_batches(_ds(8), 4, 0, 0, target=empty))
+
+
+def test_pooled_mix_sees_every_segment_once_in_domain_pure_batches(ray_local):
+    from pipelines.data import pooled_batches
+
+    src, tgt = _ds(20), _ds(9, offset=100)
+    epoch = list(pooled_batches(src, tgt, 4, seed=3, epoch=0, sizes=(20, 9)))
+    source = [b for b in epoch if "audio" in b]
+    target = [b for b in epoch if "target_audio" in b]
+    assert all(("audio" in b) != ("target_audio" in b) for b in epoch)  # never both domains in one batch
+    assert sorted(int(x) for b in source for x in b["audio"][:, 0]) == list(range(20))
+    # 9 target rows, batch 4: 4 + 4 + 1, and the 1-row batch is dropped (BatchNorm needs 2)
+    assert [len(b["target_audio"]) for b in target] == [4, 4]
+    assert all(np.allclose(b["target_labels"][:, 0], 1 + b["target_audio"][:, 0] % 10) for b in target)
+    kinds = lambda e: ["s" if "audio" in b else "t" for b in pooled_batches(src, tgt, 4, 3, e, (20, 9))]  # noqa: E731
+    assert kinds(0) == kinds(0) and kinds(0) != kinds(1)  # a seeded interleaving, new every epoch

@@ -152,3 +152,23 @@ def test_prepare_batch_accepts_numpy_and_int16():
     assert torch.allclose(b["labels"], TRAIN[1][:4] / 10)
     with pytest.raises(KeyError, match="target_audio"):
         prepare_batch({"audio": TRAIN[0][:4], "labels": TRAIN[1][:4]}, "dann", "cpu")
+
+
+@pytest.mark.parametrize("bn_stats", ["source", "target", "both"])
+def test_bn_stats_names_the_domain_whose_passes_update_running_statistics(bn_stats):
+    torch.manual_seed(0)
+    model = TinyModel()
+    head = DomainHead(model.embed_dim)
+    src, tgt = torch.randn(8, N_SAMPLES) * 0.1, torch.randn(8, N_SAMPLES) * 2 + 1
+    batch = prepare_batch({"audio": src, "labels": torch.rand(8, 7) * 9 + 1, "target_audio": tgt}, "dann", "cpu")
+    model.train()
+    dann_step(model, head, batch, adv_lambda=0.3, bn_stats=bn_stats)
+    ref = TinyModel()
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if "running" not in k}, strict=False)
+    ref.train()
+    with torch.no_grad():
+        for x in {"source": [src], "target": [tgt], "both": [src, tgt]}[bn_stats]:
+            ref.forward_features(x)  # the passes that should count, alone
+    assert torch.allclose(model.bn.running_mean, ref.bn.running_mean, atol=1e-6)
+    assert torch.allclose(model.bn.running_var, ref.bn.running_var, atol=1e-6)
+    assert model.bn.momentum == 0.1 and int(model.bn.num_batches_tracked) == (2 if bn_stats == "both" else 1)
