@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_DEDUP_LOGS ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test test-fast ablation bench lint clean
 
 install: $(STAMP)
 
@@ -28,6 +28,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs --durations=15
+
+# the edit loop: the unit tests only, no Ray started (a few minutes)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -rs -m "not slow"
+
+# baseline vs AdaBN vs DANN teachers vs ensemble vs student over 3 seeds on the demo data (about an hour on 2 CPUs)
+ablation: $(STAMP)
+	$(BIN)/mdlda demo-data --out $(WORKDIR)/data --size small
+	$(BIN)/mdlda ablation --config tune_spaces/demo.yaml --data $(WORKDIR)/data --workdir $(WORKDIR) --seeds 3
 
 bench: $(STAMP)
 	$(BIN)/python bench/prepare.py

@@ -239,7 +239,7 @@ def write_ablation(
         client.log_artifact(run_id, str(path), artifact_path="ablation")
     r = summary[summary.metric.isin(["r_mean", "rmse_mean"])]
     metrics = [
-        mlflow.entities.Metric(f"{row.model}.{row.split}.{row.metric}", float(row.mean), 0, 0)
+        mlflow.entities.Metric(f"{row.model.replace('+', '_')}.{row.split}.{row.metric}", float(row.mean), 0, 0)
         for row in r.itertuples()
         if math.isfinite(row.mean)
     ]

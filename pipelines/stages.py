@@ -360,9 +360,9 @@ def evaluate_stage(
     for p in write_results(table, out, preds, disc):
         mlflow.log_artifact(str(p))
     for row in disc.itertuples():
-        mlflow.log_metric(f"{row.model}.discrepancy", row.discrepancy)
+        mlflow.log_metric(f"{row.model.replace('+', '_')}.discrepancy", row.discrepancy)
     for row in table.itertuples():
-        mlflow.log_metric(f"{row.model}.{row.split}.r_mean", row.r_mean)
+        mlflow.log_metric(f"{row.model.replace('+', '_')}.{row.split}.r_mean", row.r_mean)
     (workdir / "results" / "latest").unlink(missing_ok=True)
     (workdir / "results" / "latest").symlink_to(key)
     return table, True

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pipelines.preflight import Location, chain_locations, local_path, problems
 
 
@@ -32,6 +34,7 @@ def test_node_local_locations_are_named_with_the_fix():
     assert problems([Location("x", "/tmp/x", "fix")], {}) == []
 
 
+@pytest.mark.slow
 def test_probe_sees_a_path_from_every_node_of_the_local_ray(ray_local, tmp_path):
     import ray
 
