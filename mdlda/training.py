@@ -56,7 +56,7 @@ class TrainConfig:
     deterministic: bool = True  # torch.use_deterministic_algorithms(True, warn_only=True) during fit
     # DANN / distillation: whose passes update the BatchNorm running statistics the model is evaluated and
     # served with ("both", "source" or "target"; docs/method.md has the measurements)
-    bn_stats: Literal["both", "source", "target"] = "both"
+    bn_stats: Literal["both", "source", "target"] = "source"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))

@@ -134,8 +134,8 @@ class RFResNetConfig(ModelConfig):
     width: int = 128
     rho: int = 6
     num_outputs: int = 7
-    head: str = "linear"
-    head_bn_weight: float = 1.0
+    head: str = "bn"
+    head_bn_weight: float = 0.25
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
 
     def __post_init__(self) -> None:
