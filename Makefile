@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mdlda-installed
 WORKDIR ?= demo_work
 
-# Quiet, local, token-free Ray for tests and the demo (see ../shared/NOTES-ray-mlflow.md).
+# Quiet, local, token-free Ray for tests and the demo: Ray 2.59+ turns token auth on for local clusters.
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_DEDUP_LOGS ?= 0

@@ -94,6 +94,8 @@ def headline(summary: pd.DataFrame, splits: Sequence[str] = ("test", "piano_test
             row[f"{name} Δr vs baseline"] = _signed(get("r_mean", "diff"), get("r_mean", "diff_ci"))
             row[f"{name} RMSE"] = _pm(get("rmse_mean", "mean"), get("rmse_mean", "ci"), 2)
             row[f"{name} on scale"] = _pm(get("in_scale", "mean"), get("in_scale", "ci"), 3)
+            if split == "piano_test" and "in_scale_maestro" in s.index:
+                row["MAESTRO on scale"] = _pm(get("in_scale_maestro", "mean"), get("in_scale_maestro", "ci"), 3)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -6,7 +6,7 @@ embeddings; the gradient-reversal layer in front of it makes the feature extract
 classifier's loss, so the embedding phi becomes domain-confusing while the regression head keeps it
 predictive.
 
-How the training step uses it (see /work/shared/NOTES-method.md): source and target go through
+How the training step uses it (docs/method.md): source and target go through
 ``model.forward_features`` in two separate calls (BatchNorm normalises each domain on its own), the regression
 head sees source features only, and :func:`domain_loss` runs the domain head on both. The reversal weight
 follows :func:`dann_lambda`, whose ``scale`` is the "adversarial weight scale" the teacher sweep searches.
@@ -72,7 +72,7 @@ def dann_lambda(epoch: float, schedule_epochs: float = 20, scale: float = 1.0, g
 
         scale * lambda_schedule(min(epoch / schedule_epochs, 1), gamma)
 
-    ``scale`` is the adversarial weight scale (NOTES-method: ~0.3 helped; 1.0 was unstable at small scale).
+    ``scale`` is the adversarial weight scale the teacher sweep searches (docs/method.md has its measured effect).
     """
     if schedule_epochs <= 0:
         raise ValueError(f"schedule_epochs must be positive, got {schedule_epochs}")

@@ -1,6 +1,6 @@
 """Turn one index item (a Mid-level clip or a MAESTRO performance) into shard rows. Pure numpy, no Ray.
 
-A row follows the shard schema of DESIGN.md: clip_id, dataset, domain, split, group, offset_s, audio (int16
+A row follows the shard schema (README, data contract): clip_id, dataset, domain, split, group, offset_s, audio (int16
 [330750]) and labels (7 floats on the 1..10 scale, or None).
 """
 

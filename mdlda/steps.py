@@ -8,7 +8,7 @@ float losses for logging. :func:`train_one_epoch` runs the steps under :class:`P
 ``model(audio)`` only (any wrapper that exposes ``forward`` will do); the DANN step needs the model's own
 ``forward_features`` / ``forward_head``.
 
-**Per-domain forward passes** (``NOTES-method.md``): source and target segments never go through the model as
+**Per-domain forward passes** (docs/method.md): source and target segments never go through the model as
 one concatenated batch. Doing so collapsed piano-test correlation even with the adversarial weight at zero,
 because BatchNorm batch statistics then mix labelled source clips with unlabelled target segments. Here each
 domain gets its own ``forward_features`` call (each BN normalises over its own domain's batch; the running

@@ -224,7 +224,13 @@ def write_ablation(
     )
     text = (
         f"# Ablation over {n} seeds ({', '.join(map(str, sorted(per_seed.seed.unique())))})\n\n"
-        "Mean ± 95% t-interval over seeds; Δr is the paired difference to the baseline (same seed, same split).\n\n"
+        "Mean ± 95% t-interval over seeds; Δr is the paired difference to the baseline (same seed, same split). "
+        "RMSE in rating points; predicting the training mean gives "
+        + ", ".join(
+            f"{stats._pm(*stats.t_interval(g.tolist()), 2)} ({'piano' if split == 'piano_test' else 'non-piano'})"
+            for split, g in per_seed[per_seed.model == BASELINE].groupby("split").rmse_ref
+        )
+        + ". On scale: share of outputs inside 1..10.\n\n"
         + stats.markdown(head)
         + "\n## Domain discrepancy (non-piano vs piano test; embedding and outputs)\n\n"
         + stats.markdown(disc_md.reset_index())

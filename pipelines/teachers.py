@@ -41,7 +41,7 @@ class SweepResult:
 
 def trial_resources(sweep: SweepConfig, materialized: bool) -> tuple[dict, int]:
     """Per-trial resources and max concurrency sized from the cluster (one CPU left for Ray Data when the
-    data is streamed lazily, see NOTES-ray-mlflow)."""
+    data is streamed lazily: with every CPU taken by trials, a lazy Ray Data read never runs)."""
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 1.0), res.get("GPU", 0.0)
     per = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}

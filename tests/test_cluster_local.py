@@ -176,7 +176,7 @@ def test_submitted_chain_finishes_and_records_to_mlflow(submitted):
 
     status, logs, workdir = submitted
     assert re.search(r"Job '[\w-]+' succeeded", status), status + logs[-4000:]
-    assert "mean Pearson r on the test splits" in logs  # the chain's summary table, printed by the job
+    assert "mean Pearson r and RMSE" in logs  # the chain's summary table, printed by the job
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mdlda-ci")
     parents = client.search_runs([exp.experiment_id], "tags.`mdlda.chain` != ''")

@@ -1,0 +1,179 @@
+"""What each method switch does to piano and non-piano r: the library's own training loop, in-process, several seeds.
+
+    python bench/method_switches.py --shards demo_work/shards            # after `make demo` (its prepared shards)
+    python bench/method_switches.py --shards W/shards --group bn_stats   # one group of the table in docs/method.md
+
+Every (variant, seed) trains one RF-ResNet with :func:`mdlda.training.fit` on the Mid-level train split (DANN
+variants add the MAESTRO segments as target), early-stopped on the valid split, in its own process with one
+thread, ``--jobs`` at a time. Printed per variant: mean ± 95% interval over seeds of non-piano and piano test r,
+RMSE and share of outputs on the 1..10 scale, and the paired difference to the group's reference variant (same
+seed). No Ray, no MLflow: this isolates the method from the system; ``mdlda ablation`` measures the whole chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# group -> (reference variant, variants); a variant is the TrainConfig / model overrides it changes
+GROUPS = {
+    "head": (
+        "bn, spread 1.0 (reference)",
+        {
+            "bn, spread 1.0 (reference)": {"head": "bn", "head_bn_weight": 1.0},
+            "bn, spread 0.25": {"head": "bn", "head_bn_weight": 0.25},
+            "bn, spread 0.1": {"head": "bn", "head_bn_weight": 0.1},
+            "linear": {"head": "linear"},
+        },
+    ),
+    "bn_stats": (
+        "DANN, both domains",
+        {
+            "DANN, both domains": {"mode": "dann", "bn_stats": "both"},
+            "DANN, source only": {"mode": "dann", "bn_stats": "source"},
+        },
+    ),
+    "adv_scale": (
+        "supervised",
+        {
+            "supervised": {},
+            "DANN 0.03": {"mode": "dann", "adv_scale": 0.03},
+            "DANN 0.1": {"mode": "dann", "adv_scale": 0.1},
+            "DANN 0.3": {"mode": "dann", "adv_scale": 0.3},
+        },
+    ),
+    "peak": ("level as recorded", {"level as recorded": {}, "peak-normalised": {"peak_normalize": True}}),
+}
+MODEL_KEYS = {"head", "head_bn_weight", "width"}
+
+
+def run_one(shards: str, variant: dict, seed: int) -> dict:
+    """Train one model and score it (runs in a child process)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from mdlda.adapt import DomainHead
+    from mdlda.checkpoints import seed_everything
+    from mdlda.frontend import Frontend, FrontendConfig, standardization_stats
+    from mdlda.metrics import regression_metrics
+    from mdlda.models import create_model
+    from mdlda.training import TrainConfig, fit
+
+    torch.set_num_threads(1)
+
+    def load(name: str, splits: list[str]):
+        t = pq.read_table(f"{shards}/{name}/data").to_pandas()
+        t = t[t.split.isin(splits)]
+        labels = np.stack(t.labels.to_numpy()).astype(np.float32) if t.labels.notna().all() else None
+        return np.stack(t.audio.to_numpy()).astype(np.int16), labels
+
+    src, y_src = load("midlevel", ["train"])
+    val, y_val = load("midlevel", ["valid"])
+    tests = {"test": load("midlevel", ["test"]), "piano_test": load("midlevel", ["piano_test"])}
+    tgt, _ = load("maestro", ["train", "validation", "test"])
+    peak = bool(variant.get("peak_normalize", False))
+    frontend = Frontend(FrontendConfig(peak_normalize=peak))
+    mean, std = standardization_stats(frontend, (torch.from_numpy(src[i : i + 16]) for i in range(0, len(src), 16)))
+    std = torch.where(std < 1e-4, torch.ones_like(std), std)
+    mode = variant.get("mode", "supervised")
+    bs = 8
+
+    def batches(epoch: int):
+        rng = np.random.default_rng([seed, epoch])
+        idx, tidx = rng.permutation(len(src)), rng.permutation(np.resize(np.arange(len(tgt)), len(src)))
+        for i in range(0, len(idx) - bs + 1, bs):
+            b = {"audio": torch.from_numpy(src[idx[i : i + bs]]), "labels": y_src[idx[i : i + bs]]}
+            if mode == "dann":
+                b["target_audio"] = torch.from_numpy(tgt[tidx[i : i + bs]])
+            yield b
+
+    def valid():
+        for i in range(0, len(val), 16):
+            yield {"audio": torch.from_numpy(val[i : i + 16]), "labels": y_val[i : i + 16]}
+
+    seed_everything(seed)
+    overrides = {"width": 8, **{k: v for k, v in variant.items() if k in MODEL_KEYS}}
+    model = create_model("rfresnet", **overrides, frontend={"peak_normalize": peak})
+    model.frontend.set_standardization(mean.tolist(), std.tolist())
+    train = {k: v for k, v in variant.items() if k not in MODEL_KEYS | {"peak_normalize"}}
+    cfg = TrainConfig(
+        **{"lr": 2e-3, "max_epochs": 8, "patience": 4, "lr_milestones": (4, 6), "seed": seed, "device": "cpu"}
+        | {"adv_scale": 0.3, **train}
+    )
+    head = DomainHead(model.embed_dim) if mode == "dann" else None
+    result = fit(model, batches, valid, cfg, domain_head=head)
+    model.eval()
+    out = {"best_epoch": result.best_epoch, "valid_r": result.best_score}
+    with torch.no_grad():
+        for split, (audio, labels) in tests.items():
+            pred = np.concatenate([(model(torch.from_numpy(audio[i : i + 8])) * 10).numpy() for i in range(0, len(audio), 8)])
+            m = regression_metrics(labels, pred)
+            out[f"{split}.r"], out[f"{split}.rmse"] = m["r_mean"], m["rmse_mean"]
+            out[f"{split}.in_scale"] = float(((pred >= 1) & (pred <= 10)).mean())
+            out[f"{split}.rmse_ref"] = regression_metrics(labels, np.broadcast_to(y_src.mean(0), labels.shape))[
+                "rmse_mean"
+            ]
+    return out
+
+
+def table(results: list[dict], reference: str) -> str:
+    import pandas as pd
+
+    from mdlda import ablation as stats
+
+    rows = []
+    for r in results:
+        for split in ("test", "piano_test"):
+            rows.append(
+                {
+                    "seed": r["seed"],
+                    "model": r["variant"],
+                    "split": split,
+                    "r_mean": r[f"{split}.r"],
+                    "rmse_mean": r[f"{split}.rmse"],
+                    "in_scale": r[f"{split}.in_scale"],
+                }
+            )
+    summary = stats.summarize(pd.DataFrame(rows), reference)
+    return stats.markdown(stats.headline(summary))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shards", required=True, help="Folder holding midlevel/ and maestro/ shards (a chain's shards)")
+    ap.add_argument("--group", choices=sorted(GROUPS), action="append", help="Groups to run (default: all)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--jobs", type=int, default=2, help="Trainings at a time (one thread each)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help="Also write every run's numbers as JSON lines here")
+    args = ap.parse_args()
+    if args.one:  # child process: one (variant, seed)
+        job = json.loads(args.one)
+        print(json.dumps(run_one(args.shards, job["variant"], job["seed"])))
+        return
+
+    def child(job: dict) -> dict:
+        cmd = [sys.executable, __file__, "--shards", args.shards, "--one", json.dumps(job)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        return {**job, **json.loads(out)}
+
+    for group in args.group or list(GROUPS):
+        reference, variants = GROUPS[group]
+        jobs = [{"name": n, "variant": v, "seed": s} for n, v in variants.items() for s in args.seeds]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            results = [{**r, "variant": r["name"]} for r in pool.map(child, jobs)]
+        if args.out:
+            with args.out.open("a") as f:
+                for r in results:
+                    f.write(json.dumps({"group": group, **r}) + "\n")
+        print(f"\n## {group} (reference: {reference}; seeds {args.seeds})\n")
+        print(table(results, reference), flush=True)
+
+
+if __name__ == "__main__":
+    main()
