@@ -111,7 +111,8 @@ def run_one(shards: str, variant: dict, seed: int) -> dict:
     out = {"best_epoch": result.best_epoch, "valid_r": result.best_score}
     with torch.no_grad():
         for split, (audio, labels) in tests.items():
-            pred = np.concatenate([(model(torch.from_numpy(audio[i : i + 8])) * 10).numpy() for i in range(0, len(audio), 8)])
+            chunks = [model(torch.from_numpy(audio[i : i + 8])) * 10 for i in range(0, len(audio), 8)]
+            pred = torch.cat(chunks).numpy()
             m = regression_metrics(labels, pred)
             out[f"{split}.r"], out[f"{split}.rmse"] = m["r_mean"], m["rmse_mean"]
             out[f"{split}.in_scale"] = float(((pred >= 1) & (pred <= 10)).mean())

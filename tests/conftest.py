@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports ray: no token auth, no usage stats, quiet logs: Ray 2.59+ turns token auth on for local clusters.
+# Before anything imports ray: no token auth (Ray 2.59+ turns it on for local clusters), no usage stats, quiet logs.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
