@@ -3,8 +3,8 @@
     python bench/train_step.py [--model rfresnet] [--width 128] [--steps 3] [--batch 8]
 
 The step is the DANN step with per-domain passes (docs/method.md): ``--batch`` source and ``--batch`` target
-15-s clips (random audio, so the front end is included) go through ``forward_features`` in two separate calls, the regression
-head runs on source features only (MSE), the domain head on both through gradient reversal; Adam on model +
+15-s clips (random audio, so the front end is included) go through ``forward_features`` in two separate calls, the
+regression head runs on source features only (MSE), the domain head on both through gradient reversal; Adam on model +
 domain head.
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one whole step (forward + backward; it
