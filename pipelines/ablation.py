@@ -8,7 +8,7 @@ use ``s``. Every seed is a chain of its own (its own MLflow parent run, nested u
 pseudo-label shards); a rerun resumes each of them stage by stage. Ablation students never move the registry's
 ``champion`` alias.
 
-Rows of the results (``results/ablation/``):
+Rows of the results (``results/ablation/<digest>/``, ``results/ablation/latest`` the newest):
 
 - ``baseline``: the source-only RF-ResNet, BN running statistics as trained;
 - ``baseline+AdaBN``: the same weights with every BatchNorm's statistics recomputed per domain (on the source
@@ -180,7 +180,8 @@ def run_ablation(
     for i, seed in enumerate(seeds):
         chain = Chain(seed_config(cfg, seed), workdir, address, console)
         if run_id is None:
-            run_id = _ablation_run(chain.exp_id, config_digest({"cfg": identity(cfg), "seeds": seeds}), seeds, cfg)
+            key = config_digest({"cfg": identity(cfg), "seeds": seeds})
+            run_id = _ablation_run(chain.exp_id, key, seeds, cfg)
         MlflowClient().set_tag(chain.parent, "mlflow.parentRunId", run_id)  # the seed's chain nests under it
         MlflowClient().set_tag(chain.parent, "ablation.seed", str(seed))
         chain.pseudo_name = f"pseudolabels-seed{seed}"
@@ -197,17 +198,22 @@ def run_ablation(
         per_seed += score_seed(seed, {BASELINE: base_uri, "student": chain.models["student"]}, teachers, data)
         teacher_rows += teacher_table(seed, chain.result.teachers)
         chain.say(f"ablation seed {seed}: scored")
-    return write_ablation(pd.DataFrame(per_seed), pd.DataFrame(teacher_rows), workdir, run_id, console)
+    out = workdir / "results" / "ablation" / key[:8]
+    result = write_ablation(pd.DataFrame(per_seed), pd.DataFrame(teacher_rows), out, run_id, console)
+    latest = workdir / "results" / "ablation" / "latest"
+    latest.unlink(missing_ok=True)
+    latest.symlink_to(key[:8])
+    return result
 
 
 def write_ablation(
-    per_seed: pd.DataFrame, teachers: pd.DataFrame, workdir: Path, run_id: str, console: Console
+    per_seed: pd.DataFrame, teachers: pd.DataFrame, out: Path, run_id: str, console: Console
 ) -> AblationResult:
+    """The tables, the figure and the report of one ablation into ``out``, logged to the ablation's MLflow run."""
     order = {m: i for i, m in enumerate(ORDER)}
     per_seed = per_seed.sort_values(["model", "split", "seed"], key=lambda c: c.map(order) if c.name == "model" else c)
     summary = stats.summarize(per_seed, BASELINE)
     head = stats.headline(summary)
-    out = workdir / "results" / "ablation"
     out.mkdir(parents=True, exist_ok=True)
     per_seed.to_csv(out / "per_seed.csv", index=False)
     summary.to_csv(out / "ablation.csv", index=False)
