@@ -5,13 +5,13 @@ segmenting its group and writing it as one Parquet file -> ``<out>/data``, chunk
 shards with Ray Data. Only the per-item outcomes (digests, skips) flow back through Ray Data, never the audio (see
 ``_run_chunks`` for what that saves). A finished chunk is recorded in ``<out>/.prepare/``; rerunning an interrupted
 run redoes only unfinished chunks, and rerunning a finished one does nothing. Bad files are reported skips (in the
-manifest), and the run stops with an error when more than ``max_failure_share`` of the items fail.
+manifest), and the run stops with an error when more than ``max_failure_share`` of the items fail. ``<out>`` must be
+new, empty or a shard folder of ours, and only files prepare wrote are ever deleted there (``prepare_folder``).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -29,13 +29,18 @@ from mdlda.audio import decoder_info
 from mdlda.manifest import DATA_DIR, MANIFEST, build_manifest, index_digest, read_manifest, write_manifest
 from mdlda.params import MAX_PAD_SECONDS, NUM_FEATURES  # noqa: F401 (LABEL_TYPE's length)
 from mdlda.shards import decode_item
+from pipelines.prepare_folder import (
+    STATE_DIR,
+    PrepareError,
+    check_out_folder,
+    remove_chunk_files,
+    remove_ours,
+    rmdir_if_empty,
+    write_json_atomic,
+)
 from pipelines.shards import WRITE_OPTIONS, tensor_array
 
-STATE_DIR = ".prepare"
-
-
-class PrepareError(RuntimeError):
-    """The prepare stage refused to write a dataset (too many failures, a folder holding other shards, ...)."""
+__all__ = ["STATE_DIR", "PrepareConfig", "PrepareError", "PrepareResult", "decode_group", "prepare"]
 
 
 @dataclass
@@ -128,15 +133,6 @@ def _load_state(state_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _clean_unfinished(out: Path, done: set[int]) -> None:
-    """Remove staging folders and data files of chunks that did not finish (so nothing is duplicated)."""
-    for staging in (out / STATE_DIR).glob("staging-*"):
-        shutil.rmtree(staging, ignore_errors=True)
-    for f in (out / DATA_DIR).glob("chunk-*.parquet"):
-        if int(f.name.split("-")[1]) not in done:
-            f.unlink()
-
-
 def _progress(total: int, enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -154,6 +150,7 @@ def _progress(total: int, enabled: bool):
 def prepare(config: PrepareConfig) -> PrepareResult:
     """Run the prepare stage; returns the manifest of the finished shard folder."""
     out = Path(config.out).resolve()
+    check_out_folder(out)  # before any work: a folder holding other files is refused, never cleared
     index = _index(config)
     table = index.table.reset_index(drop=True)
     options = {"dataset": config.dataset, "max_pad_s": config.max_pad_s, **index.options}
@@ -171,15 +168,12 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     state_dir = out / STATE_DIR
     state = _load_state(state_dir)
     if state.get("index_digest") != digest or config.overwrite:
-        shutil.rmtree(out / DATA_DIR, ignore_errors=True)
-        shutil.rmtree(state_dir, ignore_errors=True)
-        (out / MANIFEST).unlink(missing_ok=True)
+        remove_ours(out)  # only the files prepare wrote (check_out_folder refused anything else)
         state = {"index_digest": digest, "done": []}
-    state_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(state_dir / "state.json", state)  # first: the folder is marked as ours before data lands
     (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
-    (state_dir / "state.json").write_text(json.dumps(state))
     done = set(state["done"])
-    _clean_unfinished(out, done)
+    remove_chunk_files(out, done)
 
     n_items = len(table)
     index_failures = [s for s in index.skipped if s.get("counts_as_failure", True)]
@@ -268,9 +262,9 @@ def _run_chunks(
             left[i] -= 1
             if left[i] == 0:
                 staging = out / STATE_DIR / f"staging-{i:05d}"
-                for f in sorted(staging.glob("*.parquet")):
+                for f in sorted(staging.glob("part-*.parquet")):
                     f.rename(out / DATA_DIR / f"chunk-{i:05d}-{f.name}")
-                shutil.rmtree(staging, ignore_errors=True)
+                rmdir_if_empty(staging)  # kept if something not ours is in it
                 done = parts.pop(i)
                 yield i, [rec for k in sorted(done) for rec in done[k]]
     finally:

@@ -190,3 +190,45 @@ def test_maestro_segments(ray_local, demo_root, tmp_path):
     first = rows[rows.group == rows.group.iloc[0]].sort_values("offset_s")
     assert list(first.offset_s) == [15.0 * i for i in range(len(first))]
     assert all(cid == f"{g}#{int(o // 15)}" for cid, g, o in zip(rows.clip_id, rows.group, rows.offset_s, strict=True))
+
+
+def test_a_folder_holding_user_files_is_refused_and_they_survive(demo_root, tmp_path):
+    """The README's layouts keep raw data in <X>/data: `--out <X>` must not clear it (not even with --overwrite)."""
+    from pipelines.prepare import PrepareError, prepare
+
+    out = tmp_path / "demo_work"
+    (out / "data" / "midlevel").mkdir(parents=True)
+    song = out / "data" / "midlevel" / "song.mp3"
+    song.write_bytes(b"the user's audio")
+    (out / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(PrepareError, match="is not an mdlda shard folder") as info:
+            prepare(_cfg(demo_root, out, overwrite=overwrite))
+        assert str(out) in str(info.value) and "new or empty folder" in str(info.value)
+    assert song.read_bytes() == b"the user's audio" and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.rglob("*")) == ["data", "midlevel", "notes.txt", "song.mp3"]
+
+
+def test_a_stranger_in_our_data_folder_is_refused_and_kept(midlevel_shards, demo_root, tmp_path):
+    from pipelines.prepare import PrepareError, prepare
+
+    out = tmp_path / "copy"
+    shutil.copytree(midlevel_shards.out, out)
+    stranger = out / DATA_DIR / "extra.parquet"
+    stranger.write_bytes(b"not ours")
+    before = sorted(f.name for f in (out / DATA_DIR).iterdir())
+    with pytest.raises(PrepareError, match=r"did not write: data/extra\.parquet"):
+        prepare(_cfg(demo_root, out, seed=1, overwrite=True))
+    assert stranger.read_bytes() == b"not ours" and sorted(f.name for f in (out / DATA_DIR).iterdir()) == before
+
+
+def test_overwrite_replaces_only_our_files(midlevel_shards, demo_root, tmp_path):
+    from pipelines.prepare import prepare
+
+    out = tmp_path / "copy"
+    shutil.copytree(midlevel_shards.out, out)
+    (out / "notes.txt").write_text("mine")  # beside the manifest: not read as shards, and never deleted
+    result = prepare(_cfg(demo_root, out, seed=1, overwrite=True, chunk_items=64))
+    assert not result.skipped_work and (out / "notes.txt").read_text() == "mine"
+    assert result.manifest["options"]["seed"] == 1
+    assert len(_rows(out)) == result.manifest["rows"] and _rows(out).clip_id.is_unique
