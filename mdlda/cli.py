@@ -94,6 +94,10 @@ def prepare(
     for split, n in m["counts"].items():
         table.add_row(split, str(n))
     console.print(table)
+    if result.repaired:
+        console.print(f"[yellow]{len(result.repaired)} shard file(s) did not match the manifest and were redone:[/]")
+        for line in result.repaired[:10]:
+            console.print(f"  {line}")
     if m["skipped"]:
         console.print(f"[yellow]{len(m['skipped'])} item(s) skipped[/] (listed in {result.out}/manifest.json):")
         for s in m["skipped"][:10]:

@@ -152,3 +152,56 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def chunk_of(name: str) -> int | None:
+    """The chunk number in a data file's name (``chunk-00003-part-00001.parquet`` -> 3), None if not ours."""
+    m = _DATA_FILE.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def _rows_of(path: Path) -> int | None:
+    """Row count from a Parquet file's footer (cheap: no data is read); None when the file is unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # truncated or not Parquet at all: ArrowInvalid, OSError
+        return None
+
+
+def data_files(out: Path) -> list[dict]:
+    """Name, size in bytes and row count of every data file prepare wrote in ``out`` (listed in the manifest)."""
+    folder = out / DATA_DIR
+    files = sorted(f for f in folder.iterdir() if _DATA_FILE.fullmatch(f.name)) if folder.is_dir() else []
+    return [{"name": f.name, "bytes": f.stat().st_size, "rows": _rows_of(f)} for f in files]
+
+
+def check_files(out: Path, manifest: dict) -> list[tuple[str, str]]:
+    """``(file name, what is wrong)`` for every data file that is missing, truncated, resized, unreadable or not
+    listed in the manifest; [] when the folder holds exactly the files the manifest lists. A manifest from before
+    the file list only gets its total row count checked against the files' footers."""
+    present = {f["name"]: f for f in data_files(out)}
+    listed = manifest.get("files")
+    problems: list[tuple[str, str]] = []
+    if listed is None:
+        unreadable = [(n, "unreadable (truncated or not Parquet)") for n, f in present.items() if f["rows"] is None]
+        total = sum(f["rows"] or 0 for f in present.values())
+        if unreadable or total != manifest.get("rows"):
+            problems = unreadable or [("*", f"the files hold {total} rows, the manifest {manifest.get('rows')}")]
+        return problems
+    for want in listed:
+        got = present.pop(want["name"], None)
+        if got is None:
+            problems.append((want["name"], "missing"))
+        elif got["rows"] is None:
+            problems.append((want["name"], f"unreadable (truncated or not Parquet; {got['bytes']} bytes)"))
+        elif got["bytes"] != want["bytes"] or got["rows"] != want["rows"]:
+            problems.append(
+                (
+                    want["name"],
+                    f"{got['bytes']} bytes / {got['rows']} rows, the manifest lists {want['bytes']} / {want['rows']}",
+                )
+            )
+    problems += [(name, "not listed in the manifest") for name in sorted(present)]
+    return problems

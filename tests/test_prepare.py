@@ -232,3 +232,58 @@ def test_overwrite_replaces_only_our_files(midlevel_shards, demo_root, tmp_path)
     assert not result.skipped_work and (out / "notes.txt").read_text() == "mine"
     assert result.manifest["options"]["seed"] == 1
     assert len(_rows(out)) == result.manifest["rows"] and _rows(out).clip_id.is_unique
+
+
+def _interrupt_after_first_chunk(out: Path) -> None:
+    """What a crash after the first chunk leaves: no manifest, only chunk 0 recorded as done."""
+    from pipelines.prepare import STATE_DIR
+
+    (out / MANIFEST).unlink()
+    state = json.loads((out / STATE_DIR / "state.json").read_text())
+    for i in state["done"][1:]:
+        (out / STATE_DIR / f"chunk-{i:05d}.json").unlink()
+    state["done"] = state["done"][:1]
+    (out / STATE_DIR / "state.json").write_text(json.dumps(state))
+
+
+def test_resume_with_another_chunk_size_writes_every_row(midlevel_shards, demo_root, tmp_path):
+    """Interrupted with --chunk-items 8, resumed with 512: every row is written once (not just the first chunk's)."""
+    from pipelines.prepare import prepare
+
+    out = tmp_path / "copy"
+    shutil.copytree(midlevel_shards.out, out)
+    _interrupt_after_first_chunk(out)
+    result = prepare(_cfg(demo_root, out, chunk_items=512))
+    rows = _rows(out)
+    assert len(rows) == result.manifest["rows"] == midlevel_shards.manifest["rows"] and rows.clip_id.is_unique
+    assert result.manifest["content_digest"] == midlevel_shards.manifest["content_digest"]
+
+
+def test_a_deleted_or_truncated_shard_file_is_noticed_and_redone(midlevel_shards, demo_root, tmp_path):
+    from pipelines.prepare import prepare
+
+    out = tmp_path / "copy"
+    shutil.copytree(midlevel_shards.out, out)
+    files = sorted((out / DATA_DIR).glob("chunk-*.parquet"))
+    gone, cut = files[0], files[-1]
+    gone.unlink()
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    again = prepare(_cfg(demo_root, out, chunk_items=8))
+    assert not again.skipped_work
+    assert any(line.startswith(f"{gone.name}: missing") for line in again.repaired)
+    assert any(line.startswith(f"{cut.name}: unreadable") for line in again.repaired)
+    assert again.manifest["content_digest"] == midlevel_shards.manifest["content_digest"]
+    assert len(_rows(out)) == midlevel_shards.manifest["rows"] and _rows(out).clip_id.is_unique
+    assert prepare(_cfg(demo_root, out, chunk_items=8)).skipped_work  # intact again: nothing to do
+
+
+def test_damage_without_resume_state_is_refused(midlevel_shards, demo_root, tmp_path):
+    from pipelines.prepare import STATE_DIR, PrepareError, prepare
+
+    out = tmp_path / "copy"
+    shutil.copytree(midlevel_shards.out, out)
+    shutil.rmtree(out / STATE_DIR)
+    victim = sorted((out / DATA_DIR).glob("chunk-*.parquet"))[0]
+    victim.unlink()
+    with pytest.raises(PrepareError, match=rf"{victim.name}: missing.*--overwrite"):
+        prepare(_cfg(demo_root, out, chunk_items=8))
