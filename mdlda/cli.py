@@ -58,14 +58,15 @@ def run(
     """
     from mdlda.config import ConfigError, load_chain_config
 
-    try:
-        cfg = with_budget(load_chain_config(config, set_), time_budget, max_trials, baseline=False)
-    except ConfigError as exc:
-        _fail(str(exc))
-    from pipelines.run import run_chain
+    with _locked(workdir):  # first: a second writer on the workdir is refused before any other work
+        try:
+            cfg = with_budget(load_chain_config(config, set_), time_budget, max_trials, baseline=False)
+        except ConfigError as exc:
+            _fail(str(exc))
+        from pipelines.run import run_chain
 
-    with _locked(workdir), _guarded(workdir):
-        run_chain(cfg, data, workdir, address=address, console=console)
+        with _guarded(workdir):
+            run_chain(cfg, data, workdir, address=address, console=console)
 
 
 @contextmanager

@@ -23,22 +23,23 @@ def ablation(
     from mdlda.cli import _fail, _guarded, _locked, console
     from mdlda.config import ConfigError, load_chain_config
 
-    try:
-        cfg = load_chain_config(config, set_)
-    except ConfigError as exc:
-        _fail(str(exc))
-    chosen = list(seed) or list(range(1, seeds + 1))
-    if len(set(chosen)) != len(chosen):
-        _fail(f"--seed values must be distinct, got {chosen}")
-    from mdlda.manifest import ShardError
-    from pipelines.ablation import run_ablation
-    from pipelines.select import SelectionError
-
-    with _locked(workdir), _guarded(workdir):
+    with _locked(workdir):  # first: a second writer on the workdir is refused before any other work
         try:
-            run_ablation(cfg, data, workdir, chosen, address=address, console=console)
-        except (ShardError, SelectionError) as exc:
+            cfg = load_chain_config(config, set_)
+        except ConfigError as exc:
             _fail(str(exc))
+        chosen = list(seed) or list(range(1, seeds + 1))
+        if len(set(chosen)) != len(chosen):
+            _fail(f"--seed values must be distinct, got {chosen}")
+        from mdlda.manifest import ShardError
+        from pipelines.ablation import run_ablation
+        from pipelines.select import SelectionError
+
+        with _guarded(workdir):
+            try:
+                run_ablation(cfg, data, workdir, chosen, address=address, console=console)
+            except (ShardError, SelectionError) as exc:
+                _fail(str(exc))
 
 
 def register(app: typer.Typer) -> None:

@@ -55,14 +55,13 @@ def prepare(
 ) -> None:
     """Decode, resample and segment audio into Parquet shards with Ray Data (resumable, idempotent)."""
     from mdlda.cli import _fail, _locked
-    from pipelines.prepare import PrepareConfig
     from pipelines.prepare_folder import PrepareError, check_out_folder
 
     try:
         check_out_folder(out.resolve())  # before the lock file is written into it: a user's folder stays untouched
     except PrepareError as exc:
         _fail(str(exc))
-    cfg = PrepareConfig(
+    options = dict(
         dataset=dataset.value,
         root=str(root),
         out=str(out),
@@ -73,17 +72,18 @@ def prepare(
         chunk_items=chunk_items,
         overwrite=overwrite,
     )
-    with _locked(out):
-        _prepare(cfg, address)
+    with _locked(out):  # before Ray (or even its import): a second writer on OUT is refused at once
+        _prepare(options, address)
 
 
-def _prepare(cfg, address: str | None) -> None:
+def _prepare(options: dict, address: str | None) -> None:
     from mdlda.cli import _fail, console
     from mdlda.datasets import DatasetFormatError
     from mdlda.manifest import ShardError
-    from pipelines.prepare import PrepareError, prepare
+    from pipelines.prepare import PrepareConfig, PrepareError, prepare
     from pipelines.raysetup import init_ray
 
+    cfg = PrepareConfig(**options)
     init_ray(address)
     try:
         result = prepare(cfg)

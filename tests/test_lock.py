@@ -88,3 +88,23 @@ def test_prepare_locks_its_out_folder_but_writes_nothing_into_a_users_folder(hol
     said = " ".join((res.stdout + res.stderr).split())
     assert res.returncode == 1 and "is not an mdlda shard folder" in said, said
     assert sorted(p.name for p in mine.rglob("*")) == ["data", "song.wav"] and not (mine / LOCK_FILE).exists()
+
+
+def test_every_writing_command_takes_the_workdir_lock(holder, tmp_path):
+    """In this process (the holder is another one): refused before any config, Ray or MLflow work."""
+    from typer.testing import CliRunner
+
+    from mdlda.cli import app
+
+    wd = str(tmp_path / "wd")
+    for args in (
+        ["run", "--data", str(tmp_path), "--workdir", wd],
+        ["teachers", "--workdir", wd],
+        ["teachers", "--select-only", "--workdir", wd],
+        ["pseudolabel", "--workdir", wd],
+        ["evaluate", "--workdir", wd],
+        ["ablation", "--data", str(tmp_path), "--workdir", wd],
+    ):
+        res = CliRunner().invoke(app, args)
+        said = " ".join(res.output.split())
+        assert res.exit_code == 1 and f"pid {holder.pid}" in said, (args, said)
