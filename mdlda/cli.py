@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -18,10 +17,9 @@ app = typer.Typer(
 )
 console = Console()
 
+from mdlda.cli_prepare import register as _register_prepare  # noqa: E402
 
-class Corpus(StrEnum):
-    midlevel = "midlevel"
-    maestro = "maestro"
+_register_prepare(app)  # demo-data and prepare first: the order of `mdlda --help`
 
 
 def _fail(message: str) -> None:
@@ -29,75 +27,17 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
-@app.command("demo-data")
-def demo_data(
-    out: Path = typer.Option(..., help="Folder to write the generated Mid-level- and MAESTRO-format datasets into."),
-    seed: int = typer.Option(0, help="Random seed: the same seed writes identical files."),
-    size: str = typer.Option("small", help="'tiny' (tests) or 'small' (the demo)."),
-) -> None:
-    """Generate a small dataset in the real on-disk formats (audio files + CSVs), with a real timbre shift."""
-    from mdlda.datasets import generate_demo
+@contextmanager
+def _locked(folder: Path):
+    """Hold ``folder``'s one-writer lock for the command (:mod:`mdlda.lock`): a second command writing there exits
+    at once with code 1, naming the holder."""
+    from mdlda.lock import LockHeld, workdir_lock
 
-    summary = generate_demo(out, seed=seed, size=size)
-    console.print_json(json.dumps(summary, default=str))
-
-
-@app.command()
-def prepare(
-    dataset: Corpus = typer.Argument(..., help="Which corpus format the root folder holds."),
-    root: Path = typer.Option(
-        ...,
-        help="Dataset root (Mid-level: holds metadata_annotations/ and audio/; "
-        "MAESTRO: holds maestro-v3.0.0.csv and the year folders).",
-    ),
-    out: Path = typer.Option(..., help="Output shard folder (Parquet files + manifest.json)."),
-    piano_ids: Path | None = typer.Option(
-        None, help="Mid-level: CSV with a `song id` column listing the piano clips (the piano_test split)."
-    ),
-    seed: int = typer.Option(0, help="Seed of the artist-exclusive split / the MAESTRO subset."),
-    max_performances: int | None = typer.Option(None, help="MAESTRO: keep a seeded subset of this many performances."),
-    max_failure_share: float = typer.Option(
-        0.1, help="Stop with an error, writing nothing, when more than this share of the files fail."
-    ),
-    chunk_items: int = typer.Option(512, help="Files per resumable chunk (a rerun redoes only unfinished chunks)."),
-    overwrite: bool = typer.Option(False, help="Replace shards in OUT that were made from other input."),
-    address: str | None = typer.Option(None, help="Ray address ('auto' for a running cluster); local Ray if unset."),
-) -> None:
-    """Decode, resample and segment audio into Parquet shards with Ray Data (resumable, idempotent)."""
-    from mdlda.datasets import DatasetFormatError
-    from mdlda.manifest import ShardError
-    from pipelines.prepare import PrepareConfig, PrepareError, prepare
-    from pipelines.raysetup import init_ray
-
-    init_ray(address)
-    cfg = PrepareConfig(
-        dataset=dataset.value,
-        root=str(root),
-        out=str(out),
-        piano_ids=str(piano_ids) if piano_ids else None,
-        seed=seed,
-        max_performances=max_performances,
-        max_failure_share=max_failure_share,
-        chunk_items=chunk_items,
-        overwrite=overwrite,
-    )
     try:
-        result = prepare(cfg)
-    except (PrepareError, DatasetFormatError, ShardError) as exc:
+        with workdir_lock(folder):
+            yield
+    except LockHeld as exc:
         _fail(str(exc))
-    m = result.manifest
-    table = Table(
-        title=f"{dataset.value} shards -> {result.out}" + (" (already up to date)" if result.skipped_work else "")
-    )
-    table.add_column("split")
-    table.add_column("rows", justify="right")
-    for split, n in m["counts"].items():
-        table.add_row(split, str(n))
-    console.print(table)
-    if m["skipped"]:
-        console.print(f"[yellow]{len(m['skipped'])} item(s) skipped[/] (listed in {result.out}/manifest.json):")
-        for s in m["skipped"][:10]:
-            console.print(f"  {s.get('item')}: {s.get('reason')}")
 
 
 @app.command()
@@ -118,14 +58,15 @@ def run(
     """
     from mdlda.config import ConfigError, load_chain_config
 
-    try:
-        cfg = with_budget(load_chain_config(config, set_), time_budget, max_trials, baseline=False)
-    except ConfigError as exc:
-        _fail(str(exc))
-    from pipelines.run import run_chain
+    with _locked(workdir):  # first: a second writer on the workdir is refused before any other work
+        try:
+            cfg = with_budget(load_chain_config(config, set_), time_budget, max_trials, baseline=False)
+        except ConfigError as exc:
+            _fail(str(exc))
+        from pipelines.run import run_chain
 
-    with _guarded(workdir):
-        run_chain(cfg, data, workdir, address=address, console=console)
+        with _guarded(workdir):
+            run_chain(cfg, data, workdir, address=address, console=console)
 
 
 @contextmanager
@@ -201,9 +142,10 @@ def teachers(
     Needs the shards of `mdlda prepare` (or of an earlier `mdlda run`) in WORKDIR/shards. Rerunning resumes an
     interrupted sweep without redoing finished trials.
     """
-    chain = _chain(config, workdir, set_, address, (time_budget, max_trials, baseline))
-    with _guarded(workdir):
-        _teachers(chain, baseline, select_only, rerun)
+    with _locked(workdir):
+        chain = _chain(config, workdir, set_, address, (time_budget, max_trials, baseline))
+        with _guarded(workdir):
+            _teachers(chain, baseline, select_only, rerun)
 
 
 def _teachers(chain, baseline: bool, select_only: bool, rerun: str | None) -> None:
@@ -241,12 +183,13 @@ def pseudolabel(
     config: Path = CONFIG_OPT, workdir: Path = WORKDIR_OPT, set_: list[str] = SET_OPT, address: str | None = ADDRESS_OPT
 ) -> None:
     """Label a seeded subset of MAESTRO segments with the mean of the registered teachers (Ray Data actors)."""
-    chain = _chain(config, workdir, set_, address)
-    with _guarded(workdir):
-        try:
-            chain.pseudolabel()
-        except RuntimeError as exc:
-            _fail(str(exc))
+    with _locked(workdir):
+        chain = _chain(config, workdir, set_, address)
+        with _guarded(workdir):
+            try:
+                chain.pseudolabel()
+            except RuntimeError as exc:
+                _fail(str(exc))
 
 
 @app.command()
@@ -254,9 +197,10 @@ def student(
     config: Path = CONFIG_OPT, workdir: Path = WORKDIR_OPT, set_: list[str] = SET_OPT, address: str | None = ADDRESS_OPT
 ) -> None:
     """Distil the student with Ray Train on source + pseudo-labelled piano segments; register it."""
-    chain = _chain(config, workdir, set_, address)
-    with _guarded(workdir):
-        chain.student()
+    with _locked(workdir):
+        chain = _chain(config, workdir, set_, address)
+        with _guarded(workdir):
+            chain.student()
 
 
 @app.command()
@@ -272,15 +216,16 @@ def evaluate(
     address: str | None = ADDRESS_OPT,
 ) -> None:
     """Per-feature Pearson r and RMSE on the non-piano test split and the piano test subset."""
-    chain = _chain(config, workdir, set_, address)
     chosen = {}
     for item in models or []:
         name, sep, uri = item.partition("=")
         if not sep:
             name, uri = item, item
         chosen[name] = uri
-    with _guarded(workdir):
-        chain.evaluate(chosen or chain.registered_models())
+    with _locked(workdir):
+        chain = _chain(config, workdir, set_, address)
+        with _guarded(workdir):
+            chain.evaluate(chosen or chain.registered_models())
 
 
 @app.command()

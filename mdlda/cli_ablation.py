@@ -20,25 +20,26 @@ def ablation(
 ) -> None:
     """Train every model of the ablation for each seed (the chain's own stages, resumable) and report mean ± 95%
     interval over seeds and paired differences to the baseline: WORKDIR/results/ablation/{ablation.md,csv,png}."""
-    from mdlda.cli import _fail, _guarded, console
+    from mdlda.cli import _fail, _guarded, _locked, console
     from mdlda.config import ConfigError, load_chain_config
 
-    try:
-        cfg = load_chain_config(config, set_)
-    except ConfigError as exc:
-        _fail(str(exc))
-    chosen = list(seed) or list(range(1, seeds + 1))
-    if len(set(chosen)) != len(chosen):
-        _fail(f"--seed values must be distinct, got {chosen}")
-    from mdlda.manifest import ShardError
-    from pipelines.ablation import run_ablation
-    from pipelines.select import SelectionError
-
-    with _guarded(workdir):
+    with _locked(workdir):  # first: a second writer on the workdir is refused before any other work
         try:
-            run_ablation(cfg, data, workdir, chosen, address=address, console=console)
-        except (ShardError, SelectionError) as exc:
+            cfg = load_chain_config(config, set_)
+        except ConfigError as exc:
             _fail(str(exc))
+        chosen = list(seed) or list(range(1, seeds + 1))
+        if len(set(chosen)) != len(chosen):
+            _fail(f"--seed values must be distinct, got {chosen}")
+        from mdlda.manifest import ShardError
+        from pipelines.ablation import run_ablation
+        from pipelines.select import SelectionError
+
+        with _guarded(workdir):
+            try:
+                run_ablation(cfg, data, workdir, chosen, address=address, console=console)
+            except (ShardError, SelectionError) as exc:
+                _fail(str(exc))
 
 
 def register(app: typer.Typer) -> None:

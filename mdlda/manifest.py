@@ -52,7 +52,10 @@ def build_manifest(
     options: dict,
     decoder: dict,
     clip_fitting: dict[str, int] | None = None,
+    files: list[dict] | None = None,
 ) -> dict[str, Any]:
+    """The manifest dict; ``files`` (name, bytes, rows of each data file) lets a rerun check the folder is intact."""
+    extra = {} if files is None else {"files": files}
     return {
         "dataset": dataset,
         "source_root": source_root,
@@ -67,6 +70,7 @@ def build_manifest(
         "options": options,
         "code_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
     }
 
 

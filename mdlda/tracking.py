@@ -3,7 +3,8 @@
 Default store: ``sqlite:///<abs workdir>/mlflow.db`` with artifacts under ``<workdir>/mlartifacts`` (no server).
 ``MLFLOW_TRACKING_URI`` overrides it (a tracking server on a cluster). Registered models are exported with
 torch.export ("pt2", no pickle) and take 22.05 kHz mono audio (B, 330750) float32, giving the 7 features on
-the 1..10 scale.
+the 1..10 scale. mdlda itself loads them only from the weights-only checkpoint logged beside each one
+(:func:`load_served`, :mod:`mdlda.served`), never by running what a version's files describe.
 """
 
 from __future__ import annotations
@@ -177,39 +178,20 @@ def log_model(
 
 
 def load_checkpoint(uri: str) -> nn.Module:
-    """The full model (with ``forward_features``) behind a registered/logged model, from its run's checkpoint."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    """The full model (with ``forward_features``) behind a registered/logged model, from its run's weights-only
+    checkpoint (see :mod:`mdlda.served`)."""
+    from mdlda import served
 
-    from mdlda.checkpoints import load_model
-
-    client = MlflowClient()
-    if uri.startswith("models:/"):
-        rest = uri[len("models:/") :]
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            v = client.get_model_version_by_alias(name, alias)
-        else:
-            name, version = rest.rsplit("/", 1)
-            v = client.get_model_version(name, version)
-        run_id = v.run_id
-    elif uri.startswith("runs:/"):
-        run_id = uri[len("runs:/") :].split("/", 1)[0]
-    else:
-        raise TrackingError(f"cannot find the checkpoint of {uri!r}: expected models:/ or runs:/")
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model-checkpoint")
-    return load_model(local).eval()
+    return served.load_checkpoint(uri)
 
 
 def load_served(uri: str) -> nn.Module:
-    """Load a logged or registered model (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/...``)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    """Load a logged or registered model (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/...``) in its
+    served form, from its weights-only checkpoint: never through ``mlflow.pytorch.load_model``, which can run
+    code stored with the model (see :mod:`mdlda.served`)."""
+    from mdlda import served
 
-    try:
-        return mlflow.pytorch.load_model(uri)
-    except MlflowException as exc:
-        raise TrackingError(f"cannot load model {uri!r}: {exc.message}") from exc
+    return served.load_served(uri)
 
 
 def latest_version(registered_model: str, run_id: str):

@@ -5,13 +5,14 @@ segmenting its group and writing it as one Parquet file -> ``<out>/data``, chunk
 shards with Ray Data. Only the per-item outcomes (digests, skips) flow back through Ray Data, never the audio (see
 ``_run_chunks`` for what that saves). A finished chunk is recorded in ``<out>/.prepare/``; rerunning an interrupted
 run redoes only unfinished chunks, and rerunning a finished one does nothing. Bad files are reported skips (in the
-manifest), and the run stops with an error when more than ``max_failure_share`` of the items fail.
+manifest), and the run stops with an error when more than ``max_failure_share`` of the items fail. ``<out>`` must be
+new, empty or a shard folder of ours, and only files prepare wrote are ever deleted there (``prepare_folder``).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -29,13 +30,24 @@ from mdlda.audio import decoder_info
 from mdlda.manifest import DATA_DIR, MANIFEST, build_manifest, index_digest, read_manifest, write_manifest
 from mdlda.params import MAX_PAD_SECONDS, NUM_FEATURES  # noqa: F401 (LABEL_TYPE's length)
 from mdlda.shards import decode_item
+from pipelines.prepare_folder import (
+    STATE_DIR,
+    STATE_FILE,
+    PrepareError,
+    check_files,
+    check_out_folder,
+    chunk_of,
+    data_files,
+    remove_chunk_files,
+    remove_ours,
+    rmdir_if_empty,
+    write_json_atomic,
+)
 from pipelines.shards import WRITE_OPTIONS, tensor_array
 
-STATE_DIR = ".prepare"
+logger = logging.getLogger(__name__)
 
-
-class PrepareError(RuntimeError):
-    """The prepare stage refused to write a dataset (too many failures, a folder holding other shards, ...)."""
+__all__ = ["STATE_DIR", "PrepareConfig", "PrepareError", "PrepareResult", "decode_group", "prepare"]
 
 
 @dataclass
@@ -65,6 +77,7 @@ class PrepareResult:
     skipped_work: bool = False
     chunks_done: int = 0
     failures: list[dict] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)  # damaged or missing shard files found and redone
 
 
 # list<float32> holding exactly NUM_FEATURES values, or null. Not a fixed-size list: pyarrow 25 writes null
@@ -123,20 +136,6 @@ def _index(config: PrepareConfig):
     raise PrepareError(f"unknown dataset {config.dataset!r}: expected 'midlevel' or 'maestro'")
 
 
-def _load_state(state_dir: Path) -> dict:
-    path = state_dir / "state.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _clean_unfinished(out: Path, done: set[int]) -> None:
-    """Remove staging folders and data files of chunks that did not finish (so nothing is duplicated)."""
-    for staging in (out / STATE_DIR).glob("staging-*"):
-        shutil.rmtree(staging, ignore_errors=True)
-    for f in (out / DATA_DIR).glob("chunk-*.parquet"):
-        if int(f.name.split("-")[1]) not in done:
-            f.unlink()
-
-
 def _progress(total: int, enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -154,32 +153,39 @@ def _progress(total: int, enabled: bool):
 def prepare(config: PrepareConfig) -> PrepareResult:
     """Run the prepare stage; returns the manifest of the finished shard folder."""
     out = Path(config.out).resolve()
+    check_out_folder(out)  # before any work: a folder holding other files is refused, never cleared
     index = _index(config)
     table = index.table.reset_index(drop=True)
     options = {"dataset": config.dataset, "max_pad_s": config.max_pad_s, **index.options}
     digest = index_digest(table, options)
+    state_dir = out / STATE_DIR
 
+    repaired: list[str] = []
     if (out / MANIFEST).exists():
         manifest = read_manifest(out)
         if manifest.get("index_digest") == digest:
-            return PrepareResult(str(out), manifest, skipped_work=True)
-        if not config.overwrite:
+            problems = check_files(out, manifest)  # "up to date" only when the files are what the manifest lists
+            if not problems:
+                return PrepareResult(str(out), manifest, skipped_work=True)
+            if config.overwrite:  # rebuilt below
+                repaired = [f"{name}: {why}" for name, why in problems]
+            else:
+                repaired = _reopen_damaged(out, state_dir, digest, problems)
+        elif not config.overwrite:
             raise PrepareError(
                 f"{out} already holds shards made from other input (or other options). "
                 "Write to a new folder, or pass --overwrite to replace them."
             )
-    state_dir = out / STATE_DIR
-    state = _load_state(state_dir)
-    if state.get("index_digest") != digest or config.overwrite:
-        shutil.rmtree(out / DATA_DIR, ignore_errors=True)
-        shutil.rmtree(state_dir, ignore_errors=True)
-        (out / MANIFEST).unlink(missing_ok=True)
+    state = {} if config.overwrite else _load_state(state_dir)
+    if state.get("index_digest") != digest:
+        remove_ours(out)  # only the files prepare wrote (check_out_folder refused anything else)
         state = {"index_digest": digest, "done": []}
-    state_dir.mkdir(parents=True, exist_ok=True)
+    done_records = _done_records(state_dir, state["done"])
+    done = set(done_records)  # a finished chunk without its record is redone
+    state["done"] = sorted(done)
+    write_json_atomic(state_dir / STATE_FILE, state)  # first: the folder is marked as ours before data lands
     (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
-    (state_dir / "state.json").write_text(json.dumps(state))
-    done = set(state["done"])
-    _clean_unfinished(out, done)
+    remove_chunk_files(out, done)
 
     n_items = len(table)
     index_failures = [s for s in index.skipped if s.get("counts_as_failure", True)]
@@ -188,28 +194,78 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     if len(index_failures) > allowed:
         raise PrepareError(_too_many(index_failures, n_total, config))
 
-    chunks = [
-        (i, table.iloc[s : s + config.chunk_items]) for i, s in enumerate(range(0, n_items, max(1, config.chunk_items)))
-    ]
+    # What is left to do is decided by item, not by chunk number: a resume with another --chunk-items (or after
+    # a damaged chunk was reopened) decodes exactly the items no finished chunk holds, in new chunk numbers.
+    finished = {rec["item"] for records in done_records.values() for rec in records}
+    rest = table[~table.clip_id.astype(str).isin(finished)]
+    size, first = max(1, config.chunk_items), max(done, default=-1) + 1
+    todo = [(first + k, rest.iloc[s : s + size]) for k, s in enumerate(range(0, len(rest), size))]
     per_task = config.files_per_task or (1 if config.dataset == "maestro" else 16)
-    todo = [(i, chunk) for i, chunk in chunks if i not in done]
     failed = index_failures.copy()  # and those of the chunks done before an interruption:
-    for i in done:
-        failed += _failures(json.loads((state_dir / f"chunk-{i:05d}.json").read_text()))
+    for records in done_records.values():
+        failed += _failures(records)
     with _progress(n_items, config.progress) as bar:
         task = bar.add_task("decode", total=n_items)
-        bar.advance(task, n_items - sum(len(chunk) for _, chunk in todo))
+        bar.advance(task, n_items - len(rest))
         runs = _run_chunks(out, todo, per_task, config, advance=lambda n: bar.advance(task, n))
         with closing(runs):  # leaving early (an error) cancels the tasks still running
             for i, records in runs:
-                (state_dir / f"chunk-{i:05d}.json").write_text(json.dumps(records))
+                write_json_atomic(state_dir / f"chunk-{i:05d}.json", records)
                 done.add(i)
                 state["done"] = sorted(done)
-                (state_dir / "state.json").write_text(json.dumps(state))
+                write_json_atomic(state_dir / STATE_FILE, state)
                 failed += _failures(records)
                 if len(failed) > allowed:
                     raise PrepareError(_too_many(failed, n_total, config))
-    return _finish(out, state_dir, index, digest, options, config)
+    result = _finish(out, state_dir, index, digest, options, config)
+    result.repaired = repaired
+    return result
+
+
+def _load_state(state_dir: Path) -> dict:
+    path = state_dir / STATE_FILE
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("done", []), list):
+            raise ValueError("expected an object with a 'done' list")
+    except ValueError as exc:
+        raise PrepareError(
+            f"{path} is unreadable ({exc}): the resume state of an interrupted run. Pass --overwrite to start "
+            "this shard folder again (only the files prepare wrote are replaced)."
+        ) from exc
+    return state
+
+
+def _done_records(state_dir: Path, done: list[int]) -> dict[int, list[dict]]:
+    """The per-item records of the finished chunks; a chunk whose record is missing or unreadable is dropped."""
+    out = {}
+    for i in done:
+        try:
+            out[int(i)] = json.loads((state_dir / f"chunk-{int(i):05d}.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("prepare: the record of finished chunk %s in %s is missing: redoing it", i, state_dir)
+    return out
+
+
+def _reopen_damaged(out: Path, state_dir: Path, digest: str, problems: list[tuple[str, str]]) -> list[str]:
+    """The manifest's files do not match the data folder: mark the chunks of the damaged files unfinished (their
+    items are redone) and drop the manifest; refuse when there is no resume state to redo them from."""
+    lines = [f"{name}: {why}" for name, why in problems]
+    state = _load_state(state_dir)
+    chunks = {chunk_of(name) for name, _ in problems}
+    if state.get("index_digest") != digest or None in chunks:
+        raise PrepareError(
+            f"{out}: the shard files do not match {MANIFEST} ({'; '.join(lines[:5])}), and there is no resume state "
+            f"in {STATE_DIR}/ to redo only them. Pass --overwrite to rebuild the folder."
+        )
+    for line in lines:
+        logger.warning("prepare: %s/%s/%s: redoing its chunk", out, DATA_DIR, line)
+    state["done"] = sorted(set(state["done"]) - chunks)
+    write_json_atomic(state_dir / STATE_FILE, state)
+    (out / MANIFEST).unlink()
+    return lines
 
 
 def _decode_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -268,9 +324,9 @@ def _run_chunks(
             left[i] -= 1
             if left[i] == 0:
                 staging = out / STATE_DIR / f"staging-{i:05d}"
-                for f in sorted(staging.glob("*.parquet")):
+                for f in sorted(staging.glob("part-*.parquet")):
                     f.rename(out / DATA_DIR / f"chunk-{i:05d}-{f.name}")
-                shutil.rmtree(staging, ignore_errors=True)
+                rmdir_if_empty(staging)  # kept if something not ours is in it
                 done = parts.pop(i)
                 yield i, [rec for k in sorted(done) for rec in done[k]]
     finally:
@@ -319,6 +375,7 @@ def _finish(out: Path, state_dir: Path, index, digest: str, options: dict, confi
         options={**options, "config": asdict(config)},
         decoder=decoder_info(),
         clip_fitting=fitting,
+        files=data_files(out),
     )
     write_manifest(out, manifest)
     return PrepareResult(str(out), manifest, failures=[s for s in skipped if s.get("reason")])

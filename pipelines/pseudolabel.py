@@ -1,9 +1,10 @@
 """Stage 4, `mdlda pseudolabel`: label a seeded subset of MAESTRO segments with the teachers' mean prediction.
 
 Ray Data batch inference: an actor pool whose actors each hold the k registered teachers (loaded from the
-MLflow registry, on the GPU when there is one). Output: shards in the DESIGN schema (labels = teacher mean on
-the 1..10 scale) plus ``teacher_spread`` (std across teachers, averaged over the 7 features) and a manifest
-that names the teacher versions, so a rerun with the same teachers and seed does nothing.
+MLflow registry through their weights-only checkpoints, on the GPU when there is one). Output: shards in the
+DESIGN schema (labels = teacher mean on the 1..10 scale) plus ``teacher_spread`` (std across teachers, averaged
+over the 7 features) and a manifest that names the teacher versions, so a rerun with the same teachers and seed
+does nothing.
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ class TeacherEnsemble:
         import mlflow
         import torch
 
+        from mdlda.tracking import load_served
+
         mlflow.set_tracking_uri(tracking_uri)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.teachers = []
-        for uri in uris:
-            model = mlflow.pytorch.load_model(uri)
-            self.teachers.append(model.to(self.device) if hasattr(model, "to") else model)
+        # weights-only checkpoints and mdlda's model code: a registered version cannot run code on the workers
+        self.teachers = [load_served(uri).to(self.device) for uri in uris]
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -94,6 +95,10 @@ def pseudolabel(
         manifest = read_manifest(out)
         if manifest.get("index_digest") == key:
             return PseudoLabelResult(str(out), manifest, skipped_work=True)
+    from mdlda.served import resolve
+
+    for uri in teacher_uris:  # a refused teacher stops here, in the driver, with its message (not in an actor)
+        resolve(uri)
     shutil.rmtree(out, ignore_errors=True)
     ids = choose_segments(maestro_shards, n, cfg.seed, cfg.splits)
     cols = ["clip_id", "dataset", "domain", "split", "group", "offset_s", "audio"]

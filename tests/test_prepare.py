@@ -190,3 +190,100 @@ def test_maestro_segments(ray_local, demo_root, tmp_path):
     first = rows[rows.group == rows.group.iloc[0]].sort_values("offset_s")
     assert list(first.offset_s) == [15.0 * i for i in range(len(first))]
     assert all(cid == f"{g}#{int(o // 15)}" for cid, g, o in zip(rows.clip_id, rows.group, rows.offset_s, strict=True))
+
+
+def test_a_folder_holding_user_files_is_refused_and_they_survive(demo_root, tmp_path):
+    """The README's layouts keep raw data in <X>/data: `--out <X>` must not clear it (not even with --overwrite)."""
+    from pipelines.prepare import PrepareError, prepare
+
+    out = tmp_path / "demo_work"
+    (out / "data" / "midlevel").mkdir(parents=True)
+    song = out / "data" / "midlevel" / "song.mp3"
+    song.write_bytes(b"the user's audio")
+    (out / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(PrepareError, match="is not an mdlda shard folder") as info:
+            prepare(_cfg(demo_root, out, overwrite=overwrite))
+        assert str(out) in str(info.value) and "new or empty folder" in str(info.value)
+    assert song.read_bytes() == b"the user's audio" and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.rglob("*")) == ["data", "midlevel", "notes.txt", "song.mp3"]
+
+
+def test_a_stranger_in_our_data_folder_is_refused_and_kept(midlevel_shards, demo_root, tmp_path):
+    from pipelines.prepare import PrepareError, prepare
+
+    out = tmp_path / "copy"
+    shutil.copytree(midlevel_shards.out, out)
+    stranger = out / DATA_DIR / "extra.parquet"
+    stranger.write_bytes(b"not ours")
+    before = sorted(f.name for f in (out / DATA_DIR).iterdir())
+    with pytest.raises(PrepareError, match=r"did not write: data/extra\.parquet"):
+        prepare(_cfg(demo_root, out, seed=1, overwrite=True))
+    assert stranger.read_bytes() == b"not ours" and sorted(f.name for f in (out / DATA_DIR).iterdir()) == before
+
+
+def test_overwrite_replaces_only_our_files(midlevel_shards, demo_root, tmp_path):
+    from pipelines.prepare import prepare
+
+    out = tmp_path / "copy"
+    shutil.copytree(midlevel_shards.out, out)
+    (out / "notes.txt").write_text("mine")  # beside the manifest: not read as shards, and never deleted
+    result = prepare(_cfg(demo_root, out, seed=1, overwrite=True, chunk_items=64))
+    assert not result.skipped_work and (out / "notes.txt").read_text() == "mine"
+    assert result.manifest["options"]["seed"] == 1
+    assert len(_rows(out)) == result.manifest["rows"] and _rows(out).clip_id.is_unique
+
+
+def _interrupt_after_first_chunk(out: Path) -> None:
+    """What a crash after the first chunk leaves: no manifest, only chunk 0 recorded as done."""
+    from pipelines.prepare import STATE_DIR
+
+    (out / MANIFEST).unlink()
+    state = json.loads((out / STATE_DIR / "state.json").read_text())
+    for i in state["done"][1:]:
+        (out / STATE_DIR / f"chunk-{i:05d}.json").unlink()
+    state["done"] = state["done"][:1]
+    (out / STATE_DIR / "state.json").write_text(json.dumps(state))
+
+
+def test_resume_with_another_chunk_size_writes_every_row(midlevel_shards, demo_root, tmp_path):
+    """Interrupted with --chunk-items 8, resumed with 512: every row is written once (not just the first chunk's)."""
+    from pipelines.prepare import prepare
+
+    out = tmp_path / "copy"
+    shutil.copytree(midlevel_shards.out, out)
+    _interrupt_after_first_chunk(out)
+    result = prepare(_cfg(demo_root, out, chunk_items=512))
+    rows = _rows(out)
+    assert len(rows) == result.manifest["rows"] == midlevel_shards.manifest["rows"] and rows.clip_id.is_unique
+    assert result.manifest["content_digest"] == midlevel_shards.manifest["content_digest"]
+
+
+def test_a_deleted_or_truncated_shard_file_is_noticed_and_redone(midlevel_shards, demo_root, tmp_path):
+    from pipelines.prepare import prepare
+
+    out = tmp_path / "copy"
+    shutil.copytree(midlevel_shards.out, out)
+    files = sorted((out / DATA_DIR).glob("chunk-*.parquet"))
+    gone, cut = files[0], files[-1]
+    gone.unlink()
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    again = prepare(_cfg(demo_root, out, chunk_items=8))
+    assert not again.skipped_work
+    assert any(line.startswith(f"{gone.name}: missing") for line in again.repaired)
+    assert any(line.startswith(f"{cut.name}: unreadable") for line in again.repaired)
+    assert again.manifest["content_digest"] == midlevel_shards.manifest["content_digest"]
+    assert len(_rows(out)) == midlevel_shards.manifest["rows"] and _rows(out).clip_id.is_unique
+    assert prepare(_cfg(demo_root, out, chunk_items=8)).skipped_work  # intact again: nothing to do
+
+
+def test_damage_without_resume_state_is_refused(midlevel_shards, demo_root, tmp_path):
+    from pipelines.prepare import STATE_DIR, PrepareError, prepare
+
+    out = tmp_path / "copy"
+    shutil.copytree(midlevel_shards.out, out)
+    shutil.rmtree(out / STATE_DIR)
+    victim = sorted((out / DATA_DIR).glob("chunk-*.parquet"))[0]
+    victim.unlink()
+    with pytest.raises(PrepareError, match=rf"{victim.name}: missing.*--overwrite"):
+        prepare(_cfg(demo_root, out, chunk_items=8))

@@ -1,0 +1,142 @@
+"""Loading logged and registered models without running any code stored with them.
+
+``mlflow.pytorch.load_model`` rebuilds whatever a version's files describe: a pickled module (or one with a
+``code/`` folder) runs arbitrary Python on the machine that loads it, and on every Ray worker that pseudo-labels.
+Anyone who can register a version and move ``@champion`` could do that. So mdlda never loads a model that way.
+
+Every model :func:`mdlda.tracking.log_model` logs has a ``<name>-checkpoint`` artifact in its run: ``model.pt``
+(the state dict) + ``config.json``. :func:`resolve` finds that checkpoint for ``models:/NAME@ALIAS``,
+``models:/NAME/VERSION``, ``models:/<logged model id>`` or ``runs:/RUN_ID/PATH`` (reading only the version's
+record and its ``MLmodel`` YAML, with ``yaml.safe_load``), and :func:`load_checkpoint` rebuilds the network with
+mdlda's own model code and ``torch.load(weights_only=True)``. A version without such a checkpoint, or whose
+``model.pt`` holds more than tensors, is refused with a :class:`~mdlda.tracking.TrackingError` that says why.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+
+from torch import nn
+
+from mdlda.checkpoints import CONFIG_FILE, MODEL_FILE
+from mdlda.tracking import RatingModel, TrackingError
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # an artifact folder name, no path separators
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where the weights-only checkpoint of a model URI lives: the run and the artifact folder inside it."""
+
+    uri: str
+    run_id: str
+    checkpoint: str
+    version: str | None = None  # the resolved registry version (``NAME/VERSION``), if the URI named one
+
+
+def _refuse(ref_text: str, why: str) -> TrackingError:
+    return TrackingError(
+        f"refusing to load {ref_text}: {why}. mdlda loads models only from the weights-only checkpoint "
+        f"({MODEL_FILE} + {CONFIG_FILE}) that mdlda.tracking.log_model logs beside every model, because loading "
+        "a pickled or code-carrying MLflow model can run arbitrary code. Re-log the model with "
+        "mdlda.tracking.log_model (the chain's stages do), or pick another version"
+    )
+
+
+def _registry_version(client, uri: str, rest: str):
+    """The ModelVersion behind ``NAME@ALIAS`` or ``NAME/VERSION``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, version = rest.rsplit("/", 1)
+        if not version.isdigit():
+            raise TrackingError(f"cannot load {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION (a number)")
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot load model {uri!r}: {exc.message}") from exc
+
+
+def _checkpoint_name(info_uri: str, default: str) -> str:
+    """The checkpoint folder the model's MLmodel names (metadata ``checkpoint_artifact``), else ``default``."""
+    from mlflow.models import Model
+
+    try:
+        metadata = Model.load(info_uri).metadata or {}  # downloads the MLmodel file only; yaml.safe_load
+    except Exception:  # no MLmodel there (a version registered from a bare folder): the run may still have one
+        return default
+    name = str(metadata.get("checkpoint_artifact") or default)
+    return name if _SAFE_NAME.match(name) and name not in (".", "..") else default
+
+
+def resolve(uri: str) -> ModelRef:
+    """The run and checkpoint folder behind ``uri``; refuses a model that carries no weights-only checkpoint."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    version = None
+    if uri.startswith("models:/m-") and "/" not in uri[len("models:/") :] and "@" not in uri:
+        try:  # a logged model id (what MLflow 3 records as a version's source)
+            run_id = client.get_logged_model(uri[len("models:/") :]).source_run_id
+        except MlflowException as exc:
+            raise TrackingError(f"cannot load model {uri!r}: {exc.message}") from exc
+        info_uri, default = uri, "model-checkpoint"
+        label = uri
+    elif uri.startswith("models:/"):
+        v = _registry_version(client, uri, uri[len("models:/") :])
+        version = f"{v.name}/{v.version}"
+        run_id = v.run_id
+        info_uri, default = f"models:/{version}", "model-checkpoint"
+        label = f"{uri} (version {version})"
+    elif uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/") :].partition("/")
+        path = path.strip("/") or "model"
+        info_uri, default = uri, f"{path.rsplit('/', 1)[-1]}-checkpoint"
+        label = uri
+    else:
+        raise TrackingError(
+            f"cannot load {uri!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH"
+        )
+    if not run_id:
+        raise _refuse(label, "it was not logged from an MLflow run, so it has no checkpoint")
+    checkpoint = _checkpoint_name(info_uri, default)
+    try:
+        files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, checkpoint)}
+    except MlflowException as exc:
+        raise TrackingError(f"cannot list the artifacts of run {run_id} for {uri!r}: {exc.message}") from exc
+    missing = [f for f in (MODEL_FILE, CONFIG_FILE) if f not in files]
+    if missing:
+        raise _refuse(label, f"its run {run_id} has no {checkpoint}/{' or '.join(missing)}")
+    return ModelRef(uri=uri, run_id=run_id, checkpoint=checkpoint, version=version)
+
+
+def load_checkpoint(uri: str) -> nn.Module:
+    """The full model (with ``forward_features``, eval mode, CPU) behind ``uri``, from its weights-only
+    checkpoint; refuses a model without one or whose weights file holds anything but tensors."""
+    import pickle
+
+    import mlflow
+
+    from mdlda.checkpoints import load_model
+
+    ref = resolve(uri)
+    with tempfile.TemporaryDirectory(prefix="mdlda-ckpt-") as tmp:  # nothing left behind
+        local = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=ref.checkpoint, dst_path=tmp)
+        try:
+            return load_model(local).eval()
+        except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met a non-tensor object
+            raise _refuse(uri, f"its {ref.checkpoint}/{MODEL_FILE} is not a plain weights file ({exc})") from exc
+        except (ValueError, TypeError, KeyError, RuntimeError) as exc:  # unknown model name, bad config, shapes
+            raise TrackingError(
+                f"cannot rebuild {uri!r} from its checkpoint {ref.run_id}/{ref.checkpoint}: {exc}"
+            ) from exc
+
+
+def load_served(uri: str) -> nn.Module:
+    """The served form of ``uri`` (audio (B, N) float32 -> 7 features on 1..10), weights-only (see module)."""
+    return RatingModel(load_checkpoint(uri)).eval()
