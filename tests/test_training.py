@@ -224,7 +224,7 @@ def test_config_validation_and_round_trip():
 
 
 def test_device_monitor_logs_nothing_on_cpu_and_warns_once_without_nvml(caplog):
-    from mdlda.training import DeviceMonitor
+    from mdlda.devices import DeviceMonitor
 
     assert DeviceMonitor(torch.device("cpu")).epoch_metrics() == {}
 
