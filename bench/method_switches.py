@@ -47,6 +47,15 @@ GROUPS = {
         },
     ),
     "peak": ("level as recorded", {"level as recorded": {}, "peak-normalised": {"peak_normalize": True}}),
+    "band_floor": (
+        "bands floored at 1e-4",
+        {
+            "bands floored at 1e-4": {},
+            "floor 0.1 x median": {"band_floor": 0.1},
+            "DANN, floor 1e-4": {"mode": "dann"},
+            "DANN, floor 0.1 x median": {"mode": "dann", "band_floor": 0.1},
+        },
+    ),
 }
 MODEL_KEYS = {"head", "head_bn_weight", "width"}
 
@@ -79,7 +88,8 @@ def run_one(shards: str, variant: dict, seed: int) -> dict:
     peak = bool(variant.get("peak_normalize", False))
     frontend = Frontend(FrontendConfig(peak_normalize=peak))
     mean, std = standardization_stats(frontend, (torch.from_numpy(src[i : i + 16]) for i in range(0, len(src), 16)))
-    std = torch.where(std < 1e-4, torch.ones_like(std), std)
+    floor = max(variant.get("band_floor", 0.0) * float(std.median()), 1e-4)  # pipelines/data.py frontend_stats
+    std = torch.where(std < floor, torch.ones_like(std), std)
     mode = variant.get("mode", "supervised")
     bs = 8
 
@@ -100,7 +110,7 @@ def run_one(shards: str, variant: dict, seed: int) -> dict:
     overrides = {"width": 8, **{k: v for k, v in variant.items() if k in MODEL_KEYS}}
     model = create_model("rfresnet", **overrides, frontend={"peak_normalize": peak})
     model.frontend.set_standardization(mean.tolist(), std.tolist())
-    train = {k: v for k, v in variant.items() if k not in MODEL_KEYS | {"peak_normalize"}}
+    train = {k: v for k, v in variant.items() if k not in MODEL_KEYS | {"peak_normalize", "band_floor"}}
     cfg = TrainConfig(
         **{"lr": 2e-3, "max_epochs": 8, "patience": 4, "lr_milestones": (4, 6), "seed": seed, "device": "cpu"}
         | {"adv_scale": 0.3, **train}
@@ -119,6 +129,8 @@ def run_one(shards: str, variant: dict, seed: int) -> dict:
             out[f"{split}.rmse_ref"] = regression_metrics(labels, np.broadcast_to(y_src.mean(0), labels.shape))[
                 "rmse_mean"
             ]
+        pred = torch.cat([model(torch.from_numpy(tgt[i : i + 8])) * 10 for i in range(0, len(tgt), 8)]).numpy()
+        out["maestro.in_scale"] = float(((pred >= 1) & (pred <= 10)).mean())  # what `predict` gives on piano WAVs
     return out
 
 
@@ -138,6 +150,11 @@ def table(results: list[dict], reference: str) -> str:
                     "r_mean": r[f"{split}.r"],
                     "rmse_mean": r[f"{split}.rmse"],
                     "in_scale": r[f"{split}.in_scale"],
+                    **(
+                        {"in_scale_maestro": r["maestro.in_scale"]}
+                        if split == "piano_test" and "maestro.in_scale" in r
+                        else {}
+                    ),
                 }
             )
     summary = stats.summarize(pd.DataFrame(rows), reference)

@@ -105,6 +105,12 @@ class ChainConfig(_Strict):
     pseudolabel: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     materialize_max_gb: float = Field(2.0, description="Hold datasets up to this size in the object store.")
+    band_floor: float = Field(
+        0.1,
+        ge=0,
+        description="Front end: bands whose training-set std is below this x the median band std are centred, not "
+        "scaled (0 = only near-constant bands; see pipelines/data.py frontend_stats).",
+    )
 
     @model_validator(mode="after")
     def _names_unique(self) -> ChainConfig:

@@ -223,6 +223,17 @@ class Frontend(nn.Module):
             self.std.copy_(std_t.detach().to(self.std).clamp_min(MIN_STD))
 
 
+def floored_std(std: np.ndarray, band_floor: float) -> np.ndarray:
+    """Per-band std with every band below ``band_floor`` x the median band std (and any below 1e-4) set to 1.
+
+    Such a band carries almost no energy in the training set (e.g. above the cut-off of the codec the labelled
+    clips were stored with): standardising it by its tiny std would turn any energy a recording of the other
+    domain has there into tens or hundreds of standard deviations. With std 1 it is centred and left unscaled.
+    """
+    std = np.asarray(std, dtype=np.float64)
+    return np.where(std < max(band_floor * float(np.median(std)), 1e-4), 1.0, std)
+
+
 @torch.no_grad()
 def standardization_stats(frontend: Frontend, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
     """Per-band mean and (population, ddof=0) std over all frames of all ``batches`` of (B, N) audio.

@@ -144,24 +144,30 @@ def valid_batches(ds: ray.data.Dataset, batch_size: int = 16) -> Iterator[dict]:
 
 
 def frontend_stats(
-    source_shards: str | Path, ds: ray.data.Dataset, cache_dir: str | Path, batch_size: int = 16
+    source_shards: str | Path,
+    ds: ray.data.Dataset,
+    cache_dir: str | Path,
+    batch_size: int = 16,
+    band_floor: float = 0.1,
 ) -> tuple[list[float], list[float]]:
     """Per-band mean/std of the training set's spectrograms, cached by the shards' content digest.
 
-    A band that is constant over the whole training set (std ~ 0, e.g. digital silence above a codec's
-    cut-off) gets std 1 so that it is centred but not blown up.
+    A band whose std is below ``band_floor`` x the median band std (almost no energy over the whole training set,
+    e.g. above the cut-off of the MP3 codec the labelled clips were stored with) gets std 1: centred, but not blown
+    up. Without that, an uncompressed target recording (a MAESTRO WAV) has energy there that the std of ~0.001
+    turns into values of 10-300 standard deviations, and the model's outputs leave the rating scale.
     """
-    from mdlda.frontend import Frontend, standardization_stats
+    from mdlda.frontend import Frontend, floored_std, standardization_stats
     from mdlda.manifest import read_manifest
 
     digest = read_manifest(source_shards)["content_digest"]
-    cache = Path(cache_dir) / f"frontend-stats-{digest[:16]}.json"
+    cache = Path(cache_dir) / f"frontend-stats-{digest[:16]}-floor{band_floor:g}.json"
     if cache.exists():
         d = json.loads(cache.read_text())
         return d["mean"], d["std"]
     frontend = Frontend()
     mean, std = standardization_stats(frontend, (b["audio"] for b in valid_batches(ds, batch_size)))
-    std = np.where(std.numpy() < 1e-4, 1.0, std.numpy())
+    std = floored_std(std.numpy(), band_floor)
     cache.parent.mkdir(parents=True, exist_ok=True)
     out = {"mean": mean.numpy().astype(float).tolist(), "std": std.astype(float).tolist(), "digest": digest}
     cache.write_text(json.dumps(out))

@@ -95,8 +95,9 @@ class Chain:
 
             ml, ma = read_manifest(self.shards("midlevel")), read_manifest(self.shards("maestro"))
             data = stages.stage_data(self.cfg, str(self.shards("midlevel")), str(self.shards("maestro")))
-            fstats = stages.frontend_stats_for(str(self.shards("midlevel")), data, self.workdir)
-            self._data = (data, fstats, ml["content_digest"] + ma["content_digest"])
+            fstats = stages.frontend_stats_for(str(self.shards("midlevel")), data, self.workdir, self.cfg.band_floor)
+            digest = ml["content_digest"] + ma["content_digest"] + f"-floor{self.cfg.band_floor:g}"
+            self._data = (data, fstats, digest)  # the front-end statistics are part of what a sweep trains on
         return self._data
 
     def sweep(self, sweep: SweepConfig, baseline: bool) -> list[dict]:

@@ -115,8 +115,8 @@ def stage_data(cfg: ChainConfig, midlevel: str, maestro: str) -> StageData:
     )
 
 
-def frontend_stats_for(midlevel: str, data: StageData, workdir: Path):
-    return frontend_stats(midlevel, data.source_train, workdir / "cache")
+def frontend_stats_for(midlevel: str, data: StageData, workdir: Path, band_floor: float = 0.1):
+    return frontend_stats(midlevel, data.source_train, workdir / "cache", band_floor=band_floor)
 
 
 def sweep_and_select(

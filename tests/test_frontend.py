@@ -227,3 +227,13 @@ def test_autocast_keeps_fp32(frontend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out32 = fe(x)
     torch.testing.assert_close(out32, ref, rtol=0, atol=0)
+
+
+def test_bands_without_training_energy_are_centred_not_scaled():
+    from mdlda.frontend import floored_std
+
+    std = np.array([0.3, 0.25, 0.2, 0.28, 0.03, 0.001, 0.0])  # median 0.2: 10% of it is 0.02
+    out = floored_std(std, 0.1)
+    assert out.tolist() == [0.3, 0.25, 0.2, 0.28, 0.03, 1.0, 1.0]
+    assert floored_std(std, 0.0).tolist() == [0.3, 0.25, 0.2, 0.28, 0.03, 0.001, 1.0]  # only the 1e-4 rule
+    assert floored_std(std, 0.5)[4] == 1.0
