@@ -68,7 +68,7 @@ def run_one(shards: str, variant: dict, seed: int) -> dict:
 
     from mdlda.adapt import DomainHead
     from mdlda.checkpoints import seed_everything
-    from mdlda.frontend import Frontend, FrontendConfig, standardization_stats
+    from mdlda.frontend import Frontend, FrontendConfig, floored_std, standardization_stats
     from mdlda.metrics import regression_metrics
     from mdlda.models import create_model
     from mdlda.training import TrainConfig, fit
@@ -88,8 +88,7 @@ def run_one(shards: str, variant: dict, seed: int) -> dict:
     peak = bool(variant.get("peak_normalize", False))
     frontend = Frontend(FrontendConfig(peak_normalize=peak))
     mean, std = standardization_stats(frontend, (torch.from_numpy(src[i : i + 16]) for i in range(0, len(src), 16)))
-    floor = max(variant.get("band_floor", 0.0) * float(std.median()), 1e-4)  # pipelines/data.py frontend_stats
-    std = torch.where(std < floor, torch.ones_like(std), std)
+    std = floored_std(std.numpy(), variant.get("band_floor", 0.0))  # as pipelines/data.py frontend_stats
     mode = variant.get("mode", "supervised")
     bs = 8
 
