@@ -316,7 +316,7 @@ def _print_summary(console: Console, table: pd.DataFrame, workdir: Path, uri: st
     r, rmse = summary_pivot(table), summary_pivot(table, "rmse_mean")
     scale = summary_pivot(table, "in_scale") if "in_scale" in table else None
     t = Table(title="mean Pearson r and RMSE (rating points) on the test splits, share of outputs inside 1..10")
-    t.add_column("model")
+    t.add_column("model", overflow="fold")  # never an ellipsis: "baseline-rf…" hides which baseline
     names = {"test": "non-piano", "piano_test": "piano"}
     for c in r.columns:
         t.add_column(f"{names.get(c, c)} r", justify="right")
