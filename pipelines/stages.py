@@ -347,16 +347,21 @@ def evaluate_stage(
         return pd.read_csv(out / "results.csv"), False
     data = {split: load_split(midlevel, split) for split in EVAL_SPLITS}
     preds = predict_splits(models, midlevel, ensembles=ensembles, data=data)
+    disc_rows = []
     if adabn:
+        from mdlda.metrics import domain_discrepancy
         from pipelines.scoring import eval_data, predict_all
 
         domains = eval_data(workdir, cfg)
         for name in adabn:
-            pred, _ = predict_all(load_checkpoint(models[name]), domains, per_domain_bn=True)
+            pred, emb = predict_all(load_checkpoint(models[name]), domains, per_domain_bn=True)
             for split in EVAL_SPLITS:
                 preds.y_pred[(f"{name}+AdaBN", split)] = pred[split]
+            d = domain_discrepancy(emb["test"], emb["piano_test"])
+            disc_rows.append({"model": f"{name}+AdaBN", "discrepancy": d, "n_source": len(emb["test"])})
+            disc_rows[-1]["n_target"] = len(emb["piano_test"])
     table = results_table(preds)
-    disc = discrepancy_table(models, midlevel, data=data)
+    disc = pd.concat([discrepancy_table(models, midlevel, data=data), pd.DataFrame(disc_rows)], ignore_index=True)
     for p in write_results(table, out, preds, disc):
         mlflow.log_artifact(str(p))
     for row in disc.itertuples():
