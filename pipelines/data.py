@@ -182,13 +182,17 @@ def pooled_batches(
     epoch: int,
     sizes: tuple[int, int],
     shuffle_buffer: int = 64,
+    order_seed: int | None = None,
 ) -> Iterator[dict]:
     """One epoch of the student's pooled mix: every labelled source and every pseudo-labelled target segment once,
     in domain-pure batches (``{"audio", "labels"}`` or ``{"target_audio", "target_labels"}``) interleaved in a
     seeded random order, so each domain weighs by its size (the paper's union of the two sets) and BatchNorm
     still normalises one domain at a time. ``sizes``: the expected (source, target) rows of this reader, for the
-    order; rows beyond it are still read. Batches of fewer than 2 rows are dropped (BatchNorm needs 2)."""
-    rng = np.random.default_rng([seed, epoch])
+    order; rows beyond it are still read. Batches of fewer than 2 rows are dropped (BatchNorm needs 2).
+    ``order_seed`` (default ``seed``) seeds the interleaving: data-parallel workers must share it, so that every
+    rank reads the same domain at the same step (Ray's streaming split serves the ranks in lockstep, and the
+    gradient all-reduce needs the same number of steps everywhere); ``seed`` shuffles the rows."""
+    rng = np.random.default_rng([seed if order_seed is None else order_seed, epoch])
     streams = [
         (_iter(source, batch_size, seed + 104_729 * (epoch + 1), shuffle_buffer, drop_last=True), ("audio", "labels")),
         (

@@ -117,7 +117,9 @@ def student_loop(config: dict) -> None:
     def batches(epoch: int):
         seed = train_cfg.seed + 1000 * rank
         if config.get("mix", "pooled") == "pooled":
-            return pooled_batches(source, target, batch["batch_size"], seed, epoch, sizes, batch["shuffle_buffer"])
+            return pooled_batches(
+                source, target, batch["batch_size"], seed, epoch, sizes, batch["shuffle_buffer"], train_cfg.seed
+            )
         return train_batches(
             source,
             batch["batch_size"],
