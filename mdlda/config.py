@@ -71,7 +71,7 @@ class StudentConfig(_Strict):
     model_overrides: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
     mix: Literal["pooled", "paired"] = Field(
-        "pooled",
+        "paired",
         description="pooled: one shuffled union of labelled and pseudo-labelled segments, each seen once an epoch "
         "(domain-pure batches); paired: every source batch paired with an equal pseudo-labelled batch.",
     )
