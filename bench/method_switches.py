@@ -2,9 +2,12 @@
 
     python bench/method_switches.py --shards demo_work/shards            # after `make demo` (its prepared shards)
     python bench/method_switches.py --shards W/shards --group bn_stats   # one group of the table in docs/method.md
+    python bench/method_switches.py --shards W/shards --group student \
+        --pseudo 'W/shards/pseudolabels-seed{seed}'                      # after `mdlda ablation --workdir W`
 
 Every (variant, seed) trains one RF-ResNet with :func:`mdlda.training.fit` on the Mid-level train split (DANN
-variants add the MAESTRO segments as target), early-stopped on the valid split, in its own process with one
+variants add the MAESTRO segments as target; student variants distil from a pseudo-label folder, the pooled mix),
+early-stopped on the valid split, in its own process with one
 thread, ``--jobs`` at a time. Printed per variant: mean ± 95% interval over seeds of non-piano and piano test r,
 RMSE and share of outputs on the 1..10 scale, and the paired difference to the group's reference variant (same
 seed). No Ray, no MLflow: this isolates the method from the system; ``mdlda ablation`` measures the whole chain.
@@ -56,11 +59,20 @@ GROUPS = {
             "DANN, floor 0.1 x median": {"mode": "dann", "band_floor": 0.1},
         },
     ),
+    "student": (
+        "student, uniform",
+        {
+            "source only": {},
+            "student, uniform": {"mode": "distill"},
+            "student, spread-weighted": {"mode": "distill", "weighting": "spread"},
+        },
+    ),
 }
 MODEL_KEYS = {"head", "head_bn_weight", "width"}
+NOT_TRAIN_KEYS = MODEL_KEYS | {"peak_normalize", "band_floor", "weighting"}
 
 
-def run_one(shards: str, variant: dict, seed: int) -> dict:
+def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) -> dict:
     """Train one model and score it (runs in a child process)."""
     import numpy as np
     import pyarrow.parquet as pq
@@ -75,9 +87,9 @@ def run_one(shards: str, variant: dict, seed: int) -> dict:
 
     torch.set_num_threads(1)
 
-    def load(name: str, splits: list[str]):
-        t = pq.read_table(f"{shards}/{name}/data").to_pandas()
-        t = t[t.split.isin(splits)]
+    def load(name: str, splits: list[str] | None, root: str = shards):
+        t = pq.read_table(f"{root}/{name}/data").to_pandas()
+        t = t[t.split.isin(splits)] if splits else t
         labels = np.stack(t.labels.to_numpy()).astype(np.float32) if t.labels.notna().all() else None
         return np.stack(t.audio.to_numpy()).astype(np.int16), labels
 
@@ -88,11 +100,33 @@ def run_one(shards: str, variant: dict, seed: int) -> dict:
     peak = bool(variant.get("peak_normalize", False))
     frontend = Frontend(FrontendConfig(peak_normalize=peak))
     mean, std = standardization_stats(frontend, (torch.from_numpy(src[i : i + 16]) for i in range(0, len(src), 16)))
-    std = floored_std(std.numpy(), variant.get("band_floor", 0.0))  # as pipelines/data.py frontend_stats
+    # as pipelines/data.py frontend_stats (the student group: the chain's default floor, like its teachers)
+    std = floored_std(std.numpy(), variant.get("band_floor", 0.1 if pseudo else 0.0))
     mode = variant.get("mode", "supervised")
     bs = 8
+    if mode == "distill":  # the student's pooled mix (pipelines/data.py pooled_batches), in memory
+        folder = Path(pseudo.format(seed=seed))
+        pl, y_pl = load(folder.name, None, str(folder.parent))
+        spread = pq.read_table(folder / "data", columns=["teacher_spread"]).column(0).to_numpy()
+        w = np.exp(-np.square(spread)) if variant.get("weighting") == "spread" else None
+
+    def pooled(epoch: int):
+        rng = np.random.default_rng([seed, epoch])
+        idx, tidx = rng.permutation(len(src)), rng.permutation(len(pl))
+        parts = [("s", idx[i : i + bs]) for i in range(0, len(idx) - bs + 1, bs)]
+        parts += [("t", tidx[i : i + bs]) for i in range(0, len(tidx), bs) if len(tidx[i : i + bs]) >= 2]
+        for k in rng.permutation(len(parts)):
+            d, rows = parts[k]
+            if d == "s":
+                yield {"audio": torch.from_numpy(src[rows]), "labels": y_src[rows]}
+            else:
+                b = {"target_audio": torch.from_numpy(pl[rows]), "target_labels": y_pl[rows]}
+                yield b if w is None else {**b, "target_weights": w[rows]}
 
     def batches(epoch: int):
+        if mode == "distill":
+            yield from pooled(epoch)
+            return
         rng = np.random.default_rng([seed, epoch])
         idx, tidx = rng.permutation(len(src)), rng.permutation(np.resize(np.arange(len(tgt)), len(src)))
         for i in range(0, len(idx) - bs + 1, bs):
@@ -109,7 +143,7 @@ def run_one(shards: str, variant: dict, seed: int) -> dict:
     overrides = {"width": 8, **{k: v for k, v in variant.items() if k in MODEL_KEYS}}
     model = create_model("rfresnet", **overrides, frontend={"peak_normalize": peak})
     model.frontend.set_standardization(mean.tolist(), std.tolist())
-    train = {k: v for k, v in variant.items() if k not in MODEL_KEYS | {"peak_normalize", "band_floor"}}
+    train = {k: v for k, v in variant.items() if k not in NOT_TRAIN_KEYS}
     cfg = TrainConfig(
         **{"lr": 2e-3, "max_epochs": 8, "patience": 4, "lr_milestones": (4, 6), "seed": seed, "device": "cpu"}
         | {"adv_scale": 0.3, **train}
@@ -166,20 +200,29 @@ def main() -> None:
     ap.add_argument("--group", choices=sorted(GROUPS), action="append", help="Groups to run (default: all)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--jobs", type=int, default=2, help="Trainings at a time (one thread each)")
+    ap.add_argument(
+        "--pseudo",
+        help="Pseudo-label shard folder for the student group; '{seed}' is replaced by the seed "
+        "(an ablation's per-seed folders: W/shards/pseudolabels-seed{seed})",
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help="Also write every run's numbers as JSON lines here")
     args = ap.parse_args()
     if args.one:  # child process: one (variant, seed)
         job = json.loads(args.one)
-        print(json.dumps(run_one(args.shards, job["variant"], job["seed"])))
+        print(json.dumps(run_one(args.shards, job["variant"], job["seed"], args.pseudo)))
         return
 
     def child(job: dict) -> dict:
         cmd = [sys.executable, __file__, "--shards", args.shards, "--one", json.dumps(job)]
+        cmd += ["--pseudo", args.pseudo] if args.pseudo else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         return {**job, **json.loads(out)}
 
-    for group in args.group or list(GROUPS):
+    groups = args.group or [g for g in GROUPS if g != "student" or args.pseudo]
+    if "student" in groups and not args.pseudo:
+        ap.error("the student group needs --pseudo (pseudo-label shards, e.g. an ablation's)")
+    for group in groups:
         reference, variants = GROUPS[group]
         jobs = [{"name": n, "variant": v, "seed": s} for n, v in variants.items() for s in args.seeds]
         with ThreadPoolExecutor(args.jobs) as pool:

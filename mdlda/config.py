@@ -75,6 +75,11 @@ class StudentConfig(_Strict):
         description="pooled: one shuffled union of labelled and pseudo-labelled segments, each seen once an epoch "
         "(domain-pure batches); paired: every source batch paired with an equal pseudo-labelled batch.",
     )
+    weighting: Literal["uniform", "spread"] = Field(
+        "uniform",
+        description="uniform: every pseudo-labelled segment weighs 1; spread: exp(-s^2), s the teachers' spread "
+        "on it (std across teachers on the 1..10 scale, mean over features), so contested pseudo-labels count less.",
+    )
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0

@@ -106,13 +106,23 @@ def _labels(x: Any, device: torch.device, name: str, batch_size: int) -> Tensor:
     return (t / LABEL_SCALE).to(device, non_blocking=True)
 
 
+def _weights(x: Any, device: torch.device, batch_size: int) -> Tensor:
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32) if not isinstance(x, Tensor) else x).float()
+    if t.shape != (batch_size,):
+        raise ValueError(f"batch['target_weights'] must be ({batch_size},) weights; got shape {tuple(t.shape)}")
+    if not (torch.isfinite(t).all() and (t >= 0).all()):
+        raise ValueError("batch['target_weights'] must be finite and >= 0")
+    return t.to(device, non_blocking=True)
+
+
 def prepare_batch(batch: Mapping[str, Any], mode: str, device: torch.device | str) -> dict[str, Tensor]:
     """Check a batch dict for ``mode`` and move it to ``device`` as tensors.
 
     Audio (``"audio"``, ``"target_audio"``): ``(B, N)`` float in [-1, 1] or int16 PCM, tensor or numpy; kept
     in its dtype (float64 -> float32) for the model's front end. Labels (``"labels"``, ``"target_labels"``):
     ``(B, 7)`` on the 1..10 scale -> float32 on the 0..1 scale. NaN/inf labels raise ``ValueError``. A
-    "distill" batch may hold one domain only (the student's pooled mix) or both (the paired mix).
+    "distill" batch may hold one domain only (the student's pooled mix) or both (the paired mix), and optionally
+    ``"target_weights"`` ``(B_t,)``: a weight >= 0 per pseudo-labelled segment (see :func:`distill_step`).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -128,6 +138,10 @@ def prepare_batch(batch: Mapping[str, Any], mode: str, device: torch.device | st
             if audio_key in batch:
                 out[audio_key] = _audio(batch[audio_key], device, audio_key)
                 out[label_key] = _labels(batch[label_key], device, label_key, out[audio_key].shape[0])
+        if "target_weights" in batch:
+            if "target_audio" not in out:
+                raise KeyError("a 'distill' batch with 'target_weights' needs 'target_audio' and 'target_labels'")
+            out["target_weights"] = _weights(batch["target_weights"], device, out["target_audio"].shape[0])
         if not out:
             raise KeyError("a 'distill' batch needs ('audio', 'labels'), ('target_audio', 'target_labels') or both")
         return out
@@ -187,22 +201,30 @@ def dann_step(
     return StepOutput(loss, logs)
 
 
+def _weighted(batch: Mapping[str, Tensor], name: str) -> bool:
+    return name == "target" and "target_weights" in batch
+
+
 def distill_step(model: nn.Module, batch: Mapping[str, Tensor], bn_stats: str = "both") -> StepOutput:
     """MSE over the labelled source and pseudo-labelled target segments of a batch, one forward pass per domain.
 
-    A batch holds either domain or both (see :func:`prepare_batch`). Every segment weighs the same: the loss is
-    the mean squared error over all labels in the batch; ``mse_source`` / ``mse_target`` are logged for the
-    domains present.
+    A batch holds either domain or both (see :func:`prepare_batch`). The loss is the mean squared error over all
+    labels in the batch; with ``"target_weights"`` each pseudo-labelled segment's squared errors are scaled by its
+    weight first (the mean still divides by the number of labels, so weights below 1 also lower the target
+    domain's share). ``mse_source`` / ``mse_target`` (unweighted) are logged for the domains present.
     """
     sums: dict[str, Tensor] = {}
+    weighted: dict[str, Tensor] = {}
     count = 0
     for (audio_key, label_key), name in zip(_PAIRS, ("source", "target"), strict=True):
         if audio_key in batch:
             with running_stats_frozen(model, bn_stats not in ("both", name)):
                 pred = model(batch[audio_key]).float()  # (B_d, 7) — BN over this domain only
-            sums[name] = F.mse_loss(pred, batch[label_key], reduction="sum")
+            sq = (pred - batch[label_key]).pow(2)
+            sums[name] = sq.sum()
+            weighted[name] = sq.sum(dim=1).mul(batch["target_weights"]).sum() if _weighted(batch, name) else sums[name]
             count += batch[label_key].numel()
-    loss = sum(sums.values()) / count
+    loss = sum(weighted.values()) / count
     logs = {"loss": loss}
     for name, sq in sums.items():
         n = batch["labels" if name == "source" else "target_labels"].numel()

@@ -20,6 +20,7 @@ from pipelines.shards import read_shards, split_count
 
 SEGMENT_BYTES = SEGMENT_SAMPLES * 2 + 64
 TRAIN_COLUMNS = ["clip_id", "audio", "labels"]
+SPREAD = "teacher_spread"
 
 
 @dataclass
@@ -60,6 +61,8 @@ def load_stage_data(
     tgt = None
     if target_shards is not None:
         cols = TRAIN_COLUMNS if target_labelled else ["clip_id", "audio"]
+        if target_labelled and _has_spread(target_shards):
+            cols = [*cols, SPREAD]  # pseudo-labels: the teachers' disagreement per segment (StudentConfig.weighting)
         tgt, tgt_manifest = read_shards(target_shards, splits=target_splits, columns=cols)
         counts["target"] = split_count(tgt_manifest, target_splits)
         manifests["target"] = tgt_manifest
@@ -70,6 +73,20 @@ def load_stage_data(
         if n == 0:
             raise ValueError(f"{name} is empty: nothing to train or validate on (check the shard manifests)")
     return StageData(src, val, tgt, counts, manifests, materialized=m1 and m2 and m3)
+
+
+def _has_spread(shards: str | Path) -> bool:
+    from mdlda.manifest import read_manifest
+
+    return SPREAD in read_manifest(shards).get("options", {})
+
+
+def _target_part(t: dict) -> dict:
+    """The pseudo-labelled part of a batch: ``target_audio``, ``target_labels`` (+ ``target_spread``)."""
+    out = {"target_audio": t["audio"], "target_labels": t["labels"]}
+    if SPREAD in t:
+        out["target_spread"] = np.asarray(t[SPREAD], dtype=np.float32)
+    return out
 
 
 def _labels(x: np.ndarray) -> np.ndarray:
@@ -125,16 +142,15 @@ def train_batches(
     shuffle_buffer: int = 64,
 ) -> Iterator[dict]:
     """One epoch of training batches: ``{"audio", "labels"}`` plus, with a target set, an equal number of
-    ``"target_audio"`` (and ``"target_labels"`` when the target is pseudo-labelled). The source decides the
-    epoch length (last partial batch dropped, so BatchNorm never sees a batch of 1); the target cycles."""
+    ``"target_audio"`` (and ``"target_labels"``, ``"target_spread"`` when the target is pseudo-labelled). The
+    source decides the epoch length (last partial batch dropped, so BatchNorm never sees a batch of 1); the
+    target cycles."""
     tgt = _cycle(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer) if target is not None else None
     for b in _iter(source, batch_size, seed + 104_729 * (epoch + 1), shuffle_buffer, drop_last=True):
         out = {"audio": b["audio"], "labels": b["labels"]}
         if tgt is not None:
             t = next(tgt)
-            out["target_audio"] = t["audio"]
-            if target_labelled:
-                out["target_labels"] = t["labels"]
+            out.update(_target_part(t) if target_labelled else {"target_audio": t["audio"]})
         yield out
 
 
@@ -185,7 +201,7 @@ def pooled_batches(
     order_seed: int | None = None,
 ) -> Iterator[dict]:
     """One epoch of the student's pooled mix: every labelled source and every pseudo-labelled target segment once,
-    in domain-pure batches (``{"audio", "labels"}`` or ``{"target_audio", "target_labels"}``) interleaved in a
+    in domain-pure batches (``{"audio", "labels"}`` or :func:`_target_part`'s keys) interleaved in a
     seeded random order, so each domain weighs by its size (the paper's union of the two sets) and BatchNorm
     still normalises one domain at a time. ``sizes``: the expected (source, target) rows of this reader, for the
     order; rows beyond it are still read. Batches of fewer than 2 rows are dropped (BatchNorm needs 2).
@@ -194,23 +210,23 @@ def pooled_batches(
     gradient all-reduce needs the same number of steps everywhere); ``seed`` shuffles the rows."""
     rng = np.random.default_rng([seed if order_seed is None else order_seed, epoch])
     streams = [
-        (_iter(source, batch_size, seed + 104_729 * (epoch + 1), shuffle_buffer, drop_last=True), ("audio", "labels")),
         (
-            _iter(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer, drop_last=False),
-            ("target_audio", "target_labels"),
+            _iter(source, batch_size, seed + 104_729 * (epoch + 1), shuffle_buffer, drop_last=True),
+            lambda b: {"audio": b["audio"], "labels": b["labels"]},
         ),
+        (_iter(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer, drop_last=False), _target_part),
     ]
     order = rng.permutation(np.repeat([0, 1], [sizes[0] // batch_size, max(1, -(-sizes[1] // batch_size))]))
     live = [True, True]
 
     def pull(d: int) -> dict | None:
-        it, (audio_key, label_key) = streams[d]
+        it, part = streams[d]
         while live[d]:
             b = next(it, None)
             if b is None:
                 live[d] = False
             elif len(b["audio"]) >= 2:
-                return {audio_key: b["audio"], label_key: b["labels"]}
+                return part(b)
         return None
 
     for d in order:

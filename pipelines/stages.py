@@ -262,6 +262,8 @@ def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir:
         {
             "num_workers": cfg.student.num_workers,
             "use_gpu": cfg.student.use_gpu,
+            "mix": cfg.student.mix,
+            "weighting": cfg.student.weighting,
             **{f"train.{k}": v for k, v in student_trial_config(cfg.student).items()},
         }
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -70,6 +71,17 @@ def _replicas_in_sync(model: torch.nn.Module) -> bool:
     return bool(torch.isclose(lo, hi, rtol=1e-9, atol=1e-9).item())
 
 
+def spread_weighted(batch: dict, weighting: str) -> dict:
+    """``weighting="spread"``: each pseudo-labelled segment weighs exp(-s^2), s its teacher spread (1..10 scale)."""
+    spread = batch.pop("target_spread", None)
+    if weighting == "spread":
+        if spread is None and "target_audio" in batch:
+            raise ValueError("weighting 'spread' needs the pseudo-label shards' teacher_spread column")
+        if spread is not None:
+            batch["target_weights"] = np.exp(-np.square(spread, dtype=np.float32))
+    return batch
+
+
 def student_loop(config: dict) -> None:
     """Ray Train worker loop: the shared ``fit`` in mode "distill"."""
     from mdlda.training import fit
@@ -115,6 +127,9 @@ def student_loop(config: dict) -> None:
     sizes = (config["sizes"][0] // world, config["sizes"][1] // world)  # this rank's share of each set
 
     def batches(epoch: int):
+        return (spread_weighted(b, config.get("weighting", "uniform")) for b in mixed(epoch))
+
+    def mixed(epoch: int):
         seed = train_cfg.seed + 1000 * rank
         if config.get("mix", "pooled") == "pooled":
             return pooled_batches(
@@ -165,6 +180,7 @@ def train_student(
             "frontend_stats": frontend_stats,
             "use_gpu": cfg.use_gpu,
             "mix": cfg.mix,
+            "weighting": cfg.weighting,
             "sizes": (data.counts["source_train"], data.counts["target"]),
         },
         scaling_config=ScalingConfig(

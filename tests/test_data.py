@@ -76,3 +76,20 @@ def test_pooled_mix_sees_every_segment_once_in_domain_pure_batches(ray_local):
     assert all(np.allclose(b["target_labels"][:, 0], 1 + b["target_audio"][:, 0] % 10) for b in target)
     kinds = lambda e: ["s" if "audio" in b else "t" for b in pooled_batches(src, tgt, 4, 3, e, (20, 9))]  # noqa: E731
     assert kinds(0) == kinds(0) and kinds(0) != kinds(1)  # a seeded interleaving, new every epoch
+
+
+def test_the_teacher_spread_rides_along_with_the_pseudo_labels(ray_local):
+    import ray
+
+    from pipelines.data import pooled_batches, train_batches
+
+    rows = [
+        {"clip_id": f"t{i}", "audio": np.full(16, i, np.int16), "labels": [5.0] * 7, "teacher_spread": i / 10}
+        for i in range(8)
+    ]
+    tgt = ray.data.from_items(rows).materialize()
+    paired = next(iter(train_batches(_ds(8), 4, 0, 0, target=tgt, target_labelled=True)))
+    pooled = [b for b in pooled_batches(_ds(8), tgt, 4, 0, 0, (8, 8)) if "target_audio" in b]
+    for b in [paired, *pooled]:
+        assert np.allclose(b["target_spread"], b["target_audio"][:, 0] / 10)
+    assert "target_spread" not in next(iter(train_batches(_ds(8), 4, 0, 0, target=_ds(8), target_labelled=True)))

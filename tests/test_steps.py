@@ -99,6 +99,49 @@ def test_distill_step_uses_both_domains_in_separate_passes():
     assert out.losses["mse_target"] > 0 and out.losses["mse_source"] > 0
 
 
+def test_distill_target_weights_scale_each_pseudo_labelled_segment():
+    torch.manual_seed(0)
+    model = TinyModel()
+    raw = {"audio": TRAIN[0][:8], "labels": TRAIN[1][:8], "target_audio": TARGET[0][:4], "target_labels": TARGET[1][:4]}
+    losses = {}
+    for name, w in (("none", None), ("ones", [1.0] * 4), ("zeros", [0.0] * 4), ("half", [0.5, 0.0, 1.0, 0.25])):
+        batch = prepare_batch({**raw, **({} if w is None else {"target_weights": np.array(w)})}, "distill", "cpu")
+        losses[name] = distill_step(model, batch).losses
+    assert losses["ones"]["loss"] == pytest.approx(losses["none"]["loss"], rel=1e-6)
+    with torch.no_grad():
+        sq_src = (model(raw["audio"]) - raw["labels"] / LABEL_SCALE).pow(2).sum()
+        sq_tgt = (model(raw["target_audio"]) - raw["target_labels"] / LABEL_SCALE).pow(2).sum(dim=1)
+    n = (8 + 4) * 7  # the mean divides by every label, weighted or not
+    assert losses["zeros"]["loss"] == pytest.approx(sq_src.item() / n, rel=1e-5)
+    want = (sq_src + (sq_tgt * torch.tensor([0.5, 0.0, 1.0, 0.25])).sum()) / n
+    assert losses["half"]["loss"] == pytest.approx(want.item(), rel=1e-5)
+    assert losses["half"]["mse_target"] == pytest.approx(losses["none"]["mse_target"], rel=1e-6)  # logged unweighted
+
+
+@pytest.mark.parametrize(
+    "weights, match",
+    [([1.0, 1.0], r"\(4,\) weights"), ([1.0, -1.0, 1.0, 1.0], ">= 0"), ([1.0, np.nan, 1.0, 1.0], "finite")],
+)
+def test_bad_target_weights_are_refused(weights, match):
+    raw = {"target_audio": TARGET[0][:4], "target_labels": TARGET[1][:4], "target_weights": np.array(weights)}
+    with pytest.raises(ValueError, match=match):
+        prepare_batch(raw, "distill", "cpu")
+    with pytest.raises(KeyError, match="target_weights"):
+        prepare_batch({"audio": TRAIN[0][:4], "labels": TRAIN[1][:4], "target_weights": np.ones(4)}, "distill", "cpu")
+
+
+def test_spread_weighting_maps_the_teacher_spread_to_exp_minus_its_square():
+    from pipelines.student import spread_weighted
+
+    batch = {"target_audio": np.zeros((3, 4)), "target_labels": np.ones((3, 7)), "target_spread": np.array([0, 1, 2])}
+    out = spread_weighted(dict(batch), "spread")
+    assert np.allclose(out["target_weights"], np.exp(-np.array([0.0, 1.0, 4.0])))
+    assert "target_spread" not in out
+    assert "target_weights" not in spread_weighted(dict(batch), "uniform")
+    with pytest.raises(ValueError, match="teacher_spread"):
+        spread_weighted({"target_audio": np.zeros((3, 4)), "target_labels": np.ones((3, 7))}, "spread")
+
+
 class ForwardOnly(nn.Module):
     """Like DistributedDataParallel: exposes forward() and nothing else of the wrapped model."""
 
