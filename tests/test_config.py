@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,14 @@ from mdlda.config import ConfigError, load_chain_config
 SPACES = sorted((Path(__file__).parent.parent / "tune_spaces").glob("*.yaml"))
 
 
-def test_there_are_spaces():
-    assert {p.name for p in SPACES} >= {"demo.yaml", "teachers.yaml"}
+def test_the_spaces_the_docs_name_exist():
+    names = {p.name for p in SPACES}
+    root = Path(__file__).parent.parent
+    named = set()
+    for doc in [root / "README.md", root / "Makefile", *sorted((root / "docs").glob("*.md"))]:
+        named |= set(re.findall(r"tune_spaces/([\w.-]+\.yaml)", doc.read_text()))
+    assert {"demo.yaml", "teachers.yaml"} <= named  # the README's commands use both
+    assert named <= names, f"docs name spaces that do not exist: {sorted(named - names)}"
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)

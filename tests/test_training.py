@@ -101,9 +101,21 @@ def test_non_finite_validation_ends_the_run_with_status_nan():
     assert result.status == "nan" and "validation" in result.message and result.epochs_run == 0
 
 
-def test_gradient_clipping_runs():
-    result = fit(TinyModel(), shuffled_train, valid, quick(max_epochs=2, grad_clip_norm=0.5))
-    assert result.status == "completed"
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_gradient_clipping_bounds_the_global_norm_the_optimiser_sees(clip):
+    from mdlda.steps import Precision, optimizer_step
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(3))
+    seen = []
+    opt = torch.optim.SGD([w], lr=1.0)
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(w.grad.norm().item()))
+    loss = (w * torch.tensor([30.0, 40.0, 0.0])).sum()  # gradient (30, 40, 0): norm 50
+    optimizer_step(loss, opt, Precision(False, torch.device("cpu")), grad_clip_norm=clip)
+    assert seen == [pytest.approx(50.0 if clip is None else 0.5, rel=1e-5)]
+    assert w.detach().norm().item() == pytest.approx(seen[0], rel=1e-5)  # SGD lr 1: the step is the gradient
+    if clip is not None:  # and the whole loop accepts the option
+        assert fit(TinyModel(), shuffled_train, valid, quick(max_epochs=1, grad_clip_norm=clip)).status == "completed"
 
 
 def test_after_backward_runs_between_backward_and_step():
