@@ -7,12 +7,10 @@ and match is skipped, so rerunning a finished chain does no work; a killed chain
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
@@ -334,8 +332,3 @@ def _print_summary(console: Console, table: pd.DataFrame, workdir: Path, uri: st
     backend = uri if not uri.startswith("sqlite") else uri
     console.print(f"MLflow runs: mlflow ui --backend-store-uri {backend}", soft_wrap=True)
     console.print(f"models: models:/{STUDENT_MODEL}@champion, models:/mdlda-teacher/<version>")
-
-
-def load_summary(workdir: str | Path) -> dict[str, Any]:
-    path = Path(workdir) / "results" / "chain.json"
-    return json.loads(path.read_text()) if path.exists() else {}
