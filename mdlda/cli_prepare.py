@@ -78,7 +78,7 @@ def prepare(
 
 def _prepare(options: dict, address: str | None) -> None:
     from mdlda.cli import _fail, console
-    from mdlda.datasets import DatasetFormatError
+    from mdlda.datasets import DatasetFormatError, DatasetSplitError
     from mdlda.manifest import ShardError
     from pipelines.prepare import PrepareConfig, PrepareError, prepare
     from pipelines.raysetup import init_ray
@@ -87,7 +87,7 @@ def _prepare(options: dict, address: str | None) -> None:
     init_ray(address)
     try:
         result = prepare(cfg)
-    except (PrepareError, DatasetFormatError, ShardError) as exc:
+    except (PrepareError, DatasetFormatError, DatasetSplitError, ShardError) as exc:
         _fail(str(exc))
     m = result.manifest
     table = Table(
@@ -102,6 +102,8 @@ def _prepare(options: dict, address: str | None) -> None:
         console.print(f"[yellow]{len(result.repaired)} shard file(s) did not match the manifest and were redone:[/]")
         for line in result.repaired[:10]:
             console.print(f"  {line}")
+    for w in m.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w.get('item')}: {w.get('reason')}", soft_wrap=True)
     if m["skipped"]:
         console.print(f"[yellow]{len(m['skipped'])} item(s) skipped[/] (listed in {result.out}/manifest.json):")
         for s in m["skipped"][:10]:

@@ -105,6 +105,9 @@ def prepare_all(cfg: ChainConfig, data_root: Path, workdir: Path, run):
     for name, r in (("midlevel", ml), ("maestro", ma)):
         _log_json(r.manifest, f"manifest-{name}.json")
         mlflow.log_metrics({f"{name}_{k}_rows": v for k, v in r.manifest["counts"].items()})
+        mlflow.log_metric(f"{name}_warnings", r.manifest.get("n_warnings", 0))  # e.g. truncated MAESTRO files
+        for w in r.manifest.get("warnings", []):
+            logger.warning("prepare %s: %s: %s", name, w["item"], w["reason"])
         mlflow.set_tag(f"shards.{name}.digest", r.manifest["content_digest"])
     return ml, ma
 
