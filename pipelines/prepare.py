@@ -5,8 +5,9 @@ segmenting its group and writing it as one Parquet file -> ``<out>/data``, chunk
 shards with Ray Data. Only the per-item outcomes (digests, skips) flow back through Ray Data, never the audio (see
 ``_run_chunks`` for what that saves). A finished chunk is recorded in ``<out>/.prepare/``; rerunning an interrupted
 run redoes only unfinished chunks, and rerunning a finished one does nothing. Bad files are reported skips (in the
-manifest), a MAESTRO file with fewer segments than its CSV duration implies a counted warning there, and the run stops with an error when more than ``max_failure_share`` of the items fail. ``<out>`` must be
-new, empty or a shard folder of ours, and only files prepare wrote are ever deleted there (``prepare_folder``).
+manifest), a MAESTRO file with fewer segments than its CSV duration implies is a counted warning there, and the
+run stops with an error when more than ``max_failure_share`` of the items fail. ``<out>`` must be new, empty or a
+shard folder of ours, and only files prepare wrote are ever deleted there (``prepare_folder``).
 """
 
 from __future__ import annotations
