@@ -54,13 +54,15 @@ def prepare(
     address: str | None = typer.Option(None, help="Ray address ('auto' for a running cluster); local Ray if unset."),
 ) -> None:
     """Decode, resample and segment audio into Parquet shards with Ray Data (resumable, idempotent)."""
-    from mdlda.cli import _fail, _locked
+    from mdlda.cli import _check_inputs, _fail, _locked
+    from mdlda.datasets.inputs import check_dataset_root
     from pipelines.prepare_folder import PrepareError, check_out_folder
 
     try:
         check_out_folder(out.resolve())  # before the lock file is written into it: a user's folder stays untouched
     except PrepareError as exc:
         _fail(str(exc))
+    _check_inputs(lambda: check_dataset_root(dataset.value, root, piano_ids))  # before Ray: one clear line
     options = dict(
         dataset=dataset.value,
         root=str(root),
