@@ -23,7 +23,7 @@ _register_prepare(app)  # demo-data and prepare first: the order of `mdlda --hel
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, never wrapped
     raise typer.Exit(code=1)
 
 
