@@ -62,7 +62,6 @@ def prepare(
         check_out_folder(out.resolve())  # before the lock file is written into it: a user's folder stays untouched
     except PrepareError as exc:
         _fail(str(exc))
-    _check_inputs(lambda: check_dataset_root(dataset.value, root, piano_ids))  # before Ray: one clear line
     options = dict(
         dataset=dataset.value,
         root=str(root),
@@ -75,6 +74,7 @@ def prepare(
         overwrite=overwrite,
     )
     with _locked(out):  # before Ray (or even its import): a second writer on OUT is refused at once
+        _check_inputs(lambda: check_dataset_root(dataset.value, root, piano_ids))  # before Ray: one clear line
         _prepare(options, address)
 
 
