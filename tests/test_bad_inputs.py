@@ -2,7 +2,8 @@
 with everything else still there. Tiny generated data in the real formats; no Ray (the prepare stage's Ray path is
 tested in test_prepare.py: the same index and the same per-item decode body run here directly).
 
-Each row of a table is one bad input. ``SKIP`` rows check the skip's reason and that exactly the bad item is
+Continued in test_bad_inputs_audio.py (audio files) and test_bad_inputs_cli.py (the command line). Each row of a
+table is one bad input. ``SKIP`` rows check the skip's reason and that exactly the bad item is
 missing from the index (every other item is still listed); ``ERROR`` rows check the exception type and a message
 naming the file or key; ``ACCEPTED`` rows are inputs mdlda handles (downmix, resample) and check the output.
 """
@@ -13,15 +14,12 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import soundfile as sf
 
 from mdlda.datasets import DatasetFormatError, DatasetSplitError, index_maestro, index_midlevel
 from mdlda.datasets.maestro import CSV_NAME
 from mdlda.datasets.midlevel import ANNOTATIONS, METADATA
-from mdlda.params import SAMPLE_RATE, SEGMENT_SAMPLES
 
 ANN, META = str(ANNOTATIONS), str(METADATA)
 
@@ -321,231 +319,3 @@ def test_maestro_unusable_inputs_are_clear_errors(ma, case, make, match):
         index_maestro(ma)
     with pytest.raises(DatasetFormatError, match=match.split(":")[0]):
         check_maestro_root(ma)
-
-
-# ------------------------------------------------------------------ audio: prepare's per-item decode body
-def _tone(seconds: float, sr: int = SAMPLE_RATE, channels: int = 1) -> np.ndarray:
-    t = np.arange(int(seconds * sr)) / sr
-    x = 0.3 * np.sin(2 * np.pi * 220 * t).astype(np.float32)
-    return np.stack([x * (k + 1) / channels for k in range(channels)], 1) if channels > 1 else x
-
-
-def _item(path: Path, dataset: str = "midlevel", **extra) -> dict:
-    labels = [5.0] * 7 if dataset == "midlevel" else None
-    return {"clip_id": path.stem, "dataset": dataset, "domain": "source", "split": "train", "group": "g",
-            "path": str(path), "labels": labels, **extra}  # fmt: skip
-
-
-def _bytes(name: str, data: bytes):
-    def make(d: Path) -> Path:
-        (d / name).write_bytes(data)
-        return d / name
-
-    return make
-
-
-def _wav(name: str, x, sr: int = SAMPLE_RATE, **kw):
-    def make(d: Path) -> Path:
-        sf.write(d / name, x() if callable(x) else x, sr, **kw)
-        return d / name
-
-    return make
-
-
-def _dir(name: str):
-    def make(d: Path) -> Path:
-        (d / name).mkdir()
-        return d / name
-
-    return make
-
-
-NAN = np.full(SEGMENT_SAMPLES, np.nan, np.float32)
-AUDIO_BAD = [
-    # (id, make(dir) -> path, error pattern naming the file)
-    ("corrupt", _bytes("corrupt.mp3", b"ID3 not really" * 200), r"corrupt\.mp3: cannot decode"),
-    ("empty", _bytes("empty.mp3", b""), r"empty\.mp3: file is empty"),
-    ("too-short", _wav("short.wav", lambda: _tone(3.0)), r"short\.wav: clip is 3\.00 s long"),
-    ("nan-samples", _wav("nan.wav", NAN, subtype="FLOAT"), r"nan\.wav: decoded audio contains NaN"),
-    ("directory-named-x.mp3", _dir("x.mp3"), r"x\.mp3: is a directory, not an audio file"),
-    ("missing", lambda d: d / "gone.mp3", r"gone\.mp3: file not found"),
-]
-
-AUDIO_OK = [
-    # (id, make(dir) -> path): inputs decoded as they should be (downmixed, resampled)
-    ("8-channel", _wav("eight.wav", lambda: _tone(15.5, channels=8))),
-    ("96-kHz", _wav("hi.wav", lambda: _tone(16.0, sr=96_000), 96_000)),
-]
-
-
-@pytest.mark.parametrize("case, make, match", AUDIO_BAD, ids=[c[0] for c in AUDIO_BAD])
-def test_bad_audio_is_a_reported_skip_naming_the_file(tmp_path, case, make, match):
-    from mdlda.shards import decode_item
-
-    res = decode_item(_item(make(tmp_path)))
-    assert res.rows == [] and res.error and re.search(match, res.error), res.error
-
-
-@pytest.mark.parametrize("case, make", AUDIO_OK, ids=[c[0] for c in AUDIO_OK])
-def test_multichannel_and_high_rate_audio_is_downmixed_and_resampled(tmp_path, case, make):
-    from mdlda.audio import from_pcm16
-    from mdlda.shards import decode_item
-
-    res = decode_item(_item(make(tmp_path)))
-    assert res.error is None and len(res.rows) == 1 and res.rows[0]["audio"].shape == (SEGMENT_SAMPLES,)
-    x = from_pcm16(res.rows[0]["audio"])
-    # the mono tone at 220 Hz: the channel mean of _tone's channels is 0.3 * (n + 1) / 2n of the tone's peak
-    peak = 0.3 * (9 / 16 if case == "8-channel" else 1.0)
-    assert np.abs(x[SAMPLE_RATE : 2 * SAMPLE_RATE]).max() == pytest.approx(peak, rel=0.02)
-
-
-def test_a_truncated_maestro_wav_is_a_warning_and_its_segments_are_kept(tmp_path):
-    from mdlda.shards import decode_item
-
-    sf.write(tmp_path / "perf.wav", _tone(31.0, sr=44_100), 44_100)
-    res = decode_item(_item(tmp_path / "perf.wav", "maestro", duration=64.8, expected_segments=4))
-    assert res.error is None and len(res.rows) == 2
-    assert re.search(r"perf\.wav: decoded to 2 of the 4 segments its CSV duration \(64\.8 s\)", res.warning)
-    whole = decode_item(_item(tmp_path / "perf.wav", "maestro", duration=31.0, expected_segments=2))
-    assert whole.warning is None and len(whole.rows) == 2
-
-
-def test_a_group_with_bad_files_writes_every_good_row(tmp_path):
-    """prepare's task body on a mixed group: the bad files come back as errors, the good ones are all written."""
-    import pyarrow.parquet as pq
-
-    from pipelines.prepare import decode_group
-
-    d = tmp_path / "audio"
-    d.mkdir()
-    bad = [make(d) for _, make, _ in AUDIO_BAD]
-    good = [make(d) for _, make in AUDIO_OK] + [_wav("fine.wav", lambda: _tone(15.0))(d)]
-    records = decode_group([_item(p) for p in [*good, *bad]], str(tmp_path / "part.parquet"))
-    errors = {r["item"]: r["error"] for r in records if r["error"]}
-    assert set(errors) == {p.stem for p in bad}
-    table = pq.read_table(tmp_path / "part.parquet").to_pandas()
-    assert sorted(table.clip_id) == sorted(p.stem for p in good)
-
-
-# ------------------------------------------------------------- the command line: one line, before any compute
-def _data(demo_root: Path, tmp_path: Path) -> Path:
-    data = tmp_path / "data"
-    for name in ("midlevel", "maestro"):
-        shutil.copytree(demo_root / name, data / name)
-    return data
-
-
-def _write(path: Path, text: str) -> None:
-    path.write_text(text)
-
-
-def _config(tmp_path: Path, text: str = "{}\n") -> Path:
-    (tmp_path / "chain.yaml").write_text(text)
-    return tmp_path / "chain.yaml"
-
-
-def _run(tmp, data, config=None, extra=()):
-    return ["run", "--config", str(config or _config(tmp)), "--data", str(data), "--workdir", str(tmp / "wd"), *extra]
-
-
-CLI_CASES = [
-    # (id, args(tmp, data) -> argv, what the one error line must say)
-    ("run-data-root-missing", lambda t, d: _run(t, t / "nowhere"), r"nowhere: data root not found"),
-    (
-        "run-annotations-missing",
-        lambda t, d: (d / "midlevel" / ANN).unlink() or _run(t, d),
-        r"annotations\.csv: annotations not found",
-    ),
-    (
-        "run-maestro-column-misspelt",
-        lambda t, d: _rename(d / "maestro" / CSV_NAME, "duration", "durration") or _run(t, d),
-        r"maestro-v3\.0\.0\.csv: MAESTRO metadata has no column 'duration'; did you mean 'durration'",
-    ),
-    (
-        "run-piano-list-matches-nothing",
-        lambda t, d: _write(d / "midlevel" / "piano_ids.csv", "song id\n777777\n") or _run(t, d),
-        r"piano_ids\.csv: none of its 1 piano ids",
-    ),
-    (
-        "run-piano-list-missing",
-        lambda t, d: (d / "midlevel" / "piano_ids.csv").unlink() or _run(t, d),
-        r"piano_ids\.csv: piano id list not found",
-    ),
-    (
-        "config-yaml-typo-key",
-        lambda t, d: _run(t, d, _config(t, "teachers:\n  num_sample: 2\n")),
-        r"chain\.yaml: 1 problem\(s\): teachers\.num_sample: Extra inputs are not permitted \(got 2\)",
-    ),
-    (
-        "config-set-typo",
-        lambda t, d: _run(t, d, extra=["--set", "teacher.num_samples=2"]),
-        r"teacher: Extra inputs are not permitted",
-    ),
-    (
-        "config-wrong-type",
-        lambda t, d: _run(t, d, extra=["--set", "teachers.num_samples=many"]),
-        r"teachers\.num_samples: Input should be a valid integer.*\(got 'many'\)",
-    ),
-    (
-        "config-invalid-yaml",
-        lambda t, d: _run(t, d, _config(t, "teachers: [\n")),
-        r"chain\.yaml: not valid YAML at line 2",
-    ),
-    ("config-file-missing", lambda t, d: _run(t, d, t / "nope.yaml"), r"nope\.yaml: config file not found"),
-    (
-        "prepare-root-missing",
-        lambda t, d: ["prepare", "midlevel", "--root", str(t / "nowhere"), "--out", str(t / "out")],
-        r"nowhere: Mid-level dataset folder not found",
-    ),
-    (
-        "prepare-metadata-missing",
-        lambda t, d: (
-            (d / "midlevel" / META).unlink()
-            or ["prepare", "midlevel", "--root", str(d / "midlevel"), "--out", str(t / "out")]
-        ),
-        r"metadata\.csv: metadata not found",
-    ),
-    (
-        "prepare-out-holds-user-files",
-        lambda t, d: ["prepare", "maestro", "--root", str(d / "maestro"), "--out", str(d)],
-        r"not an mdlda shard folder|holds files",
-    ),
-    (
-        "predict-batch-size-0",
-        lambda t, d: ["predict", str(next((d / "maestro").rglob("*.wav"))), "--batch-size", "0"],
-        r"--batch-size must be at least 1",
-    ),
-    (
-        "predict-hop-0",
-        lambda t, d: ["predict", str(next((d / "maestro").rglob("*.wav"))), "--hop", "0"],
-        r"--hop must be > 0",
-    ),
-    (
-        "predict-directory-named-x.mp3",
-        lambda t, d: (t / "x.mp3").mkdir() or ["predict", str(t / "x.mp3")],
-        r"x\.mp3: is a directory",
-    ),
-    ("predict-missing-file", lambda t, d: ["predict", str(t / "gone.wav")], r"gone\.wav: not found"),
-]
-
-
-@pytest.mark.parametrize("case, argv, match", CLI_CASES, ids=[c[0] for c in CLI_CASES])
-def test_the_command_line_refuses_bad_input_in_one_line_before_ray_or_mlflow(
-    demo_root, tmp_path, monkeypatch, case, argv, match
-):
-    import ray
-    from typer.testing import CliRunner
-
-    from mdlda.cli import app
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    data = _data(demo_root, tmp_path)
-    before = {p for p in data.rglob("*")}
-    res = CliRunner().invoke(app, argv(tmp_path, data))
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), (res.output, res.exception)
-    assert len(lines) == 1 and lines[0].startswith("error:") and re.search(match, lines[0]), res.output
-    assert not ray.is_initialized()  # refused before Ray started
-    assert not list(tmp_path.rglob("mlflow.db")) and not (tmp_path / "mlruns").exists()  # and before MLflow
-    assert {p for p in data.rglob("*")} >= before - {p for p in before if not p.exists()}  # nothing of the input lost
