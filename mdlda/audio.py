@@ -51,6 +51,8 @@ def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise AudioError(f"{path}: file not found")
+    if path.is_dir():
+        raise AudioError(f"{path}: is a directory, not an audio file")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: file is empty (0 bytes)")
     return path
@@ -110,13 +112,10 @@ def from_pcm16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / PCM_SCALE
 
 
-def stream_segments(
-    path: str | Path, target_sr: int = SAMPLE_RATE, block_seconds: float = 10.0
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Decode a long recording block by block and yield its non-overlapping 15-s segments.
+def stream_blocks(path: str | Path, target_sr: int = SAMPLE_RATE, block_seconds: float = 10.0) -> Iterator[np.ndarray]:
+    """Decode a recording block by block: mono float32 blocks at ``target_sr`` (about ``block_seconds`` each).
 
-    Memory stays at a few blocks whatever the recording's length (a 20-min MAESTRO WAV is never held whole).
-    Yields ``(index, float32 window)``; the last partial window is dropped. Raises :class:`AudioError`.
+    Memory stays at a block or two whatever the recording's length. Raises :class:`AudioError` naming the file.
     """
     import soundfile as sf
     import soxr
@@ -129,8 +128,6 @@ def stream_segments(
     with f:
         sr = f.samplerate
         stream = None if sr == target_sr else soxr.ResampleStream(sr, target_sr, 1, dtype="float32", quality="HQ")
-        buf = np.zeros(0, dtype=np.float32)
-        index = 0
         block = max(1, int(block_seconds * sr))
         while True:
             try:
@@ -143,10 +140,24 @@ def stream_segments(
                 raise AudioError(f"{path}: decoded audio contains NaN or infinite samples")
             if stream is not None:
                 x = stream.resample_chunk(x, last=last)
-            buf = np.concatenate([buf, x])
-            while len(buf) >= SEGMENT_SAMPLES:
-                yield index, buf[:SEGMENT_SAMPLES]
-                buf = buf[SEGMENT_SAMPLES:]
-                index += 1
+            yield x
             if last:
                 break
+
+
+def stream_segments(
+    path: str | Path, target_sr: int = SAMPLE_RATE, block_seconds: float = 10.0
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode a long recording block by block and yield its non-overlapping 15-s segments.
+
+    Memory stays at a few blocks whatever the recording's length (a 20-min MAESTRO WAV is never held whole).
+    Yields ``(index, float32 window)``; the last partial window is dropped. Raises :class:`AudioError`.
+    """
+    buf = np.zeros(0, dtype=np.float32)
+    index = 0
+    for x in stream_blocks(path, target_sr, block_seconds):
+        buf = np.concatenate([buf, x])
+        while len(buf) >= SEGMENT_SAMPLES:
+            yield index, buf[:SEGMENT_SAMPLES]
+            buf = buf[SEGMENT_SAMPLES:]
+            index += 1

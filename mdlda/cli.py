@@ -23,7 +23,7 @@ _register_prepare(app)  # demo-data and prepare first: the order of `mdlda --hel
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, never wrapped
     raise typer.Exit(code=1)
 
 
@@ -57,16 +57,30 @@ def run(
     Resumable stage by stage: rerunning the same command skips every stage whose outputs exist and match.
     """
     from mdlda.config import ConfigError, load_chain_config
+    from mdlda.datasets.inputs import check_chain_inputs
 
     with _locked(workdir):  # first: a second writer on the workdir is refused before any other work
         try:
             cfg = with_budget(load_chain_config(config, set_), time_budget, max_trials, baseline=False)
         except ConfigError as exc:
             _fail(str(exc))
+        _check_inputs(lambda: check_chain_inputs(data, cfg.data))  # before Ray and MLflow: one clear line
         from pipelines.run import run_chain
 
         with _guarded(workdir):
-            run_chain(cfg, data, workdir, address=address, console=console)
+            _check_inputs(lambda: run_chain(cfg, data, workdir, address=address, console=console))
+
+
+def _check_inputs(call):
+    """``call()``, with a dataset that cannot be read or split (or a refused shard folder) as one error line."""
+    from mdlda.datasets import DatasetFormatError, DatasetSplitError
+    from mdlda.manifest import ShardError
+    from pipelines.prepare_folder import PrepareError
+
+    try:
+        return call()
+    except (DatasetFormatError, DatasetSplitError, PrepareError, ShardError) as exc:
+        _fail(str(exc))
 
 
 @contextmanager
@@ -257,6 +271,14 @@ def predict(
     from mdlda.predict import plot_curves, predict_recording, time_average
     from mdlda.tracking import TrackingError, load_served, tracking_uri
 
+    if batch_size < 1:  # checked before the model is loaded
+        _fail(f"--batch-size must be at least 1 window per forward pass, got {batch_size}")
+    if hop <= 0:
+        _fail(f"--hop must be > 0 seconds between window starts, got {hop:g}")
+    for path in audio:
+        if not path.is_file():
+            what = "is a directory, not an audio file" if path.is_dir() else "not found"
+            _fail(f"{path}: {what}")
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(workdir))
     try:
         served = load_served(model)

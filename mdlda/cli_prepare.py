@@ -54,7 +54,8 @@ def prepare(
     address: str | None = typer.Option(None, help="Ray address ('auto' for a running cluster); local Ray if unset."),
 ) -> None:
     """Decode, resample and segment audio into Parquet shards with Ray Data (resumable, idempotent)."""
-    from mdlda.cli import _fail, _locked
+    from mdlda.cli import _check_inputs, _fail, _locked
+    from mdlda.datasets.inputs import check_dataset_root
     from pipelines.prepare_folder import PrepareError, check_out_folder
 
     try:
@@ -73,12 +74,13 @@ def prepare(
         overwrite=overwrite,
     )
     with _locked(out):  # before Ray (or even its import): a second writer on OUT is refused at once
+        _check_inputs(lambda: check_dataset_root(dataset.value, root, piano_ids))  # before Ray: one clear line
         _prepare(options, address)
 
 
 def _prepare(options: dict, address: str | None) -> None:
     from mdlda.cli import _fail, console
-    from mdlda.datasets import DatasetFormatError
+    from mdlda.datasets import DatasetFormatError, DatasetSplitError
     from mdlda.manifest import ShardError
     from pipelines.prepare import PrepareConfig, PrepareError, prepare
     from pipelines.raysetup import init_ray
@@ -87,7 +89,7 @@ def _prepare(options: dict, address: str | None) -> None:
     init_ray(address)
     try:
         result = prepare(cfg)
-    except (PrepareError, DatasetFormatError, ShardError) as exc:
+    except (PrepareError, DatasetFormatError, DatasetSplitError, ShardError) as exc:
         _fail(str(exc))
     m = result.manifest
     table = Table(
@@ -102,6 +104,8 @@ def _prepare(options: dict, address: str | None) -> None:
         console.print(f"[yellow]{len(result.repaired)} shard file(s) did not match the manifest and were redone:[/]")
         for line in result.repaired[:10]:
             console.print(f"  {line}")
+    for w in m.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w.get('item')}: {w.get('reason')}", soft_wrap=True)
     if m["skipped"]:
         console.print(f"[yellow]{len(m['skipped'])} item(s) skipped[/] (listed in {result.out}/manifest.json):")
         for s in m["skipped"][:10]:

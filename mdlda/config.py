@@ -158,7 +158,10 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at} ({what})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -175,7 +178,18 @@ def load_chain_config(path: str | Path | None = None, overrides: list[str] | Non
     try:
         return ChainConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path or 'config'}: {exc}") from exc
+        raise ConfigError(f"{path or 'config'}: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: ValidationError) -> str:
+    """Every problem of a validation error on one line, each naming its key: ``teachers.num_sample: Extra
+    inputs are not permitted (got 2)``."""
+    parts = []
+    for e in exc.errors():
+        key = ".".join(str(k) for k in e["loc"]) or "config"
+        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+        parts.append(f"{key}: {e['msg']}{got}")
+    return f"{len(parts)} problem(s): " + "; ".join(parts)
 
 
 # Settings that bound how much of a sweep runs, not what a trial does: a budget change resumes the same sweep.

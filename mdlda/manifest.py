@@ -53,8 +53,13 @@ def build_manifest(
     decoder: dict,
     clip_fitting: dict[str, int] | None = None,
     files: list[dict] | None = None,
+    warnings: list[dict] | None = None,
 ) -> dict[str, Any]:
-    """The manifest dict; ``files`` (name, bytes, rows of each data file) lets a rerun check the folder is intact."""
+    """The manifest dict; ``files`` (name, bytes, rows of each data file) lets a rerun check the folder is intact.
+
+    ``warnings`` lists items whose rows were written but are fewer than expected (``{"item", "reason"}``, e.g. a
+    truncated MAESTRO WAV); ``n_warnings`` counts them.
+    """
     extra = {} if files is None else {"files": files}
     return {
         "dataset": dataset,
@@ -65,6 +70,8 @@ def build_manifest(
         "decoder": decoder,
         "clip_fitting": clip_fitting or {},
         "skipped": skipped,
+        "warnings": list(warnings or []),
+        "n_warnings": len(warnings or []),
         "content_digest": content_digest(row_digests),
         "index_digest": index_digest,
         "options": options,

@@ -4,17 +4,18 @@ A recording of any length, format and sample rate is decoded to 22.05 kHz mono a
 ``hop_s`` seconds. The tail after the last full window is covered by one more window aligned to the end of the
 recording (so no audio is ignored and no window is padded). A recording shorter than one window is zero-padded
 when it is at least ``min_seconds`` long and refused otherwise: a mostly-silent window would be a guess.
+:func:`predict_recording` streams: it decodes block by block and never holds the recording or all its windows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from mdlda.audio import AudioError, load
+from mdlda.audio import AudioError, stream_blocks
 from mdlda.params import FEATURES, SAMPLE_RATE, SEGMENT_SAMPLES
 
 
@@ -45,6 +46,36 @@ def windows(x: np.ndarray, hop_s: float, min_seconds: float, name: str = "audio"
     return starts, np.stack([x[s : s + SEGMENT_SAMPLES] for s in starts]).astype(np.float32)
 
 
+def stream_windows(
+    blocks: Iterable[np.ndarray], hop_s: float, min_seconds: float, name: str = "audio"
+) -> Iterator[tuple[int, np.ndarray, int]]:
+    """The windows of :func:`windows` from a stream of decoded blocks, holding at most one window plus a hop and a
+    block: ``(start sample, window, samples so far)``; the last item's third value is the recording's length."""
+    if hop_s <= 0:
+        raise ValueError(f"hop must be > 0 s, got {hop_s}")
+    hop = max(1, int(round(hop_s * SAMPLE_RATE)))
+    buf, buf_start, n = np.zeros(0, dtype=np.float32), 0, 0
+    next_start, last_start = 0, None
+    for block in blocks:
+        buf = np.concatenate([buf, np.asarray(block, dtype=np.float32)])
+        n += len(block)
+        while next_start + SEGMENT_SAMPLES <= n:
+            yield next_start, buf[next_start - buf_start : next_start - buf_start + SEGMENT_SAMPLES], n
+            last_start, next_start = next_start, next_start + hop
+        keep = max(buf_start, min(next_start, n - SEGMENT_SAMPLES))  # what a later window (or the tail) needs
+        buf, buf_start = buf[keep - buf_start :], keep
+    if last_start is None:  # shorter than one window: padded above the minimum, refused below
+        if n < min_seconds * SAMPLE_RATE:
+            raise AudioError(
+                f"{name}: {n / SAMPLE_RATE:.2f} s long, shorter than the {min_seconds:g} s minimum "
+                f"(a window is {SEGMENT_SAMPLES / SAMPLE_RATE:.0f} s; shorter audio is zero-padded down to that "
+                "minimum)"
+            )
+        yield 0, np.pad(buf, (0, SEGMENT_SAMPLES - n)), n
+    elif last_start + SEGMENT_SAMPLES < n:
+        yield n - SEGMENT_SAMPLES, buf[len(buf) - SEGMENT_SAMPLES :], n  # the tail, aligned to the end
+
+
 def predict_recording(
     model: Callable,
     path: str | Path,
@@ -53,19 +84,34 @@ def predict_recording(
     min_seconds: float = 5.0,
     device: str = "cpu",
 ) -> pd.DataFrame:
-    """One row per window: file, start_s, end_s and the 7 features on the 1..10 scale."""
+    """One row per window: file, start_s, end_s and the 7 features on the 1..10 scale.
+
+    The recording is decoded block by block and its windows predicted a batch at a time (:func:`stream_windows`):
+    memory does not grow with the recording's length or with a small ``hop_s``.
+    """
     import torch
 
-    x = load(path)
-    starts, w = windows(x, hop_s, min_seconds, str(path))
-    preds = []
-    with torch.no_grad():
-        for i in range(0, len(w), batch_size):
-            batch = torch.from_numpy(w[i : i + batch_size]).to(device)
-            preds.append(model(batch).float().cpu().numpy())  # (b, 7)
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1 window per forward pass, got {batch_size}")
+    starts, preds, batch, n = [], [], [], 0
+
+    def flush() -> None:
+        with torch.no_grad():
+            x = torch.from_numpy(np.stack(batch)).to(device)
+            preds.append(model(x).float().cpu().numpy())  # (b, 7)
+        batch.clear()
+
+    for start, window, so_far in stream_windows(stream_blocks(path), hop_s, min_seconds, str(path)):
+        n = so_far  # the recording's length, once the last window is out
+        starts.append(start)
+        batch.append(window)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
     p = np.concatenate(preds)
     frame = pd.DataFrame(p, columns=list(FEATURES))
-    frame.insert(0, "end_s", [min(s + SEGMENT_SAMPLES, len(x)) / SAMPLE_RATE for s in starts])
+    frame.insert(0, "end_s", [min(s + SEGMENT_SAMPLES, n) / SAMPLE_RATE for s in starts])
     frame.insert(0, "start_s", [s / SAMPLE_RATE for s in starts])
     frame.insert(0, "file", str(path))
     return frame

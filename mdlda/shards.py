@@ -26,6 +26,7 @@ class ItemResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     fitting: str | None = None  # Mid-level: exact / cropped / padded
+    warning: str | None = None  # rows were written, but fewer than the index expected (a truncated file)
 
 
 def _row(item: dict, clip_id: str, offset_s: float, pcm: np.ndarray) -> dict[str, Any]:
@@ -44,6 +45,19 @@ def _row(item: dict, clip_id: str, offset_s: float, pcm: np.ndarray) -> dict[str
     }
 
 
+def _fewer_segments(item: dict, got: int) -> str | None:
+    """A MAESTRO performance that decodes to fewer segments than its CSV duration implies: a truncated file (or a
+    wrong duration). Its rows are kept; the shortfall is reported as a counted warning in the manifest."""
+    expected = item.get("expected_segments")
+    if expected is None or got >= int(expected):
+        return None
+    return (
+        f"{item['path']}: decoded to {got} of the {int(expected)} segments its CSV duration "
+        f"({float(item.get('duration', 0.0)):.1f} s) implies ({got * SEGMENT_SAMPLES / SAMPLE_RATE:.0f}+ s of audio): "
+        "the file looks truncated; the segments it has were kept"
+    )
+
+
 def decode_item(item: dict, max_pad_s: float = MAX_PAD_SECONDS) -> ItemResult:
     """Decode one index row. Mid-level: one cropped/padded segment; MAESTRO: every full 15-s segment.
 
@@ -60,6 +74,7 @@ def decode_item(item: dict, max_pad_s: float = MAX_PAD_SECONDS) -> ItemResult:
                 )
             if not result.rows:
                 raise AudioError(f"{item['path']}: shorter than one {SEGMENT_SAMPLES / SAMPLE_RATE:.0f}-s segment")
+            result.warning = _fewer_segments(item, len(result.rows))
         else:
             x = load(item["path"])
             try:

@@ -27,6 +27,24 @@ class Predictions:
     y_pred: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
 
+def pin_models(models: dict[str, str]) -> tuple[dict[str, str], dict[str, dict]]:
+    """Resolve every model URI once: ``(name -> pinned URI, name -> identity)``.
+
+    ``models:/NAME@ALIAS`` becomes ``models:/NAME/VERSION`` (the version the alias points at now), so the whole
+    evaluation scores one version even if the alias moves meanwhile; the identity (registry version, run,
+    checkpoint folder) is what an evaluation's cache is keyed by, never the URI text: after ``@champion`` moves,
+    the same command scores the new champion instead of returning the old one's cached rows.
+    """
+    from mdlda.served import resolve
+
+    pinned, ident = {}, {}
+    for name, uri in models.items():
+        ref = resolve(uri)
+        pinned[name] = f"models:/{ref.version}" if ref.version else uri
+        ident[name] = {"version": ref.version, "run_id": ref.run_id, "checkpoint": ref.checkpoint}
+    return pinned, ident
+
+
 def load_split(shards: str | Path, split: str) -> dict[str, np.ndarray]:
     """One evaluation split in memory (int16 audio, labels, ids): test splits are small, and every model then
     reads the same arrays instead of re-reading Parquet."""

@@ -5,8 +5,9 @@ segmenting its group and writing it as one Parquet file -> ``<out>/data``, chunk
 shards with Ray Data. Only the per-item outcomes (digests, skips) flow back through Ray Data, never the audio (see
 ``_run_chunks`` for what that saves). A finished chunk is recorded in ``<out>/.prepare/``; rerunning an interrupted
 run redoes only unfinished chunks, and rerunning a finished one does nothing. Bad files are reported skips (in the
-manifest), and the run stops with an error when more than ``max_failure_share`` of the items fail. ``<out>`` must be
-new, empty or a shard folder of ours, and only files prepare wrote are ever deleted there (``prepare_folder``).
+manifest), a MAESTRO file with fewer segments than its CSV duration implies is a counted warning there, and the
+run stops with an error when more than ``max_failure_share`` of the items fail. ``<out>`` must be new, empty or a
+shard folder of ours, and only files prepare wrote are ever deleted there (``prepare_folder``).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def decode_group(items: list[dict], path: str, max_pad_s: float = MAX_PAD_SECOND
                 "item": res.item,
                 "error": res.error,
                 "fitting": res.fitting,
+                "warning": res.warning,
                 "rows": [(r["clip_id"], r["split"], r["digest"]) for r in res.rows],
             }
         )
@@ -353,11 +355,14 @@ def _finish(out: Path, state_dir: Path, index, digest: str, options: dict, confi
     digests: dict[str, str] = {}
     fitting: dict[str, int] = {}
     skipped = list(index.skipped)
+    warnings: list[dict] = []
     for f in sorted(state_dir.glob("chunk-*.json")):
         for rec in json.loads(f.read_text()):
             if rec["error"]:
                 skipped.append({"item": rec["item"], "reason": rec["error"]})
                 continue
+            if rec.get("warning"):
+                warnings.append({"item": rec["item"], "reason": rec["warning"]})
             if rec["fitting"]:
                 fitting[rec["fitting"]] = fitting.get(rec["fitting"], 0) + 1
             for clip_id, split, row_digest in rec["rows"]:
@@ -376,6 +381,7 @@ def _finish(out: Path, state_dir: Path, index, digest: str, options: dict, confi
         decoder=decoder_info(),
         clip_fitting=fitting,
         files=data_files(out),
+        warnings=warnings,
     )
     write_manifest(out, manifest)
     return PrepareResult(str(out), manifest, failures=[s for s in skipped if s.get("reason")])

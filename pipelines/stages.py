@@ -105,6 +105,9 @@ def prepare_all(cfg: ChainConfig, data_root: Path, workdir: Path, run):
     for name, r in (("midlevel", ml), ("maestro", ma)):
         _log_json(r.manifest, f"manifest-{name}.json")
         mlflow.log_metrics({f"{name}_{k}_rows": v for k, v in r.manifest["counts"].items()})
+        mlflow.log_metric(f"{name}_warnings", r.manifest.get("n_warnings", 0))  # e.g. truncated MAESTRO files
+        for w in r.manifest.get("warnings", []):
+            logger.warning("prepare %s: %s: %s", name, w["item"], w["reason"])
         mlflow.set_tag(f"shards.{name}.digest", r.manifest["content_digest"])
     return ml, ma
 
@@ -326,24 +329,36 @@ def _student_info(client, v) -> dict:
     }
 
 
+def evaluation_key(resolved: dict[str, dict], ensembles: dict, adabn: list[str], midlevel: str) -> str:
+    """The evaluation cache key: the resolved models (``pin_models``' identities, not the URI text), the
+    ensembles, the AdaBN rows and the content digest of the shards scored."""
+    from mdlda.manifest import read_manifest
+
+    shards = read_manifest(midlevel)["content_digest"]
+    return config_digest({"models": resolved, "ensembles": ensembles, "adabn": adabn, "shards": shards, "v": 3})
+
+
 def evaluate_stage(
     models: dict[str, str], ensembles: dict[str, list[str]], adabn: list[str], cfg: ChainConfig, workdir: Path
 ):
     """Metrics table of all models on test / piano_test (plus ``<name>+AdaBN`` rows for the models named in
-    ``adabn``: per-domain BatchNorm statistics); cached by the set of model URIs."""
+    ``adabn``: per-domain BatchNorm statistics); cached by what the models resolve to (registry version, run,
+    checkpoint: an alias that moved gives a new evaluation) and the shards' content digest."""
     import pandas as pd
 
     from pipelines.evaluate import (
         EVAL_SPLITS,
         discrepancy_table,
         load_split,
+        pin_models,
         predict_splits,
         results_table,
         write_results,
     )
 
     midlevel = str(workdir / "shards" / "midlevel")
-    key = config_digest({"models": models, "ensembles": ensembles, "adabn": adabn, "shards": midlevel, "v": 2})
+    models, resolved = pin_models(models)  # every model below is the version the key names, even if an alias moves
+    key = evaluation_key(resolved, ensembles, adabn, midlevel)
     out = workdir / "results" / key
     if (out / "results.csv").exists():
         return pd.read_csv(out / "results.csv"), False

@@ -93,3 +93,23 @@ def test_missing_column_names_file_and_column(root: Path, column: str) -> None:
     csv.rename(columns={column: column[:-1]}).to_csv(root / CSV_NAME, index=False)
     with pytest.raises(DatasetFormatError, match=rf"{CSV_NAME}.*'{column}'.*did you mean '{column[:-1]}'"):
         index_maestro(root)
+
+
+@pytest.mark.parametrize("bad", ["../outside/x.wav", "2004/../../outside/x.wav", "ABSOLUTE", "link/x.wav"])
+def test_a_path_leading_out_of_the_root_is_a_reported_skip_and_never_read(tmp_path: Path, bad: str) -> None:
+    """`../`, absolute paths and symlinks out of the root are refused, naming the CSV line; the others stay."""
+    root = write_maestro(tmp_path / "maestro")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.wav").write_bytes(b"RIFF secret")
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    bad = str(outside / "x.wav") if bad == "ABSOLUTE" else bad
+    df = pd.read_csv(root / CSV_NAME)
+    df.loc[len(df)] = ["C", "T", "train", 2004, "x.midi", bad, 90.0]
+    df.to_csv(root / CSV_NAME, index=False)
+    index = index_maestro(root)
+    reasons = {s["item"]: s["reason"] for s in index.skipped}
+    assert "outside the dataset root" in reasons[bad] or "absolute" in reasons[bad]
+    assert f"line {len(df) + 1}" in reasons[bad]
+    assert not any("outside" in p for p in index.table.path)
+    assert len(index.table) == 6  # every performance of write_maestro is still there

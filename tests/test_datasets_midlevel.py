@@ -193,3 +193,35 @@ def test_byte_order_mark_and_latin1_metadata_are_read(root: Path) -> None:
     meta_path.write_bytes(meta.encode("latin-1"))
     t = index_midlevel(root).table
     assert len(t) == 105 and "Bj\u00f6rk" in set(t["group"])
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        ([9001, 9002, 9003], r"piano\.csv: none of its 3 piano ids .* is a song id of the dataset"),
+        ([], r"piano\.csv: the piano id list names no song ids"),
+    ],
+)
+def test_a_piano_list_matching_nothing_is_an_error_at_index_time(root: Path, ids: list, match: str) -> None:
+    """Otherwise piano_test is empty, the piano clips train as source, and the evaluation fails hours later."""
+    pd.DataFrame({"song id": ids}, dtype=object).to_csv(root / "piano.csv", index=False)
+    with pytest.raises(DatasetSplitError, match=match):
+        index_midlevel(root, root / "piano.csv")
+
+
+def test_a_piano_list_whose_clips_are_all_unusable_is_an_error(root: Path) -> None:
+    for sid in pd.read_csv(root / "piano.csv")["song id"]:
+        (root / "audio" / f"{sid}.mp3").unlink()
+    with pytest.raises(DatasetSplitError, match=r"none of the 5 listed piano clips .* usable .*audio file not found"):
+        index_midlevel(root, root / "piano.csv")
+
+
+def test_a_song_id_leading_out_of_the_root_is_a_reported_skip(root: Path) -> None:
+    (root.parent / "secret.mp3").write_bytes(b"not yours")
+    ann, meta = read_tables(root)
+    ann, meta = ann.astype({"song_id": object}), meta.astype({"song id": object})
+    ann.loc[0, "song_id"] = meta.loc[0, "song id"] = "../../secret"
+    write_tables(root, ann, meta)
+    ix = index_midlevel(root, root / "piano.csv")
+    assert "outside the dataset root" in reasons(ix, "../../secret")[0] and lost(ix, "../../secret")
+    assert not any("secret" in p for p in ix.table.path) and len(ix.table) == len(ann) - 1

@@ -57,3 +57,46 @@ def test_unreadable_file_is_named(tmp_path):
     bad.write_bytes(b"not audio at all" * 100)
     with pytest.raises(AudioError, match="broken.mp3"):
         predict_recording(lambda a: a[:, :7], bad)
+
+
+@pytest.mark.parametrize(
+    "n_s, hop_s, block_s",
+    [(6.0, 15.0, 2.0), (15.0, 15.0, 4.0), (47.3, 15.0, 10.0), (47.3, 4.0, 3.0), (61.0, 40.0, 7.0), (33.0, 1.0, 15.0)],
+)
+def test_streamed_windows_are_the_windows_of_the_whole_recording(n_s, hop_s, block_s):
+    """stream_windows over blocks gives exactly windows() of the whole array: same starts, same samples."""
+    from mdlda.predict import stream_windows
+
+    x = np.random.default_rng(0).standard_normal(int(n_s * SAMPLE_RATE)).astype(np.float32)
+    starts, w = windows(x, hop_s, min_seconds=5.0)
+    b = int(block_s * SAMPLE_RATE)
+    got = list(stream_windows((x[i : i + b] for i in range(0, len(x), b)), hop_s, 5.0))
+    assert [s for s, _, _ in got] == starts and got[-1][2] == len(x)
+    assert np.array_equal(np.stack([g for _, g, _ in got]), w)
+
+
+def test_streamed_predictions_match_the_whole_file_path(tmp_path):
+    """predict_recording (streaming) gives the numbers of decoding the whole file and stacking its windows."""
+    import torch
+
+    from mdlda.audio import load
+    from mdlda.models import create_model
+    from mdlda.tracking import RatingModel
+
+    torch.manual_seed(0)
+    model = RatingModel(create_model("rfresnet", width=4)).eval()
+    x = 0.3 * np.random.default_rng(1).standard_normal(int(SAMPLE_RATE * 52)).astype(np.float32)
+    path = tmp_path / "take.wav"
+    sf.write(path, x, SAMPLE_RATE, subtype="FLOAT")
+    frame = predict_recording(model, path, hop_s=7.0, batch_size=3)
+    starts, w = windows(load(path), 7.0, 5.0)
+    with torch.no_grad():
+        whole = model(torch.from_numpy(w)).numpy()
+    assert list(frame.start_s * SAMPLE_RATE) == starts
+    assert np.allclose(frame[list(FEATURES)].to_numpy(), whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_a_batch_size_below_one_is_a_clear_error(tmp_path, batch_size):
+    with pytest.raises(ValueError, match="batch size must be >= 1"):
+        predict_recording(lambda a: a[:, :7], tmp_path / "x.wav", batch_size=batch_size)

@@ -287,3 +287,38 @@ def test_damage_without_resume_state_is_refused(midlevel_shards, demo_root, tmp_
     victim.unlink()
     with pytest.raises(PrepareError, match=rf"{victim.name}: missing.*--overwrite"):
         prepare(_cfg(demo_root, out, chunk_items=8))
+
+
+def test_truncated_maestro_wav_and_a_path_out_of_the_root_are_reported(ray_local, demo_root, tmp_path):
+    """A WAV shorter than its CSV duration is a counted warning (manifest + report line, its segments kept); an
+    audio_filename leading out of the root is a reported skip naming the CSV line; every other row is written."""
+    import pandas as pd
+    import soundfile as sf
+    from typer.testing import CliRunner
+
+    from mdlda.cli import app
+    from mdlda.datasets import index_maestro
+    from mdlda.datasets.maestro import CSV_NAME
+
+    root = tmp_path / "maestro"
+    shutil.copytree(demo_root / "maestro", root)
+    full = index_maestro(root)
+    victim = root / full.table.path.iloc[0].split(str(root) + "/")[1]
+    x, sr = sf.read(victim, always_2d=True)
+    sf.write(victim, x[: int(sr * 16)], sr)  # 16 s of a ~40 s recording: 1 of its 2 segments left
+    (tmp_path / "secret.wav").write_bytes(victim.read_bytes())
+    df = pd.read_csv(root / CSV_NAME)
+    df.loc[len(df)] = ["C", "T", "train", 2018, "x.midi", "../secret.wav", 40.0]
+    df.to_csv(root / CSV_NAME, index=False)
+
+    argv = ["prepare", "maestro", "--root", str(root), "--out", str(tmp_path / "m"), "--max-failure-share", "0.5"]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "warning:" in out and victim.name in out and "truncated" in out
+    m = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    assert m["n_warnings"] == 1 and victim.name in m["warnings"][0]["reason"]
+    assert "decoded to 1 of the 2 segments" in m["warnings"][0]["reason"]
+    reasons = {s["item"]: s["reason"] for s in m["skipped"]}
+    assert "outside the dataset root" in reasons["../secret.wav"] and f"line {len(df) + 1}" in reasons["../secret.wav"]
+    assert m["rows"] == full.options["expected_segments"] - 1 == len(_rows(tmp_path / "m"))

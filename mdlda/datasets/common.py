@@ -105,3 +105,22 @@ def suggest(name: str, choices: Sequence[str]) -> str:
     """A " (did you mean 'x'?)" suffix for an unknown ``name``, or ``""``."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def path_inside(root: Path, name: str) -> tuple[Path | None, str]:
+    """``root / name`` when it stays inside ``root`` (already resolved), else ``(None, why)``.
+
+    A dataset CSV names files relative to its root: an absolute path, ``..`` that climbs out, or a symlink whose
+    target lies outside the root is refused (never read), so a CSV cannot make prepare read arbitrary files.
+    """
+    if Path(name).is_absolute():
+        return None, f"path {name!r} is absolute; the CSV must name files relative to the dataset root {root}"
+    path = root / name
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        return None, f"path {name!r} cannot be resolved ({exc})"
+    if not resolved.is_relative_to(root):
+        via = " through a symlink" if ".." not in Path(name).parts else ""
+        return None, f"path {name!r} leads{via} to {resolved}, outside the dataset root {root}; not read"
+    return path, ""

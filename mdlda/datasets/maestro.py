@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mdlda.datasets.common import DatasetFormatError, DatasetIndex, read_table, skip, suggest
+from mdlda.datasets.common import DatasetFormatError, DatasetIndex, path_inside, read_table, skip, suggest
 from mdlda.params import SEGMENT_SECONDS
 
 DATASET = "maestro"
@@ -52,7 +52,8 @@ def index_maestro(
 
     Columns beyond the common ones: ``duration`` (s, from the CSV), ``expected_segments``
     (floor(duration / 15)), ``composer``, ``title``, ``year``. Skipped (reported): missing WAV, missing or
-    non-numeric duration, duration under one segment, a duplicate audio stem. ``max_performances`` draws that
+    non-numeric duration, duration under one segment, a duplicate audio stem, an ``audio_filename`` that leads
+    outside ``root`` (absolute, ``..``, or a symlink out: never read). ``max_performances`` draws that
     many of the usable performances (seeded) and keeps them in CSV order. Raises :class:`DatasetFormatError`
     for a missing CSV or column, ``ValueError`` for an unknown split name.
     """
@@ -70,11 +71,16 @@ def index_maestro(
 
     rows, skipped = [], []
     seen: set[str] = set()
+    df = df.assign(csv_line=df.index + 2)  # the CSV line (1 is the header), for messages
     for rec in df.itertuples(index=False):
         name = rec.audio_filename
         stem = Path(name).stem
         if not name:
             skipped.append(skip(f"{rec.canonical_composer}: {rec.canonical_title}", "no audio_filename"))
+            continue
+        path, why = path_inside(root, name)
+        if path is None:
+            skipped.append(skip(name, f"audio_filename in {CSV_NAME} line {rec.csv_line}: {why}"))
             continue
         if stem in seen:
             skipped.append(skip(name, f"duplicate audio file stem {stem!r} (clip ids must be unique)"))
@@ -90,9 +96,9 @@ def index_maestro(
         if duration < SEGMENT_SECONDS:
             skipped.append(skip(name, f"{duration:.2f} s is shorter than one {SEGMENT_SECONDS:g}-s segment", False))
             continue
-        path = root / name
         if not path.is_file():
-            skipped.append(skip(name, f"audio file not found: {path}"))
+            what = "is a directory, not an audio file" if path.is_dir() else "not found"
+            skipped.append(skip(name, f"audio file {what}: {path}"))
             continue
         rows.append(
             {

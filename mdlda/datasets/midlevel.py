@@ -24,6 +24,7 @@ from mdlda.datasets.common import (
     DatasetIndex,
     DatasetSplitError,
     normalise_id,
+    path_inside,
     read_table,
     skip,
 )
@@ -147,6 +148,23 @@ def _split_source(table: pd.DataFrame, seed: int, eval_fraction: float, valid_fr
     return {cid: split_of_artist.get(g, "train") for cid, g in zip(table["clip_id"], table["group"], strict=True)}
 
 
+def _no_piano_clips(path: str | Path, piano: list[str], all_ids: set[str], skipped: list[dict]) -> str:
+    """Why a piano id list gives no piano_test clip: the piano clips would silently train as source and the
+    evaluation would fail hours later, so this is an error at prepare time."""
+    if not piano:
+        return f"{path}: the piano id list names no song ids (piano_test would be empty)"
+    matched = [sid for sid in piano if sid in all_ids]
+    if not matched:
+        sample = ", ".join(repr(v) for v in sorted(all_ids)[:3])
+        return (
+            f"{path}: none of its {len(piano)} piano ids ({', '.join(map(repr, piano[:3]))}, ...) is a song id of "
+            f"the dataset (whose ids look like {sample}): is it the list for this dataset?"
+        )
+    why = {s["item"]: s["reason"] for s in skipped}
+    reasons = "; ".join(f"{sid}: {why.get(sid, 'not usable')}" for sid in matched[:3])
+    return f"{path}: none of the {len(matched)} listed piano clips in the dataset is usable ({reasons})"
+
+
 def index_midlevel(
     root: str | Path,
     piano_ids: str | Path | None = None,
@@ -158,8 +176,9 @@ def index_midlevel(
 
     Skipped (reported, not raised): NaN or out-of-range ratings, conflicting duplicate ids (identical
     duplicates keep one copy), ids without metadata or without an artist, metadata rows without annotations,
-    missing audio, and piano-list ids not in the dataset. Raises :class:`DatasetFormatError` for a missing
-    CSV or column, :class:`DatasetSplitError` when there are too few single-track artists.
+    missing audio, a song id whose audio path leads outside ``root``, and piano-list ids not in the dataset
+    (a note). Raises :class:`DatasetFormatError` for a missing CSV or column, :class:`DatasetSplitError` when
+    there are too few single-track artists or when a piano id list yields no piano_test clip at all.
     """
     if not 0.0 <= eval_fraction < 1.0 or not 0.0 <= valid_fraction <= 1.0:
         raise ValueError(
@@ -192,9 +211,13 @@ def index_midlevel(
         if not artist:
             skipped.append(skip(sid, "metadata.csv gives no artist"))
             continue
-        path = audio_path(root, sid)
+        path, why = path_inside(root, str(AUDIO_DIR / f"{sid}.mp3"))
+        if path is None:
+            skipped.append(skip(sid, f"song id {sid!r} in {ANNOTATIONS.name}: {why}"))
+            continue
         if not path.is_file():
-            skipped.append(skip(sid, f"audio file not found: {path}"))
+            what = "is a directory, not an audio file" if path.is_dir() else "not found"
+            skipped.append(skip(sid, f"audio file {what}: {path}"))
             continue
         rows.append((sid, artist, str(path), labels, source))
     table = pd.DataFrame(rows, columns=["clip_id", "group", "path", "labels", "source"])
@@ -209,6 +232,8 @@ def index_midlevel(
             if sid not in all_ids
         ]
     is_piano = table["clip_id"].isin(set(piano))
+    if piano_ids is not None and not is_piano.any():
+        raise DatasetSplitError(_no_piano_clips(piano_ids, piano, known | set(meta.index), skipped))
     source = table[~is_piano]
     split_of = _split_source(source, seed, eval_fraction, valid_fraction)
     table["domain"] = np.where(is_piano, "target", "source")
