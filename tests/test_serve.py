@@ -94,6 +94,7 @@ def store(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     setup_tracking(tmp_path / "wd", "serve")
     yield tmp_path / "wd"
+    mlflow.end_run()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(None)
 
@@ -110,7 +111,8 @@ def test_mlflow_models_serve_answers_with_the_registered_models_features(store, 
     from mdlda.tracking import STUDENT_MODEL, load_served, log_model, tracking_uri
 
     torch.manual_seed(0)
-    log_model(create_model("rfresnet", width=2).eval(), registered_model_name=STUDENT_MODEL)
+    with mlflow.start_run():
+        log_model(create_model("rfresnet", width=2).eval(), registered_model_name=STUDENT_MODEL)
     MlflowClient().set_registered_model_alias(STUDENT_MODEL, "champion", "1")
     uri = f"models:/{STUDENT_MODEL}@champion"
 
