@@ -143,8 +143,12 @@ def test_mlflow_models_serve_answers_with_the_registered_models_features(store, 
 
         _wait_http(proc, f"http://127.0.0.1:{port}/ping", log)
         body = _post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": audio.tolist()})
+        with pytest.raises(urllib.error.HTTPError) as short:  # a clip of another length: refused by the signature
+            _post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": audio[:, :1000].tolist()})
+        refusal = short.value.read().decode()
     finally:
         _stop(proc)
+    assert short.value.code == 400 and "does not match expected shape" in refusal, refusal[:500]
     assert list(body) == ["predictions"], body.keys()
     served = np.asarray(body["predictions"], dtype=np.float64)
     assert served.shape == (2, len(FEATURES))
