@@ -350,6 +350,10 @@ from mdlda.cli_ablation import register as _register_ablation  # noqa: E402
 
 _register_ablation(app)
 
+from mdlda.cli_ui import register as _register_ui  # noqa: E402
+
+_register_ui(app)
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()

@@ -3,7 +3,8 @@
 Default store: ``sqlite:///<abs workdir>/mlflow.db`` with artifacts under ``<workdir>/mlartifacts`` (no server).
 ``MLFLOW_TRACKING_URI`` overrides it (a tracking server on a cluster). Registered models are exported with
 torch.export ("pt2", no pickle) and take 22.05 kHz mono audio (B, 330750) float32, giving the 7 features on
-the 1..10 scale. mdlda itself loads them only from the weights-only checkpoint logged beside each one
+the 1..10 scale, not clipped; their signature names the 7 output columns (:func:`output_schema`, docs/serving.md).
+mdlda itself loads them only from the weights-only checkpoint logged beside each one
 (:func:`load_served`, :mod:`mdlda.served`), never by running what a version's files describe.
 """
 
@@ -127,6 +128,18 @@ class RatingModel(nn.Module):
         return self.model(audio) * LABEL_SCALE  # (B, 7)
 
 
+def output_schema():
+    """The served models' output schema: one float column per feature, in :data:`~mdlda.params.FEATURES` order.
+
+    A column schema, not a (B, 7) tensor spec, so the signature says which column is which feature. MLflow's
+    pytorch flavour still returns a plain (B, 7) array (``mlflow models serve`` answers ``{"predictions": [[7
+    numbers], ...]}``: it never applies an output schema), so these names are the documented order of that array.
+    """
+    from mlflow.types import ColSpec, Schema
+
+    return Schema([ColSpec("float", f) for f in FEATURES])
+
+
 def _pip_requirements() -> list[str]:
     import mlflow
 
@@ -139,19 +152,22 @@ def log_model(
     registered_model_name: str | None = None,
     tags: dict[str, Any] | None = None,
 ):
-    """Log ``model`` (wrapped in :class:`RatingModel`, eval mode, CPU) as a pt2 export with a signature.
+    """Log ``model`` (wrapped in :class:`RatingModel`, eval mode, CPU) as a pt2 export with a signature: a
+    (-1, 330750) float32 tensor in, the 7 named feature columns out (:func:`output_schema`).
 
     The input example is a batch of 2 so the exported batch dimension stays dynamic.
     """
     import mlflow
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
 
     served = RatingModel(model).eval().to("cpu")
     example = np.zeros((2, SEGMENT_SAMPLES), dtype=np.float32)
     example[1, ::50] = 0.1
     with torch.no_grad():
         out = served(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, out)
+    if out.shape[1:] != (len(FEATURES),):
+        raise ValueError(f"a served model gives {len(FEATURES)} features per clip, this one gives {out.shape[1:]}")
+    signature = ModelSignature(inputs=infer_signature(example).inputs, outputs=output_schema())
     import tempfile
 
     from mdlda.checkpoints import save_model
@@ -169,7 +185,7 @@ def log_model(
         registered_model_name=registered_model_name,
         metadata={
             "features": list(FEATURES),
-            "output_scale": "ratings 1..10",
+            "output_scale": "ratings on the 1..10 scale, not clipped (docs/serving.md)",
             "sample_rate": 22050,
             "checkpoint_artifact": f"{name}-checkpoint",
         },
