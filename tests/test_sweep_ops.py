@@ -152,8 +152,12 @@ def _kill_first_trial_worker(stop: threading.Event, killed: list) -> None:
     import psutil
 
     while not stop.is_set():
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
+        # only a worker of this session's Ray (its raylet is a child of this process), never another Ray's on the host
+        for p in psutil.Process().children(recursive=True):
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
             if cmd.startswith("ray::ImplicitFunc.train"):
                 time.sleep(1.0)
                 os.kill(p.pid, signal.SIGKILL)
