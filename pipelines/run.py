@@ -329,6 +329,6 @@ def _print_summary(console: Console, table: pd.DataFrame, workdir: Path, uri: st
         t.add_row(model, *cells)
     console.print(t)
     console.print(f"results: {workdir / 'results' / 'latest'}", soft_wrap=True)
-    backend = uri if not uri.startswith("sqlite") else uri
-    console.print(f"MLflow runs: mlflow ui --backend-store-uri {backend}", soft_wrap=True)
+    browse = f"mdlda ui --workdir {workdir}" if uri.startswith("sqlite") else uri
+    console.print(f"MLflow runs and models: {browse}", soft_wrap=True)
     console.print(f"models: models:/{STUDENT_MODEL}@champion, models:/mdlda-teacher/<version>")
