@@ -67,9 +67,16 @@ GROUPS = {
             "student, spread-weighted": {"mode": "distill", "weighting": "spread"},
         },
     ),
+    "student_mix": (
+        "student, pooled",
+        {
+            "student, pooled": {"mode": "distill"},
+            "student, paired": {"mode": "distill", "mix": "paired"},
+        },
+    ),
 }
 MODEL_KEYS = {"head", "head_bn_weight", "width"}
-NOT_TRAIN_KEYS = MODEL_KEYS | {"peak_normalize", "band_floor", "weighting"}
+NOT_TRAIN_KEYS = MODEL_KEYS | {"peak_normalize", "band_floor", "weighting", "mix"}
 
 
 def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) -> dict:
@@ -123,9 +130,18 @@ def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) ->
                 b = {"target_audio": torch.from_numpy(pl[rows]), "target_labels": y_pl[rows]}
                 yield b if w is None else {**b, "target_weights": w[rows]}
 
+    def paired(epoch: int):  # every source batch with an equal pseudo-labelled batch (pipelines/data.py)
+        rng = np.random.default_rng([seed, epoch])
+        idx, tidx = rng.permutation(len(src)), rng.permutation(np.resize(np.arange(len(pl)), len(src)))
+        for i in range(0, len(idx) - bs + 1, bs):
+            rows, trows = idx[i : i + bs], tidx[i : i + bs]
+            b = {"audio": torch.from_numpy(src[rows]), "labels": y_src[rows]}
+            b |= {"target_audio": torch.from_numpy(pl[trows]), "target_labels": y_pl[trows]}
+            yield b if w is None else {**b, "target_weights": w[trows]}
+
     def batches(epoch: int):
         if mode == "distill":
-            yield from pooled(epoch)
+            yield from (paired if variant.get("mix") == "paired" else pooled)(epoch)
             return
         rng = np.random.default_rng([seed, epoch])
         idx, tidx = rng.permutation(len(src)), rng.permutation(np.resize(np.arange(len(tgt)), len(src)))
@@ -219,8 +235,8 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         return {**job, **json.loads(out)}
 
-    groups = args.group or [g for g in GROUPS if g != "student" or args.pseudo]
-    if "student" in groups and not args.pseudo:
+    groups = args.group or [g for g in GROUPS if not g.startswith("student") or args.pseudo]
+    if any(g.startswith("student") for g in groups) and not args.pseudo:
         ap.error("the student group needs --pseudo (pseudo-label shards, e.g. an ablation's)")
     for group in groups:
         reference, variants = GROUPS[group]
