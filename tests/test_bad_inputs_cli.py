@@ -126,12 +126,16 @@ def test_the_command_line_refuses_bad_input_in_one_line_before_ray_or_mlflow(
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
+    # the session's own Ray may already be up (an earlier test started it): record whether this command calls
+    # ray.init at all (the real one still runs if it does)
+    started, real_init = [], ray.init
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append(a or k) or real_init(*a, **k))
     data = _data(demo_root, tmp_path)
     before = {p for p in data.rglob("*")}
     res = CliRunner().invoke(app, argv(tmp_path, data))
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit), (res.output, res.exception)
     assert len(lines) == 1 and lines[0].startswith("error:") and re.search(match, lines[0]), res.output
-    assert not ray.is_initialized()  # refused before Ray started
+    assert not started  # refused before Ray started
     assert not list(tmp_path.rglob("mlflow.db")) and not (tmp_path / "mlruns").exists()  # and before MLflow
     assert {p for p in data.rglob("*")} >= before - {p for p in before if not p.exists()}  # nothing of the input lost
