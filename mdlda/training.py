@@ -45,7 +45,7 @@ class TrainConfig:
     lr_milestones: tuple[int, ...] = (2, 5, 10, 15, 20)  # after these epochs the lr is multiplied by lr_gamma
     lr_gamma: float = 0.5
     max_epochs: int = 99
-    patience: int = 14  # stop after this many epochs without a better validation r_mean
+    patience: int = 14  # stop after this many epochs without a better validation number (select_on)
     adv_scale: float = 1.0  # DANN: scale of the gradient-reversal weight schedule (mdlda.adapt.dann_lambda)
     lambda_schedule_epochs: int = 20  # DANN: epochs over which the reversal weight ramps up to adv_scale
     lambda_gamma: float = 10.0  # DANN: steepness of Ganin's ramp
@@ -58,6 +58,9 @@ class TrainConfig:
     # DANN / distillation: whose passes update the BatchNorm running statistics the model is evaluated and
     # served with ("both", "source" or "target"; docs/method.md has the measurements)
     bn_stats: Literal["both", "source", "target"] = "source"
+    # which validation number picks the best epoch (and drives patience): "r_mean" (scale-free) or "loss" (the
+    # MSE, which also sees an offset or a wrong output scale)
+    select_on: Literal["r_mean", "loss"] = "r_mean"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
@@ -75,6 +78,8 @@ class TrainConfig:
             problems.append(f"adv_scale must be >= 0, got {self.adv_scale}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
+        if self.select_on not in ("r_mean", "loss"):
+            problems.append(f"select_on must be 'r_mean' or 'loss', got {self.select_on!r}")
         if self.bn_stats not in ("both", "source", "target"):
             problems.append(f"bn_stats must be 'both', 'source' or 'target', got {self.bn_stats!r}")
         if self.amp_dtype not in ("bfloat16", "float16"):
@@ -228,6 +233,7 @@ class _Fit:
         )
         self.next_epoch, self.bad_epochs = 0, 0
         self.best_score, self.best_epoch = -math.inf, None
+        self.best_criterion = -math.inf  # the select_on number at the best epoch, larger is better
         self.best_model: dict[str, Tensor] | None = None
         self.best_head: dict[str, Tensor] | None = None
         self.history: list[dict[str, float]] = []
@@ -245,6 +251,7 @@ class _Fit:
             "scheduler": to_cpu(self.scheduler.state_dict()),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "best_score": self.best_score,
+            "best_criterion": self.best_criterion,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
             "best_model": self.best_model,
@@ -271,6 +278,7 @@ class _Fit:
             self.precision.scaler.load_state_dict(state["scaler"])
         self.next_epoch, self.bad_epochs = int(state["next_epoch"]), int(state["bad_epochs"])
         self.best_score, self.best_epoch = float(state["best_score"]), state["best_epoch"]
+        self.best_criterion = float(state.get("best_criterion", state["best_score"]))  # older states: r_mean
         self.best_model, self.best_head = state["best_model"], state["best_domain_head"]
         self.history = [dict(h) for h in state["history"]]
         self.rng = state["rng"]
@@ -315,9 +323,11 @@ class _Fit:
                     f"r_mean={valid['r_mean']} are not finite; the model diverged",
                 )
             self.scheduler.step()
-            is_best = valid["r_mean"] > self.best_score
+            criterion = valid["r_mean"] if cfg.select_on == "r_mean" else -valid["loss"]
+            is_best = criterion > self.best_criterion
             if is_best:
                 self.best_score, self.best_epoch, self.bad_epochs = valid["r_mean"], epoch, 0
+                self.best_criterion = criterion
                 self.best_model, self.best_head = _state_of(self.model), _state_of(self.head)
             else:
                 self.bad_epochs += 1
@@ -351,8 +361,8 @@ class _Fit:
 
     def _patience_message(self) -> str:
         return (
-            f"no better validation r_mean for {self.config.patience} epochs; best {self.best_score:.4f} "
-            f"at epoch {self.best_epoch}"
+            f"no better validation {self.config.select_on} for {self.config.patience} epochs; best r_mean "
+            f"{self.best_score:.4f} at epoch {self.best_epoch}"
         )
 
     def _finish(self, status: str, message: str) -> FitResult:

@@ -249,3 +249,14 @@ def test_device_monitor_logs_nothing_on_cpu_and_warns_once_without_nvml(caplog):
     warnings = [r for r in caplog.records if "cannot be read" in r.getMessage()]
     assert len(warnings) == 1 and "nvidia-ml-py" in warnings[0].getMessage()
     assert DeviceMonitor(torch.device("cuda"), utilization=lambda d: 87.0).util_metrics() == {"gpu_util": 87.0}
+
+
+@pytest.mark.parametrize("select_on", ["r_mean", "loss"])
+def test_the_best_epoch_is_the_one_select_on_names(select_on):
+    result = fit(TinyModel(), shuffled_train, valid, quick(max_epochs=4, patience=4, select_on=select_on))
+    h = result.history
+    loss, r = [e["valid_loss"] for e in h], [e["valid_r_mean"] for e in h]
+    want = int(np.argmax(r)) if select_on == "r_mean" else int(np.argmin(loss))
+    assert result.best_epoch == want and result.best_score == r[want]  # best_score stays the r at that epoch
+    with pytest.raises(ValueError, match="select_on"):
+        TrainConfig(select_on="r")
