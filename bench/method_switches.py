@@ -67,6 +67,15 @@ GROUPS = {
             "student, spread-weighted": {"mode": "distill", "weighting": "spread"},
         },
     ),
+    "select_on": (
+        "student, best epoch by r",
+        {
+            "student, best epoch by r": {"mode": "distill"},
+            "student, best epoch by loss": {"mode": "distill", "select_on": "loss"},
+            "source only, best epoch by r": {},
+            "source only, best epoch by loss": {"select_on": "loss"},
+        },
+    ),
     "student_mix": (
         "student, pooled",
         {
@@ -235,8 +244,9 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         return {**job, **json.loads(out)}
 
-    groups = args.group or [g for g in GROUPS if not g.startswith("student") or args.pseudo]
-    if any(g.startswith("student") for g in groups) and not args.pseudo:
+    needs_pseudo = {"student", "student_mix", "select_on"}
+    groups = args.group or [g for g in GROUPS if g not in needs_pseudo or args.pseudo]
+    if needs_pseudo & set(groups) and not args.pseudo:
         ap.error("the student group needs --pseudo (pseudo-label shards, e.g. an ablation's)")
     for group in groups:
         reference, variants = GROUPS[group]
