@@ -24,9 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from mdlda.adapt import dann_lambda
+from mdlda.batches import MODES
 from mdlda.checkpoints import capture_rng_state, restore_rng_state, seed_everything, to_cpu
 from mdlda.devices import DeviceMonitor
-from mdlda.steps import MODES, Precision, evaluate, resolve_device, train_one_epoch
+from mdlda.steps import Precision, evaluate, resolve_device, train_one_epoch
 
 logger = logging.getLogger(__name__)
 
