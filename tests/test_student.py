@@ -42,22 +42,14 @@ def test_two_data_parallel_workers_train_in_sync(chain, tmp_path):
 
 
 def _kill_a_train_worker_after_two_checkpoints(run_dir: Path, stop: threading.Event, killed: list) -> None:
-    import psutil
+    from tiny_chain import own_ray_process
 
     while not stop.is_set():
         # two checkpoints on disk: the first is registered for sure (the newest may still be in upload)
-        if len(list(run_dir.glob("checkpoint_*"))) >= 2:
-            # only a worker of this session's Ray (its raylet is a child of this process): a Ray Train worker left
-            # by another cluster on the machine must not be the one killed
-            for p in psutil.Process().children(recursive=True):
-                try:
-                    cmd = " ".join(p.cmdline())
-                except psutil.Error:
-                    continue
-                if cmd.startswith("ray::RayTrainWorker"):
-                    os.kill(p.pid, signal.SIGKILL)
-                    killed.append(p.pid)
-                    return
+        if len(list(run_dir.glob("checkpoint_*"))) >= 2 and (p := own_ray_process("ray::RayTrainWorker")):
+            os.kill(p.pid, signal.SIGKILL)
+            killed.append(p.pid)
+            return
         time.sleep(0.2)
 
 

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from tiny_chain import K, tiny_chain_config
+from tiny_chain import K, own_ray_process, tiny_chain_config
 from typer.testing import CliRunner
 
 from mdlda.config import ChainConfig
@@ -149,20 +149,12 @@ def _run_variant(first, **update):
 
 
 def _kill_first_trial_worker(stop: threading.Event, killed: list) -> None:
-    import psutil
-
     while not stop.is_set():
-        # only a worker of this session's Ray (its raylet is a child of this process), never another Ray's on the host
-        for p in psutil.Process().children(recursive=True):
-            try:
-                cmd = " ".join(p.cmdline())
-            except psutil.Error:
-                continue
-            if cmd.startswith("ray::ImplicitFunc.train"):
-                time.sleep(1.0)
-                os.kill(p.pid, signal.SIGKILL)
-                killed.append(p.pid)
-                return
+        if p := own_ray_process("ray::ImplicitFunc.train"):  # a trial worker of this session's Ray only
+            time.sleep(1.0)
+            os.kill(p.pid, signal.SIGKILL)
+            killed.append(p.pid)
+            return
         time.sleep(0.2)
 
 

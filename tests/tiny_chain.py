@@ -45,3 +45,18 @@ def tiny_chain_config() -> ChainConfig:
             "student": {"model_overrides": TINY, "train": {**TRAIN, "lr": 2.0e-3, "batch_size": 4}},
         }
     )
+
+
+def own_ray_process(prefix: str):
+    """The first process under this test session whose command line starts with ``prefix`` (e.g. a Ray worker
+    "ray::RayTrainWorker"), else None. Only this process's own tree: the session's Ray (its raylet is a child of
+    this process), never another Ray running on the same machine."""
+    import psutil
+
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith(prefix):
+                return p
+        except psutil.Error:
+            continue
+    return None
