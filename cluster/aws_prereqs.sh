@@ -8,9 +8,12 @@
 #   security group  <NAME>-ray: SSH (22) from ADMIN_CIDR only, all traffic between members of the group (Ray's
 #                   ports, NFS to the EFS mount target). Nothing else: no 0.0.0.0/0 rule, no dashboard (8265) or
 #                   MLflow (5000) port from outside; those are reached through SSH port forwarding.
-#   IAM             role + instance profile <NAME>-ray-worker: read/write s3://BUCKET/mdlda/* only;
-#                   <NAME>-ray-head: the same, plus launching/terminating this cluster's instances and passing the
-#                   worker role to them (what Ray's autoscaler on the head needs).
+#   IAM             role + instance profile <NAME>-ray-head: read/write s3://BUCKET/mdlda/* (the MLflow server
+#                   writes the artifacts, the head copies the raw audio), plus launching/terminating this
+#                   cluster's instances and passing the worker role to them (what Ray's autoscaler needs);
+#                   <NAME>-ray-worker: read-only s3://BUCKET/mdlda/mlartifacts/* (the model artifacts), nothing
+#                   else: the chain writes only to EFS (shards, Ray storage, results) and through the MLflow
+#                   server, which holds the artifact write access and checks every request's login.
 #   EFS             encrypted, elastic throughput, one mount target in SUBNET_ID in the security group.
 set -euo pipefail
 
@@ -57,7 +60,12 @@ s3_statements="{\"Effect\": \"Allow\", \"Action\": [\"s3:ListBucket\", \"s3:GetB
   {\"Effect\": \"Allow\",
    \"Action\": [\"s3:GetObject\", \"s3:PutObject\", \"s3:DeleteObject\", \"s3:AbortMultipartUpload\"],
    \"Resource\": \"arn:aws:s3:::$BUCKET/mdlda/*\"}"
-worker_policy="{\"Version\": \"2012-10-17\", \"Statement\": [$s3_statements]}"
+# Workers: read the model artifacts, list only under them; no write, no delete.
+worker_policy="{\"Version\": \"2012-10-17\", \"Statement\": [
+  {\"Effect\": \"Allow\", \"Action\": \"s3:ListBucket\", \"Resource\": \"arn:aws:s3:::$BUCKET\",
+   \"Condition\": {\"StringLike\": {\"s3:prefix\": [\"mdlda/mlartifacts/*\"]}}},
+  {\"Effect\": \"Allow\", \"Action\": \"s3:GetObject\",
+   \"Resource\": \"arn:aws:s3:::$BUCKET/mdlda/mlartifacts/*\"}]}"
 head_policy="{\"Version\": \"2012-10-17\", \"Statement\": [$s3_statements,
   {\"Effect\": \"Allow\", \"Action\": [\"ec2:RunInstances\", \"ec2:CreateTags\", \"ec2:DescribeInstances\",
      \"ec2:DescribeInstanceTypes\", \"ec2:DescribeImages\", \"ec2:DescribeSubnets\",

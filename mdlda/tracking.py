@@ -63,11 +63,9 @@ def setup_tracking(workdir: str | Path, experiment: str) -> str:
             exp_id = client.create_experiment(experiment, artifact_location=location)
         else:
             exp_id = exp.experiment_id
-    except Exception as exc:  # connection refused, bad URI, locked or corrupt database
+    except Exception as exc:  # connection refused, bad URI, locked or corrupt database, no login
         raise TrackingError(
-            f"MLflow tracking store {uri} is not usable ({type(exc).__name__}: {exc}). "
-            "Start the tracking server (see cluster/README.md) or unset MLFLOW_TRACKING_URI to use the embedded "
-            "SQLite store."
+            f"MLflow tracking store {uri} is not usable ({type(exc).__name__}: {exc}). " + _tracking_fix(exc)
         ) from exc
     finally:
         for k, v in saved.items():
@@ -77,6 +75,20 @@ def setup_tracking(workdir: str | Path, experiment: str) -> str:
                 os.environ[k] = v
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def _tracking_fix(exc: Exception) -> str:
+    """What to do about a store that failed: log in (401/403 from a server with a login), or start a server."""
+    code = getattr(exc, "error_code", "")
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or "error code 401" in str(exc):
+        return (
+            "The server asks for a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or put them "
+            "in ~/.mlflow/credentials (see cluster/README.md, 'The MLflow login')."
+        )
+    return (
+        "Start the tracking server (see cluster/README.md) or unset MLFLOW_TRACKING_URI to use the embedded "
+        "SQLite store."
+    )
 
 
 def server_command(workdir: str | Path) -> str:
