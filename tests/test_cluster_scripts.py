@@ -75,6 +75,10 @@ def fakes(tmp_path, monkeypatch) -> Fakes:
         "MLFLOW_BACKEND_URI",
         "MLFLOW_HOST",
         "MLFLOW_WORKERS",
+        "MLFLOW_AUTH_DATABASE_URI",
+        "MLFLOW_AUTH_ADMIN_USERNAME",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
         "RAY_AUTH_MODE",
         "RAY_DASHBOARD_ADDRESS",
     ):
@@ -109,6 +113,7 @@ case "$1 $2" in
 esac
 """
 PREREQS_ENV = {"VPC_ID": "vpc-1", "SUBNET_ID": "subnet-1", "BUCKET": "bkt"}
+WORKER_READS = "arn:aws:s3:::bkt/mdlda/mlartifacts/*"
 
 
 def _actions(statement: dict) -> list[str]:
@@ -139,7 +144,15 @@ def test_aws_prereqs_opens_ssh_to_admin_only(fakes):
     for policy in policies.values():
         for st in policy["Statement"]:
             if any(a.startswith("s3:") for a in _actions(st)):
-                assert st["Resource"] in {"arn:aws:s3:::bkt", "arn:aws:s3:::bkt/mdlda/*"}
+                assert st["Resource"] in {"arn:aws:s3:::bkt", "arn:aws:s3:::bkt/mdlda/*", WORKER_READS}
+    # Workers read the model artifacts and write nothing to S3: the chain writes to EFS and through the MLflow server.
+    worker = policies["mdlda-ray-worker"]["Statement"]
+    assert {a for st in worker for a in _actions(st)} == {"s3:GetObject", "s3:ListBucket"}
+    [get] = [st for st in worker if "s3:GetObject" in _actions(st)]
+    assert get["Resource"] == WORKER_READS
+    [listing] = [st for st in worker if "s3:ListBucket" in _actions(st)]
+    assert listing["Condition"]["StringLike"]["s3:prefix"] == ["mdlda/mlartifacts/*"]
+    assert '"s3:PutObject"' in head  # the head's MLflow server writes the artifacts
     assert "sg-0fake" in out and "fs-0fake.efs.us-west-2.amazonaws.com:/" in out
 
 
@@ -151,6 +164,8 @@ def test_aws_prereqs_refuses_world_ssh(fakes):
 
 
 FAKE_MLFLOW = """
+printf '%s\\n' "$MLFLOW_AUTH_CONFIG_PATH" "$MLFLOW_AUTH_ADMIN_USERNAME" "$MLFLOW_AUTH_ADMIN_PASSWORD" \\
+  "$MLFLOW_FLASK_SERVER_SECRET_KEY" > "$FAKE_LOG.env"
 "$FAKE_PYTHON" -S - "$@" <<'EOF'
 import http.server, sys
 host, port = sys.argv[sys.argv.index("--host") + 1], int(sys.argv[sys.argv.index("--port") + 1])
@@ -171,6 +186,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PASSWORD = "a-long-test-password"
+
+
+def credentials_file(path: Path, user: str = "mdlda", password: str = PASSWORD, mode: int = 0o600) -> Path:
+    """An MLflow client credentials file, as cluster/README.md tells people to write it."""
+    path.write_text(f"[mlflow]\nmlflow_tracking_username = {user}\nmlflow_tracking_password = {password}\n")
+    path.chmod(mode)
+    return path
+
+
 def test_start_mlflow_is_idempotent_and_stops(fakes, tmp_path):
     if not shutil.which("curl"):
         pytest.skip("start_mlflow.sh polls the server with curl")
@@ -186,6 +211,8 @@ def test_start_mlflow_is_idempotent_and_stops(fakes, tmp_path):
         f"{tmp_path}/db",
         "--artifacts",
         f"{tmp_path}/art",
+        "--credentials",
+        str(credentials_file(tmp_path / "credentials")),
     ]
     try:
         assert "running (pid" in run("start_mlflow.sh", *args, env=env).stdout
@@ -194,13 +221,66 @@ def test_start_mlflow_is_idempotent_and_stops(fakes, tmp_path):
         assert call[call.index("--host") + 1] == "127.0.0.1" and "--serve-artifacts" in call
         assert call[call.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path}/db/mlflow.db"
         assert call[call.index("--workers") + 1] == "1"
+        assert call[call.index("--app-name") + 1] == "basic-auth"
+        # The server got the admin's login through its environment, and nowhere else.
+        ini_path, user, password, secret = (tmp_path / "calls.log.env").read_text().splitlines()
+        assert (user, password) == ("mdlda", PASSWORD) and len(secret) >= 32
+        assert PASSWORD not in " ".join(call)
+        ini = (tmp_path / "run" / "basic_auth.ini").read_text()
+        assert ini_path == str(tmp_path / "run" / "basic_auth.ini") and PASSWORD not in ini
+        assert f"database_uri = sqlite:///{tmp_path}/db/basic_auth.db" in ini and "default_permission = READ" in ini
+        for private in (tmp_path / "run", tmp_path / "run" / "flask_secret_key"):
+            assert private.stat().st_mode & 0o077 == 0, private
+        assert PASSWORD not in "".join(p.read_text() for p in (tmp_path / "run").iterdir())
     finally:
         assert "stopped" in run("start_mlflow.sh", "--stop", env=env).stdout
     assert not (tmp_path / "run" / "server.pid").exists()
 
 
-def test_start_mlflow_binds_private_address_with_sane_workers(fakes):
-    s3 = ["--artifacts", "s3://b/mdlda/mlartifacts"]
+def test_start_mlflow_refuses_to_start_without_a_login(fakes, tmp_path):
+    fakes("mlflow", FAKE_MLFLOW)
+    base = ["--dry-run", "--host", "10.0.0.5", "--store", "/srv/m", "--artifacts", "s3://b/a"]
+    env = {"MLFLOW_RUN_DIR": str(tmp_path / "run")}
+
+    def refused(*args: str, extra: dict | None = None) -> str:
+        proc = run("start_mlflow.sh", *base, *args, env={**env, **(extra or {})}, check=False)
+        assert proc.returncode != 0, proc.stdout
+        return proc.stderr
+
+    missing = tmp_path / "nowhere" / "credentials"
+    assert f"no admin credentials: {missing} does not exist" in refused("--credentials", str(missing))
+    shared = credentials_file(tmp_path / "shared", mode=0o644)
+    assert f"chmod 600 {shared}" in refused("--credentials", str(shared))
+    assert "at least 12 characters" in refused("--credentials", str(credentials_file(tmp_path / "s", password="x")))
+    no_password = tmp_path / "np"
+    no_password.write_text("[mlflow]\nmlflow_tracking_username = mdlda\n")
+    no_password.chmod(0o600)
+    assert "has no mlflow_tracking_password" in refused("--credentials", str(no_password))
+    not_ini = tmp_path / "ni"
+    not_ini.write_text("mdlda:secret-password-1\n")
+    not_ini.chmod(0o600)
+    assert f"{not_ini} is not an MLflow credentials file" in refused("--credentials", str(not_ini))
+    half = {"MLFLOW_AUTH_ADMIN_USERNAME": "mdlda"}
+    assert "set both MLFLOW_AUTH_ADMIN_USERNAME and MLFLOW_AUTH_ADMIN_PASSWORD" in refused(extra=half)
+    assert fakes.calls() == []  # nothing was started
+    assert not (tmp_path / "run").exists()  # nor written
+
+
+def test_start_mlflow_takes_the_admin_from_the_environment(fakes, tmp_path):
+    env = {"MLFLOW_AUTH_ADMIN_USERNAME": "root-of-mlflow", "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD}
+    args = ["--dry-run", "--host", "10.0.0.5", "--artifacts", "s3://b/a", "--credentials", str(tmp_path / "none")]
+    out = run("start_mlflow.sh", "--store", "/srv/m", *args, env=env).stdout
+    assert "--app-name basic-auth" in out and "admin user root-of-mlflow" in out
+    assert "sqlite:////srv/m/basic_auth.db" in out and PASSWORD not in out
+    pg = {**env, "MLFLOW_BACKEND_URI": "postgresql://mlflow@db:5432/mlflow"}
+    proc = run("start_mlflow.sh", *args, env=pg, check=False)
+    assert proc.returncode != 0 and "MLFLOW_AUTH_DATABASE_URI" in proc.stderr  # PostgreSQL, and no user database
+    pg["MLFLOW_AUTH_DATABASE_URI"] = "postgresql://mlflow@db:5432/mlflow_auth"
+    assert "users and permissions in postgresql" in run("start_mlflow.sh", *args, env=pg).stdout
+
+
+def test_start_mlflow_binds_private_address_with_sane_workers(fakes, tmp_path):
+    s3 = ["--artifacts", "s3://b/mdlda/mlartifacts", "--credentials", str(credentials_file(tmp_path / "credentials"))]
     refused = run("start_mlflow.sh", "--host", "0.0.0.0", "--store", "/srv/m", *s3, check=False)
     assert refused.returncode != 0 and "refusing" in refused.stderr
     addresses = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
@@ -209,7 +289,10 @@ def test_start_mlflow_binds_private_address_with_sane_workers(fakes):
     sqlite = run("start_mlflow.sh", "--dry-run", "--host", "10.0.0.5", "--store", "/srv/m", *s3).stdout
     assert "--workers 1" in sqlite and "sqlite:////srv/m/mlflow.db" in sqlite and "--host 10.0.0.5" in sqlite
     assert "--artifacts-destination s3://b/mdlda/mlartifacts" in sqlite and "--serve-artifacts" in sqlite
-    pg = {"MLFLOW_BACKEND_URI": "postgresql://mlflow@db:5432/mlflow"}
+    pg = {
+        "MLFLOW_BACKEND_URI": "postgresql://mlflow@db:5432/mlflow",
+        "MLFLOW_AUTH_DATABASE_URI": "postgresql://mlflow@db:5432/mlflow_auth",
+    }
     postgres = run("start_mlflow.sh", "--dry-run", "--host", "10.0.0.5", *s3, env=pg).stdout
     assert "--workers 4" in postgres and "--backend-store-uri postgresql://mlflow@db:5432/mlflow" in postgres
     too_many = run("start_mlflow.sh", "--dry-run", "--store", "/srv/m", *s3, "--workers", "2", check=False)
