@@ -78,12 +78,17 @@ def setup_tracking(workdir: str | Path, experiment: str) -> str:
 
 
 def _tracking_fix(exc: Exception) -> str:
-    """What to do about a store that failed: log in (401/403 from a server with a login), or start a server."""
+    """What to do about a store that failed: log in (401), get a permission (403), or start a server."""
     code = getattr(exc, "error_code", "")
-    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or "error code 401" in str(exc):
+    if code == "UNAUTHENTICATED" or "error code 401" in str(exc):
         return (
             "The server asks for a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or put them "
             "in ~/.mlflow/credentials (see cluster/README.md, 'The MLflow login')."
+        )
+    if (code == "PERMISSION_DENIED" or "error code 403" in str(exc)) and "Invalid Host header" not in str(exc):
+        return (
+            "The server's user has no permission for this experiment: log in as its owner, or have the MLflow admin "
+            "grant one (cluster/README.md, 'The MLflow login')."
         )
     return (
         "Start the tracking server (see cluster/README.md) or unset MLFLOW_TRACKING_URI to use the embedded "
