@@ -32,7 +32,7 @@ uri="$(ray exec "$cfg" 'cat ~/.mdlda/mlflow/uri' 2>/dev/null | tr -d '\r' | grep
   "ray exec $cfg 'bash ~/mdlda-cluster/start_mlflow.sh --store ... --artifacts ...'" >&2; exit 1; }
 mlflow_target="${uri#http://}"
 
-echo "MLflow UI:      http://localhost:$mlflow_port   (-> $mlflow_target on the head)"
+echo "MLflow UI:      http://localhost:$mlflow_port   (-> $mlflow_target on the head; login: ~/.mlflow/credentials)"
 echo "Ray dashboard:  http://localhost:$dashboard_port   (token: ray get-auth-token)"
 echo "Ctrl-C to close."
 exec ssh "${SSH_OPTS[@]}" -N \
