@@ -1,8 +1,9 @@
 """The tracking server's login, on a real server: cluster/start_mlflow.sh starts `mlflow server --app-name basic-auth`
 on 127.0.0.1 (a free port, a temp backend store, auth database, artifact folder and run folder, the admin from a
 temp credentials file). Without the right password every API and artifact request is refused (401); with it,
-experiments, runs and proxied artifacts work; a second user created through the auth app reads but cannot write
-what the admin owns (403). The server is stopped with the script's own --stop, whatever the tests did.
+experiments, runs and proxied artifacts work; a second user created through the auth app reads what the admin owns
+but writes it only once the admin grants it (403 before). The server is stopped with the script's own --stop,
+whatever the tests did.
 
 Slow: a fresh server migrates two SQLite databases (~10 s on an idle 2-CPU machine, minutes on a loaded one).
 """
@@ -166,31 +167,40 @@ def test_the_credentials_file_logs_the_client_in(server, logged_out, monkeypatch
     assert client.get_run(run.info.run_id).data.params == {"lr": "0.01"}
 
 
-def test_a_second_user_reads_but_cannot_write_the_admins_experiment(server, logged_out, monkeypatch):
+def test_a_second_user_reads_and_writes_only_what_the_admin_grants(server, logged_out, monkeypatch):
+    # The admin's part as cluster/README.md shows it: MLflow's auth client, logged in by the credentials file.
     from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
     from mlflow.tracking import MlflowClient
 
-    admin = (ADMIN, PASSWORD)
-    status, body = request(f"{server.uri}/api/2.0/mlflow/experiments/create", admin, "POST", {"name": "owned"})
-    assert status == 200, body
-    exp_id = json.loads(body)["experiment_id"]
-    reader = ("reader", "another-long-password")
-    status, body = request(
-        f"{server.uri}/api/2.0/mlflow/users/create", admin, "POST", {"username": reader[0], "password": reader[1]}
-    )
-    assert status == 200, body
-    # The same user, but not an admin: users/create is for admins only.
-    assert (
-        request(f"{server.uri}/api/2.0/mlflow/users/create", reader, "POST", {"username": "x", "password": "y" * 12})[0]
-        == 403
-    )
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", reader[0])  # the environment variables, this time
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", reader[1])
+    monkeypatch.setenv("HOME", str(server.home))
+    users = get_app_client("basic-auth", tracking_uri=server.uri)
     client = MlflowClient(server.uri)
+    exp_id = client.create_experiment("owned")
+    reader = ("reader", "another-long-password")
+    users.create_user(username=reader[0], password=reader[1])
+    # Not an admin: creating users is refused.
+    denied = request(
+        f"{server.uri}/api/2.0/mlflow/users/create", reader, "POST", {"username": "x", "password": "y" * 12}
+    )
+    assert denied[0] == 403
+
+    def as_reader(on: bool) -> None:  # the environment variables win over the credentials file
+        for var, value in (("MLFLOW_TRACKING_USERNAME", reader[0]), ("MLFLOW_TRACKING_PASSWORD", reader[1])):
+            if on:
+                monkeypatch.setenv(var, value)
+            else:
+                monkeypatch.delenv(var)
+
+    as_reader(True)
     assert client.get_experiment(exp_id).name == "owned"  # default_permission READ
     with pytest.raises(MlflowException) as refused:
         client.create_run(exp_id)
     assert refused.value.error_code == "PERMISSION_DENIED"
+    as_reader(False)
+    users.grant_user_permission(username=reader[0], resource_type="experiment", resource_id=exp_id, permission="EDIT")
+    as_reader(True)
+    assert client.create_run(exp_id).info.experiment_id == exp_id
 
 
 def test_setup_tracking_says_to_log_in(server, logged_out, own_tracking_uri, monkeypatch, tmp_path):
