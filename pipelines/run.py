@@ -226,8 +226,7 @@ class Chain:
     def rerun(self, sweep: SweepConfig, baseline: bool, trial_id: str):
         """Train one trial of this chain's stored sweep again from its recorded config and compare its
         per-epoch validation scores with the logged ones (a nested MLflow run under the sweep's stage run)."""
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-
+        from pipelines.mlflow_callback import BatchedMLflowLoggerCallback
         from pipelines.teachers import RERUN_TOLERANCE, rerun_trial
 
         data, fstats, digest = self.data
@@ -235,7 +234,7 @@ class Chain:
         stage_name = f"baseline:{sweep.name}" if baseline else "teachers"
         with stages.stage(self.exp_id, self.parent, stage_name) as run:
             tags = {"mlflow.parentRunId": run.info.run_id, "sweep": name, "rerun_of": trial_id}
-            callback = MLflowLoggerCallback(
+            callback = BatchedMLflowLoggerCallback(
                 tracking_uri=self.uri, experiment_name=self.cfg.experiment, tags=tags, save_artifact=False
             )
             res = rerun_trial(

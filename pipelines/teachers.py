@@ -15,12 +15,12 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from mdlda.config import SweepConfig
 from pipelines.budget import BudgetedVariantGenerator, set_budget
 from pipelines.data import StageData
+from pipelines.mlflow_callback import BatchedMLflowLoggerCallback
 from pipelines.progress import SweepProgress
 from pipelines.spaces import to_tune
 from pipelines.trial import train_trial
@@ -120,7 +120,7 @@ def run_sweep(
         else:
             scheduler = FIFOScheduler()
         tags = {"mlflow.parentRunId": parent_run_id, "sweep": sweep.name} if parent_run_id else {"sweep": sweep.name}
-        callback = MLflowLoggerCallback(
+        callback = BatchedMLflowLoggerCallback(
             tracking_uri=tracking_uri, experiment_name=experiment_name, tags=tags, save_artifact=False
         )
         progress = SweepProgress(total=planned, metric=sweep.metric)
