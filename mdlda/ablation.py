@@ -142,3 +142,57 @@ def figure(summary: pd.DataFrame, out, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+# label-free signals, lower is better, compared with the piano test r they are meant to stand in for;
+# the non-piano test r (what selection on source validation sees) is the reference a probe has to beat
+PROBES = {
+    "rank_emb": "neighbour rank, embedding",
+    "rank_emb_geo": "neighbour rank (geometric mean), embedding",
+    "rank_out": "neighbour rank, 7 outputs",
+    "rank_out_geo": "neighbour rank (geometric mean), 7 outputs",
+    "disc_emb": "domain discrepancy, embedding",
+    "disc_out": "domain discrepancy, 7 outputs",
+    "source_r": "non-piano test r (higher is better; the source-side reference)",
+}
+
+
+def probe_agreement(models: pd.DataFrame, judge: str = "r_mean") -> pd.DataFrame:
+    """How well each label-free signal ranks the models as the piano test ``judge`` does.
+
+    ``models``: one row per (seed, model, split) of single models (no ensembles). Per signal: Spearman's rho
+    between the signal (negated when lower is better, so a positive rho means agreement) and the piano test
+    ``judge`` over every (seed, model) pair (``rho``, its ``p`` and ``n_models``), and the mean of the per-seed
+    rhos (``rho_within_seed``: seeds differ in difficulty, which a pooled rho can mistake for agreement).
+    """
+    piano = models[models.split == "piano_test"].set_index(["seed", "model"])
+    source = models[models.split == "test"].set_index(["seed", "model"])[judge].rename("source_r")
+    frame = piano.join(source, how="left")
+    rows = []
+    for signal, label in PROBES.items():
+        if signal not in frame.columns:
+            continue
+        sign = 1.0 if signal == "source_r" else -1.0
+        ok = frame[[signal, judge]].dropna()
+        ok = ok[np.isfinite(ok[signal]) & np.isfinite(ok[judge])]
+        if len(ok) < 3:
+            continue
+        varies = ok[signal].nunique() > 1 and ok[judge].nunique() > 1
+        rho, p = stats.spearmanr(sign * ok[signal], ok[judge]) if varies else (math.nan, math.nan)
+        within = [
+            stats.spearmanr(sign * g[signal], g[judge])[0]
+            for _, g in ok.groupby(level="seed")
+            if len(g) >= 3 and g[signal].nunique() > 1 and g[judge].nunique() > 1
+        ]
+        rows.append(
+            {
+                "signal": signal,
+                "description": label,
+                "n_models": len(ok),
+                "rho": float(rho),
+                "p": float(p),
+                "rho_within_seed": float(np.nanmean(within)) if within else math.nan,
+                "n_seeds": len(within),
+            }
+        )
+    return pd.DataFrame(rows)

@@ -108,7 +108,11 @@ def score_seed(seed: int, models: dict[str, str], teachers: list[str], data: Eva
     for adabn in (False, True):
         outs = [predict_all(m, data, adabn) for m in members]
         if not adabn:  # a single teacher: each metric averaged over the k teachers
-            single = pd.DataFrame([r for i, (p, e) in enumerate(outs) for r in metric_rows(f"t{i}", seed, data, p, e)])
+            members_rows = [
+                r for i, (p, e) in enumerate(outs) for r in metric_rows(f"teacher-{i + 1}", seed, data, p, e)
+            ]
+            rows += members_rows  # kept for the probe agreement (models.csv); the tables show their mean
+            single = pd.DataFrame(members_rows).drop(columns="model")
             for split, g in single.groupby("split", sort=False):
                 rows.append({"seed": seed, "model": "teacher", "split": split, **g.mean(numeric_only=True).to_dict()})
         mean_pred = {k: np.mean([p[k] for p, _ in outs], axis=0) for k in outs[0][0] if outs[0][0][k] is not None}
@@ -211,6 +215,9 @@ def write_ablation(
 ) -> AblationResult:
     """The tables, the figure and the report of one ablation into ``out``, logged to the ablation's MLflow run."""
     order = {m: i for i, m in enumerate(ORDER)}
+    singles = per_seed[~per_seed.model.str.startswith("teacher-ensemble") & (per_seed.model != "teacher")]
+    agreement = stats.probe_agreement(singles)
+    per_seed = per_seed[per_seed.model.isin(ORDER)]
     per_seed = per_seed.sort_values(["model", "split", "seed"], key=lambda c: c.map(order) if c.name == "model" else c)
     summary = stats.summarize(per_seed, BASELINE)
     head = stats.headline(summary)
@@ -218,6 +225,8 @@ def write_ablation(
     per_seed.to_csv(out / "per_seed.csv", index=False)
     summary.to_csv(out / "ablation.csv", index=False)
     teachers.to_csv(out / "teachers.csv", index=False)
+    singles.to_csv(out / "models.csv", index=False)  # every single model of every seed, teachers one by one
+    agreement.to_csv(out / "probe_agreement.csv", index=False)
     n = per_seed.seed.nunique()
     stats.figure(summary, out / "ablation.png", f"mean Pearson r ± 95% interval over {n} seeds")
     disc = summary[summary.metric.isin(["disc_emb", "disc_out"]) & (summary.split == "piano_test")]
@@ -240,6 +249,8 @@ def write_ablation(
         + stats.markdown(head)
         + "\n## Domain discrepancy (non-piano vs piano test; embedding and outputs)\n\n"
         + stats.markdown(disc_md.reset_index())
+        + "\n## Label-free probe: neighbour rank on MAESTRO (lower is better)\n\n"
+        + _probe_md(summary, agreement)
         + "\n## Per-feature r (mean over seeds)\n\n"
         + stats.markdown(feat_md.reset_index())
         + "\n## Selected teachers\n\n"
@@ -249,7 +260,7 @@ def write_ablation(
     client = MlflowClient()
     for path in out.iterdir():
         client.log_artifact(run_id, str(path), artifact_path="ablation")
-    r = summary[summary.metric.isin(["r_mean", "rmse_mean"])]
+    r = summary[summary.metric.isin(["r_mean", "rmse_mean", "rank_emb", "rank_out"])]
     metrics = [
         mlflow.entities.Metric(f"{row.model.replace('+', '_')}.{row.split}.{row.metric}", float(row.mean), 0, 0)
         for row in r.itertuples()
@@ -263,6 +274,26 @@ def write_ablation(
     client.set_terminated(run_id, "FINISHED")
     _print(console, head, out)
     return AblationResult(per_seed, summary, head, teachers, out, run_id)
+
+
+def _probe_md(summary: pd.DataFrame, agreement: pd.DataFrame) -> str:
+    """Per model: mean neighbour rank of the embedding and of the outputs; then how well each label-free signal
+    agrees with piano test r across the single models."""
+    probe = summary[summary.metric.isin(["rank_emb", "rank_out", "rank_chance", "rank_pool"])]
+    probe = probe[probe.split == "piano_test"]
+    if probe.empty:
+        return "No MAESTRO performance with two or more segments: no probe.\n"
+    table = probe.assign(value=[stats._pm(m, c, 1) for m, c in zip(probe["mean"], probe["ci"], strict=True)])
+    text = stats.markdown(table.pivot(index="model", columns="metric", values="value").reset_index())
+    if len(agreement):
+        shown = agreement.assign(**{c: agreement[c].map(lambda v: f"{v:+.2f}") for c in ("rho", "rho_within_seed")})
+        shown = shown.assign(p=agreement.p.map(lambda v: f"{v:.3f}"))
+        text += (
+            "\nAgreement with piano test r across single models (Spearman rho; positive = the signal ranks the "
+            "models as piano r does):\n\n"
+            + stats.markdown(shown[["signal", "description", "n_models", "rho", "p", "rho_within_seed", "n_seeds"]])
+        )
+    return text
 
 
 def _print(console: Console, head: pd.DataFrame, out: Path) -> None:

@@ -124,10 +124,17 @@ def discrepancy_table(
     shards: str | Path,
     batch_size: int = 8,
     data: dict[str, dict[str, np.ndarray]] | None = None,
+    probe: dict | None = None,
 ) -> pd.DataFrame:
     """Domain discrepancy D(S', T') = ||mean phi(S') - mean phi(T')||_2 (paper Eq. 1) on each model's embedding,
-    S' = the non-piano test split, T' = the piano test subset."""
+    S' = the non-piano test split, T' = the piano test subset; and, when ``probe`` (MAESTRO segments of whole
+    performances, ``pipelines.scoring.probe_segments``) is given, the label-free neighbour rank (``mdlda.probe``)
+    of each model's embedding and outputs on them."""
+    import torch
+
     from mdlda.metrics import domain_discrepancy
+    from mdlda.params import LABEL_SCALE
+    from mdlda.probe import neighbour_rank
     from mdlda.tracking import load_checkpoint
 
     data = data or {split: load_split(shards, split) for split in EVAL_SPLITS}
@@ -135,14 +142,21 @@ def discrepancy_table(
     for name, uri in models.items():
         model = load_checkpoint(uri)
         emb = {split: _batched(model.forward_features, data[split]["audio"], batch_size) for split in EVAL_SPLITS}
-        rows.append(
-            {
-                "model": name,
-                "discrepancy": domain_discrepancy(emb["test"], emb["piano_test"]),
-                "n_source": len(emb["test"]),
-                "n_target": len(emb["piano_test"]),
-            }
-        )
+        row = {
+            "model": name,
+            "discrepancy": domain_discrepancy(emb["test"], emb["piano_test"]),
+            "n_source": len(emb["test"]),
+            "n_target": len(emb["piano_test"]),
+        }
+        if probe is not None:
+            feats = _batched(model.forward_features, probe["audio"], batch_size)
+            with torch.no_grad():
+                outputs = model.forward_head(torch.from_numpy(feats)).numpy() * LABEL_SCALE
+            spaces = {"emb": feats, "out": outputs}
+            for space, vectors in spaces.items():
+                r = neighbour_rank(vectors, probe["group"], probe["offset_s"])
+                row |= {f"rank_{space}": r["rank_mean"], f"rank_{space}_geo": r["rank_geo"], "rank_pool": r["pool"]}
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -70,6 +70,7 @@ class EvalData:
     maestro_train: np.ndarray  # for the target-domain BN statistics
     maestro_test: np.ndarray  # unlabelled piano recordings: the on-scale check
     label_mean: np.ndarray
+    probe: dict | None = None  # MAESTRO segments of whole performances (audio, group, offset_s): the neighbour rank
 
 
 def eval_data(workdir: Path, cfg: ChainConfig) -> EvalData:
@@ -84,7 +85,42 @@ def eval_data(workdir: Path, cfg: ChainConfig) -> EvalData:
         maestro_train=_sample(maestro, maestro_splits, ADAPT_CAP, 0),
         maestro_test=_sample(maestro, test_split, ADAPT_CAP, 1),
         label_mean=train["labels"].mean(axis=0),
+        probe=probe_segments(maestro, ADAPT_CAP, 2),
     )
+
+
+def probe_segments(shards: Path, cap: int, seed: int) -> dict | None:
+    """Whole MAESTRO performances (every split: the probe needs no labels), drawn at random until ``cap``
+    segments: a segment's successor is always in the set. None when the shards hold no segments."""
+    ds, _ = read_shards(shards, columns=["audio", "group", "offset_s"])
+    parts = list(ds.iter_batches(batch_size=256, batch_format="numpy"))
+    if not parts:
+        return None
+    seg = {k: np.concatenate([p[k] for p in parts]) for k in ("audio", "group", "offset_s")}
+    keep, total = [], 0
+    groups, sizes = np.unique(seg["group"], return_counts=True)
+    for k in np.random.default_rng(seed).permutation(len(groups)):
+        if total and total + sizes[k] > cap:
+            continue
+        keep.append(groups[k])
+        total += sizes[k]
+    rows = np.flatnonzero(np.isin(seg["group"], keep))
+    return {k: v[rows] for k, v in seg.items()}
+
+
+def probe_rows(pred: dict, emb: dict | None, data: EvalData) -> dict:
+    """Neighbour rank (mdlda.probe) of the model's embedding and of its 7 outputs on the probe segments."""
+    from mdlda.probe import neighbour_rank
+
+    out = {}
+    if data.probe is None or pred.get("probe") is None:
+        return out
+    spaces = {"out": pred["probe"]} | ({"emb": emb["probe"]} if emb and emb.get("probe") is not None else {})
+    for space, vectors in spaces.items():
+        r = neighbour_rank(vectors, data.probe["group"], data.probe["offset_s"])
+        out[f"rank_{space}"], out[f"rank_{space}_geo"] = r["rank_mean"], r["rank_geo"]
+        out["rank_pool"], out["rank_chance"] = r["pool"], r["chance"]
+    return out
 
 
 def metric_rows(name: str, seed: int, data: EvalData, pred: dict, emb: dict | None) -> list[dict]:
@@ -103,6 +139,7 @@ def metric_rows(name: str, seed: int, data: EvalData, pred: dict, emb: dict | No
             row["in_scale_maestro"] = (
                 float(((m >= RATING_MIN) & (m <= RATING_MAX)).mean()) if m is not None else math.nan
             )
+            row |= probe_rows(pred, emb, data)
         rows.append(row)
     return rows
 
@@ -115,4 +152,6 @@ def predict_all(model, data: EvalData, per_domain_bn: bool) -> tuple[dict, dict]
     pred["test"], emb["test"] = _outputs(src, data.test["audio"])
     pred["piano_test"], emb["piano_test"] = _outputs(tgt, data.piano["audio"])
     pred["maestro"], _ = _outputs(tgt, data.maestro_test) if len(data.maestro_test) else (None, None)
+    if data.probe is not None:
+        pred["probe"], emb["probe"] = _outputs(tgt, data.probe["audio"])
     return pred, emb

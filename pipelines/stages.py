@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -335,7 +336,7 @@ def evaluation_key(resolved: dict[str, dict], ensembles: dict, adabn: list[str],
     from mdlda.manifest import read_manifest
 
     shards = read_manifest(midlevel)["content_digest"]
-    return config_digest({"models": resolved, "ensembles": ensembles, "adabn": adabn, "shards": shards, "v": 3})
+    return config_digest({"models": resolved, "ensembles": ensembles, "adabn": adabn, "shards": shards, "v": 4})
 
 
 def evaluate_stage(
@@ -365,6 +366,9 @@ def evaluate_stage(
     data = {split: load_split(midlevel, split) for split in EVAL_SPLITS}
     preds = predict_splits(models, midlevel, ensembles=ensembles, data=data)
     disc_rows = []
+    from pipelines.scoring import ADAPT_CAP, probe_rows, probe_segments
+
+    probe = probe_segments(workdir / "shards" / "maestro", ADAPT_CAP, 2)  # the label-free neighbour rank's segments
     if adabn:
         from mdlda.metrics import domain_discrepancy
         from pipelines.scoring import eval_data, predict_all
@@ -376,13 +380,18 @@ def evaluate_stage(
                 preds.y_pred[(f"{name}+AdaBN", split)] = pred[split]
             d = domain_discrepancy(emb["test"], emb["piano_test"])
             disc_rows.append({"model": f"{name}+AdaBN", "discrepancy": d, "n_source": len(emb["test"])})
-            disc_rows[-1]["n_target"] = len(emb["piano_test"])
+            disc_rows[-1] |= {"n_target": len(emb["piano_test"]), **probe_rows(pred, emb, domains)}
     table = results_table(preds)
-    disc = pd.concat([discrepancy_table(models, midlevel, data=data), pd.DataFrame(disc_rows)], ignore_index=True)
+    disc = discrepancy_table(models, midlevel, data=data, probe=probe)
+    disc = pd.concat([disc, pd.DataFrame(disc_rows)], ignore_index=True)
     for p in write_results(table, out, preds, disc):
         mlflow.log_artifact(str(p))
-    for row in disc.itertuples():
-        mlflow.log_metric(f"{row.model.replace('+', '_')}.discrepancy", row.discrepancy)
+    for row in disc.to_dict("records"):
+        name = row["model"].replace("+", "_")
+        mlflow.log_metric(f"{name}.discrepancy", row["discrepancy"])
+        for key in ("rank_emb", "rank_out"):
+            if key in row and math.isfinite(row[key]):
+                mlflow.log_metric(f"{name}.{key}", row[key])
     for row in table.itertuples():
         mlflow.log_metric(f"{row.model.replace('+', '_')}.{row.split}.r_mean", row.r_mean)
     (workdir / "results" / "latest").unlink(missing_ok=True)

@@ -128,6 +128,14 @@ def test_ablation_of_the_tiny_chain(ray_local, demo_root, tmp_path, monkeypatch)
     rmse = per_seed.set_index(["model", "split"]).rmse_mean
     assert (rmse.loc["teacher-ensemble"] <= rmse.loc["teacher"] + 1e-9).all()
 
+    # the label-free probe: every single model ranked on MAESTRO, the teachers one by one in models.csv
+    models = pd.read_csv(res.out_dir / "models.csv")
+    members = {f"teacher-{i + 1}" for i in range(cfg.teachers.top_k)}
+    assert members | {"baseline", "student"} <= set(models.model) and "teacher-ensemble" not in set(models.model)
+    probe = models[models.split == "piano_test"]
+    assert probe.rank_emb.between(1, probe.rank_pool).all() and probe.rank_out.between(1, probe.rank_pool).all()
+    assert (piano.rank_out.notna()).all() and "Label-free probe" in (res.out_dir / "ablation.md").read_text()
+
     summary = pd.read_csv(res.out_dir / "ablation.csv")
     row = summary[(summary.model == "student") & (summary.split == "piano_test") & (summary.metric == "r_mean")]
     assert row["mean"].item() == pytest.approx(piano.at["student", "r_mean"])
