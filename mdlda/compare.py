@@ -175,8 +175,10 @@ def find_passages(
                 k = e + 1
     columns = ["performance", "feature", "start_s", "end_s", "mean_diff", "peak_diff", "windows", "area"]
     frame = pd.DataFrame(rows, columns=columns)
-    return frame.sort_values(["area", "performance", "start_s"], ascending=[False, True, True]).head(top).reset_index(
-        drop=True
+    return (
+        frame.sort_values(["area", "performance", "start_s"], ascending=[False, True, True])
+        .head(top)
+        .reset_index(drop=True)
     )
 
 
@@ -222,9 +224,7 @@ def compare(
         if on_done is not None:
             on_done(name)
     reference, others = recordings[0], recordings[1:]
-    alignments = {
-        rec.name: align(reference.chroma, rec.chroma, (reference.duration, rec.duration)) for rec in others
-    }
+    alignments = {rec.name: align(reference.chroma, rec.chroma, (reference.duration, rec.duration)) for rec in others}
     aligned = aligned_curves(reference, others, alignments)
     result = Comparison(
         reference=reference.name,

@@ -40,7 +40,9 @@ def sentence(row, reference: str, bars: np.ndarray | None = None) -> str:
 
     word = WORDS[row.feature][0 if row.mean_diff > 0 else 1]
     span = f"{mmss(row.start_s)}-{mmss(row.end_s)}{bar_range(bars, row.start_s, row.end_s)}"
-    return f"{row.performance} is {word} than {reference} in {span} ({row.feature.replace('_', ' ')} {row.mean_diff:+.1f})"
+    return (
+        f"{row.performance} is {word} than {reference} in {span} ({row.feature.replace('_', ' ')} {row.mean_diff:+.1f})"
+    )
 
 
 def summary_markdown(result, hop_s: float, model_uri: str = "", bars: np.ndarray | None = None) -> str:
@@ -125,7 +127,9 @@ def plot(result, png: Path, svg: Path, bars: np.ndarray | None = None) -> None:
     plt.close(fig)
 
 
-def write_outputs(result, out: Path, hop_s: float, bars: np.ndarray | None = None, model_uri: str = "") -> dict[str, Path]:
+def write_outputs(
+    result, out: Path, hop_s: float, bars: np.ndarray | None = None, model_uri: str = ""
+) -> dict[str, Path]:
     """Write every output into ``out`` (created); returns ``{kind: path}``."""
     out.mkdir(parents=True, exist_ok=True)
     files = {k: out / n for k, n in (("png", "compare.png"), ("svg", "compare.svg"), ("summary", "summary.md"))}

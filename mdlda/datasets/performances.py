@@ -5,8 +5,8 @@ tempo, legato) and renders it three times from the same notes:
 
 - ``A_reference.wav``: as composed;
 - ``B_faster_detached.wav``: on a known tempo map (piecewise linear: 1.25x faster in the first half, 1.1x in
-  the third quarter, the reference's tempo in the last) and played detached (every note sounding for ``DETACHED_GATE`` of its written length)
-  in the reference's ``DETACHED_SPAN`` (fractions of the piece);
+  the third quarter, the reference's tempo in the last) and played detached in the reference's
+  ``DETACHED_SPAN`` (fractions of the piece): every note there sounds for ``DETACHED_GATE`` of its length;
 - ``C_slower.wav``: 0.85x the reference's tempo throughout, the articulation unchanged.
 
 The time maps (reference seconds -> performance seconds) are written to ``time_maps.csv`` (the knots; linear in
@@ -52,7 +52,8 @@ def generate_performances(out: str | Path, seed: int = 0, seconds: float = 60.0)
     """Write the three performances (see the module docstring) and ``time_maps.csv`` into ``out``.
 
     Returns ``{"files": {name: path}, "maps": {name: knots}, "onsets": reference onsets (s), "detached": (start_s,
-    end_s)}`` (the detached span in reference seconds).
+    end_s), "bars": path}``: the detached span in reference seconds, and ``A_reference.bars.txt``, the
+    reference's bar start times (one per line, for ``mdlda compare --bars``).
     """
     import pandas as pd
     import soundfile as sf
@@ -85,4 +86,13 @@ def generate_performances(out: str | Path, seed: int = 0, seconds: float = 60.0)
         files[name] = str(path)
         rows += [{"performance": name, "reference_s": r, "performance_s": p} for r, p in knots]
     pd.DataFrame(rows).to_csv(out / "time_maps.csv", index=False)
-    return {"files": files, "maps": maps, "onsets": np.unique(notes[:, 0]), "detached": (lo, hi)}
+    bars = out / "A_reference.bars.txt"  # the reference's bar starts: the composer's grid of 4 beats
+    bar_s = np.arange(0.0, seconds - TAIL_S, 4 * score["beat"])
+    bars.write_text("# bar start times of A_reference.wav (s)\n" + "".join(f"{b:.3f}\n" for b in bar_s))
+    return {
+        "files": files,
+        "maps": maps,
+        "onsets": np.unique(notes[:, 0]),
+        "detached": (lo, hi),
+        "bars": str(bars),
+    }
