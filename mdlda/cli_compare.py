@@ -132,7 +132,7 @@ def compare(
             )  # fmt: skip
         except (AudioError, ValueError) as exc:
             _fail(str(exc))
-    console.print(result.files["summary"].read_text(), markup=False, highlight=False)
+    console.print(result.files["summary"].read_text(), markup=False, highlight=False, soft_wrap=True)
     for kind, path in result.files.items():
         console.print(f"{kind}: {path}", soft_wrap=True)
 

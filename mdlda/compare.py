@@ -12,7 +12,7 @@ Then, per performance and feature:
 
 - the mean difference (performance - reference) over the grid, with a 95% moving-block bootstrap interval over
   windows (blocks of ``ceil(15 s / hop)`` consecutive windows, since windows overlapping by the same audio are
-  not independent; seeded, :func:`block_bootstrap`);
+  not independent; seeded, :func:`block_bootstrap`; undefined with fewer than two blocks of windows);
 - passages: runs of consecutive grid points where the difference is at least ``min_diff`` rating points with
   one sign, spanning their window centres +- half a hop, ranked by their area (sum of |difference| x hop).
 
@@ -102,13 +102,14 @@ def block_bootstrap(
     """(mean, low, high): the mean of ``d`` and a percentile interval from a moving-block bootstrap.
 
     Each resample joins ``ceil(n / block)`` blocks of ``block`` consecutive values drawn with replacement (cut
-    to ``n``). With fewer than two values the interval is undefined (NaN).
+    to ``n``). With fewer than two blocks of values the resamples are nearly all alike and the interval would
+    claim a precision the data do not have: it is undefined (NaN) then.
     """
     d = np.asarray(d, dtype=np.float64)
     n = len(d)
-    if n < 2:
+    block = max(1, int(block))
+    if n < 2 * block:
         return (float(d.mean()) if n else float("nan")), float("nan"), float("nan")
-    block = int(min(max(1, block), n))
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, n - block + 1, size=(n_boot, -(-n // block)))  # block starts
     idx = (picks[:, :, None] + np.arange(block)).reshape(n_boot, -1)[:, :n]

@@ -80,6 +80,9 @@ def summary_markdown(result, hop_s: float, model_uri: str = "", bars: np.ndarray
         cells = []
         for name in others:
             r = diff[(diff.performance == name) & (diff.feature == f)].iloc[0]
+            if np.isnan(r.ci_low):
+                cells.append(f"{r.mean_diff:+.2f} (too few windows for an interval)")
+                continue
             text = f"{r.mean_diff:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
             cells.append(f"**{text}**" if r.ci_low > 0 or r.ci_high < 0 else text)
         lines.append(f"| {f.replace('_', ' ')} | " + " | ".join(cells) + " |")

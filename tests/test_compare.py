@@ -109,6 +109,7 @@ def test_block_bootstrap_is_seeded_and_covers_the_mean():
     _, lo5, hi5 = block_bootstrap(r, block=5, seed=0)
     assert (hi5 - lo5) > 1.7 * (hi1 - lo1)
     assert block_bootstrap(np.full(10, 2.0), block=3)[1:] == (2.0, 2.0)
+    assert np.isnan(block_bootstrap(d[:5], block=3)[1:]).all()  # fewer than two blocks: no interval
 
 
 def test_passages_are_runs_of_one_sign_ranked_by_area():
