@@ -346,6 +346,10 @@ from mdlda.cli_conespressione import register as _register_conespressione  # noq
 
 _register_conespressione(app)
 
+from mdlda.cli_compare import register as _register_compare  # noqa: E402
+
+_register_compare(app)
+
 from mdlda.cli_ablation import register as _register_ablation  # noqa: E402
 
 _register_ablation(app)

@@ -76,6 +76,12 @@ def stream_windows(
         yield n - SEGMENT_SAMPLES, buf[len(buf) - SEGMENT_SAMPLES :], n  # the tail, aligned to the end
 
 
+def _tapped(blocks: Iterable[np.ndarray], on_block: Callable[[np.ndarray], None]) -> Iterator[np.ndarray]:
+    for block in blocks:
+        on_block(block)
+        yield block
+
+
 def predict_recording(
     model: Callable,
     path: str | Path,
@@ -83,11 +89,13 @@ def predict_recording(
     batch_size: int = 8,
     min_seconds: float = 5.0,
     device: str = "cpu",
+    on_block: Callable[[np.ndarray], None] | None = None,
 ) -> pd.DataFrame:
     """One row per window: file, start_s, end_s and the 7 features on the 1..10 scale.
 
     The recording is decoded block by block and its windows predicted a batch at a time (:func:`stream_windows`):
-    memory does not grow with the recording's length or with a small ``hop_s``.
+    memory does not grow with the recording's length or with a small ``hop_s``. ``on_block`` sees every decoded
+    block (22.05 kHz mono float32) in order, so other features can be computed in the same pass.
     """
     import torch
 
@@ -101,7 +109,10 @@ def predict_recording(
             preds.append(model(x).float().cpu().numpy())  # (b, 7)
         batch.clear()
 
-    for start, window, so_far in stream_windows(stream_blocks(path), hop_s, min_seconds, str(path)):
+    blocks = stream_blocks(path)
+    if on_block is not None:
+        blocks = _tapped(blocks, on_block)
+    for start, window, so_far in stream_windows(blocks, hop_s, min_seconds, str(path)):
         n = so_far  # the recording's length, once the last window is out
         starts.append(start)
         batch.append(window)

@@ -34,6 +34,10 @@ def _run(tmp, data, config=None, extra=()):
     return ["run", "--config", str(config or _config(tmp)), "--data", str(data), "--workdir", str(tmp / "wd"), *extra]
 
 
+def _wavs(data: Path) -> list[str]:
+    return sorted(str(p) for p in (data / "maestro").rglob("*.wav"))
+
+
 CLI_CASES = [
     # (id, args(tmp, data) -> argv, what the one error line must say)
     ("run-data-root-missing", lambda t, d: _run(t, t / "nowhere"), r"nowhere: data root not found"),
@@ -112,6 +116,24 @@ CLI_CASES = [
         r"x\.mp3: is a directory",
     ),
     ("predict-missing-file", lambda t, d: ["predict", str(t / "gone.wav")], r"gone\.wav: not found"),
+    (
+        "compare-one-file",
+        lambda t, d: ["compare", _wavs(d)[0]],
+        r"compare needs at least two performances of the same piece \(the reference first\), got 1",
+    ),
+    (
+        "compare-unreadable-audio",
+        lambda t, d: (
+            _write(t / "take2.wav", "not audio at all" * 100) or ["compare", _wavs(d)[0], str(t / "take2.wav")]
+        ),
+        r"take2\.wav: cannot decode",
+    ),
+    ("compare-missing-file", lambda t, d: ["compare", _wavs(d)[0], str(t / "gone.wav")], r"gone\.wav: not found"),
+    (
+        "compare-workdir-without-store",
+        lambda t, d: ["compare", *_wavs(d)[:2], "--workdir", str(t / "empty")],
+        r"empty/mlflow\.db does not exist: .* holds no MLflow store",
+    ),
 ]
 
 
