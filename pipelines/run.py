@@ -49,7 +49,12 @@ class Chain:
     """
 
     def __init__(
-        self, cfg: ChainConfig, workdir: str | Path, address: str | None = None, console: Console | None = None
+        self,
+        cfg: ChainConfig,
+        workdir: str | Path,
+        address: str | None = None,
+        console: Console | None = None,
+        verbose: bool = False,
     ) -> None:
         self.cfg = cfg
         self.console = console or Console()
@@ -58,7 +63,7 @@ class Chain:
         self.exp_id = setup_tracking(self.workdir, cfg.experiment)  # fail fast, before any compute
         self.log_file = setup_file_logging(self.workdir)  # size-capped (mdlda/logs.py)
         self.uri = tracking_uri(self.workdir)
-        init_ray(address)
+        init_ray(address, quiet=not verbose)  # quiet: workers' output stays in Ray's logs, not on this console
         # a multi-node run refuses storage that dies with a node (pipelines/preflight.py)
         check_durability(self.workdir, self.uri, MlflowClient().get_experiment(self.exp_id).artifact_location)
         self.key = config_digest({"cfg": identity(cfg), "workdir": str(self.workdir)})
@@ -292,9 +297,10 @@ def run_chain(
     workdir: str | Path,
     address: str | None = None,
     console: Console | None = None,
+    verbose: bool = False,
 ) -> ChainResult:
     """Every step in order; a step whose outputs exist and match does no work."""
-    chain = Chain(cfg, workdir, address, console)
+    chain = Chain(cfg, workdir, address, console, verbose)
     chain.say(f"[bold]mdlda chain[/] {chain.key} — MLflow run {chain.parent} in {chain.uri}")
     chain.prepare(data_root)
     chain.baselines()
