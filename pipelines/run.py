@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from rich.console import Console
+from rich.text import Text
 
 from mdlda.config import ChainConfig, SweepConfig, config_digest, identity
 from mdlda.logs import setup_file_logging
@@ -75,7 +76,8 @@ class Chain:
 
     def say(self, msg: str) -> None:
         m, sec = divmod(int(time.monotonic() - self.started), 60)
-        self.console.print(f"[dim]{m:02d}:{sec:02d}[/] {msg}")
+        self.console.print(f"[dim]{m:02d}:{sec:02d}[/] {msg}", soft_wrap=True)  # one line each, also in a log file
+        logger.info("%s", Text.from_markup(msg).plain)  # and in mdlda.log
 
     def shards(self, name: str) -> Path:
         return self.workdir / "shards" / name
@@ -184,7 +186,7 @@ class Chain:
             table, worked = stages.evaluate_stage(models, ensembles, adabn, self.cfg, self.workdir)
         self.result.did_work["evaluate"] = worked
         self.result.summary = table
-        _print_summary(self.console, table, self.workdir, self.uri)
+        _print_summary(self.console, table, self.workdir, self.uri, models, self.parent)
 
     def select_only(self, sweep: SweepConfig, baseline: bool) -> list[dict]:
         """Rank a finished sweep from its storage folder (no training) and register/print the same top-k."""
@@ -312,7 +314,14 @@ def run_chain(
     return chain.result
 
 
-def _print_summary(console: Console, table: pd.DataFrame, workdir: Path, uri: str) -> None:
+def _print_summary(
+    console: Console,
+    table: pd.DataFrame,
+    workdir: Path,
+    uri: str,
+    models: dict[str, str] | None = None,
+    run_id: str | None = None,
+) -> None:
     from rich.table import Table
 
     from pipelines.evaluate import summary_pivot
@@ -336,5 +345,9 @@ def _print_summary(console: Console, table: pd.DataFrame, workdir: Path, uri: st
     console.print(t)
     console.print(f"results: {workdir / 'results' / 'latest'}", soft_wrap=True)
     browse = f"mdlda ui --workdir {workdir}" if uri.startswith("sqlite") else uri
-    console.print(f"MLflow runs and models: {browse}", soft_wrap=True)
-    console.print(f"models: models:/{STUDENT_MODEL}@champion, models:/mdlda-teacher/<version>")
+    run = f"the chain's run {run_id}, " if run_id else ""
+    console.print(f"MLflow ({run}every stage and trial nested in it, the registry): {browse}", soft_wrap=True)
+    made = ", ".join(f"{name} {u}" for name, u in (models or {}).items() if u != f"models:/{STUDENT_MODEL}@champion")
+    console.print(
+        f"registered models: {made or '-'}; the champion student: models:/{STUDENT_MODEL}@champion", soft_wrap=True
+    )
