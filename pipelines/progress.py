@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from contextlib import contextmanager
 
 from ray.tune import Callback
 
@@ -202,3 +204,37 @@ def _fmt_s(seconds: float) -> str:
     if h:
         return f"{h}h{m:02d}m"
     return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+@contextmanager
+def watched_queue(on_item):
+    """A Ray queue that workers and actors put progress into (student epochs, labelled batches), and a driver
+    thread that calls ``on_item`` for each item; the queue is drained and shut down when the block ends."""
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})  # 0 CPUs: it never competes with the workers or Ray Data
+    stop = threading.Event()
+
+    def watch() -> None:
+        while True:
+            try:
+                item = queue.get(timeout=0.5)
+            except Empty:
+                if stop.is_set():
+                    return
+                continue
+            except Exception:  # the queue's actor is gone (shutdown, a lost node): nothing more to show
+                return
+            try:
+                on_item(item)
+            except Exception:
+                logger.exception("showing progress failed")
+
+    thread = threading.Thread(target=watch, name="mdlda-progress", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        queue.shutdown()

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from ray.train.torch import TorchTrainer
 from mdlda.checkpoints import load_training_state, save_training_state, seed_everything
 from mdlda.config import StudentConfig
 from pipelines.data import StageData, pooled_batches, train_batches, valid_batches
+from pipelines.progress import watched_queue
 from pipelines.trial import build_model, split_trial_config
 
 logger = logging.getLogger("mdlda.student")
@@ -174,28 +175,26 @@ class EpochEvents(ray.train.UserCallback):
             self.queue.put(dict(metrics[0]))
 
 
-def _show_epochs(queue, stop: threading.Event, name: str, max_epochs: int) -> None:
-    """Driver thread: one ``mdlda.student`` event per epoch the workers report (console and mdlda.log)."""
-    start = time.monotonic()
-    first = None
-    while True:
-        try:
-            m = queue.get(timeout=0.5)
-        except Exception:  # queue.Empty (or the queue is gone at shutdown)
-            if stop.is_set():
-                return
-            continue
+class EpochLines:
+    """Driver side: one ``mdlda.student`` event per epoch the workers report (console and mdlda.log)."""
+
+    def __init__(self, name: str, max_epochs: int) -> None:
+        self.name, self.max_epochs = name, max_epochs
+        self.start = time.monotonic()
+        self.first: int | None = None
+
+    def __call__(self, m: dict) -> None:
         epoch = int(m.get("epoch", 0)) + 1
-        first = epoch if first is None else first
-        elapsed = time.monotonic() - start
+        self.first = epoch if self.first is None else self.first
+        elapsed = time.monotonic() - self.start
         eta = ""
-        if max_epochs > epoch:
-            eta = f" | ETA ~{_fmt_s(elapsed / (epoch - first + 1) * (max_epochs - epoch))} (at most)"
+        if self.max_epochs > epoch:  # patience may stop it sooner
+            eta = f" | ETA ~{_fmt_s(elapsed / (epoch - self.first + 1) * (self.max_epochs - epoch))} (at most)"
         logger.info(
             "%s: epoch %d/%d: train loss %.4f, valid r %.3f (best %.3f), %.1f samples/s, data wait %.0f%%%s",
-            name,
+            self.name,
             epoch,
-            max_epochs,
+            self.max_epochs,
             float(m.get("train_loss", float("nan"))),
             float(m.get("valid_r_mean", float("nan"))),
             float(m.get("best_valid_r_mean", float("nan"))),
@@ -226,9 +225,9 @@ def train_student(
     storage = str(Path(storage).resolve()) if "://" not in str(storage) else str(storage)
     if data.target is None:
         raise ValueError("the student needs the pseudo-labelled target set")
-    from ray.util.queue import Queue
-
-    queue = Queue(actor_options={"num_cpus": 0})  # 0 CPUs: it never competes with the workers or Ray Data
+    max_epochs = int(student_trial_config(cfg).get("max_epochs", 99))
+    progress = ExitStack()  # one line per epoch, handed over by the controller (EpochEvents)
+    queue = progress.enter_context(watched_queue(EpochLines("student", max_epochs)))
     trainer = TorchTrainer(
         student_loop,
         train_loop_config={
@@ -255,16 +254,8 @@ def train_student(
             callbacks=[EpochEvents(queue)],
         ),
     )
-    stop = threading.Event()
-    max_epochs = int(student_trial_config(cfg).get("max_epochs", 99))
-    shower = threading.Thread(target=_show_epochs, args=(queue, stop, "student", max_epochs), daemon=True)
-    shower.start()
-    try:
+    with progress:
         result = trainer.fit()
-    finally:
-        stop.set()
-        shower.join(timeout=5)
-        queue.shutdown()
     if result.error is not None or result.checkpoint is None:
         raise RuntimeError(f"student run {name} failed: {result.error}")
     # Ray Train's metrics_dataframe holds only the reports whose checkpoints are kept (num_to_keep): the history
