@@ -136,8 +136,9 @@ def libraries_to_file(workdir: str | Path, consoles=()):
     ``sys.stdout`` / ``sys.stderr``, the stream handlers of their loggers (Ray, Ray Data, Tune, MLflow), Python
     warnings and, through a pipe on file descriptor 2, what C++ code and child processes write (Ray's core worker).
 
-    ``consoles`` (rich Consoles) keep writing to the real terminal. An exception leaving the block is printed
-    after the streams are restored, so errors stay on the console. Yields the library log's path.
+    ``consoles`` (rich Consoles) keep writing to the real terminal (those made with a ``file``, to that file).
+    An exception leaving the block is printed after the streams are restored, so errors stay on the console.
+    Yields the library log's path.
     """
     logger = library_logger(workdir)
     path = Path(logger.handlers[0].baseFilename)
@@ -158,16 +159,16 @@ def libraries_to_file(workdir: str | Path, consoles=()):
         if h.stream in (real_out, real_err, sys.__stdout__, sys.__stderr__):
             patched.append((h, h.stream))
             h.setStream(sinks[1])
-    bound = [(c, c._file) for c in consoles]
-    for c in consoles:
+    bound = [c for c in consoles if c._file is None]  # a Console without a file follows sys.stdout / sys.stderr
+    for c in bound:
         c.file = term_err if c.stderr else real_out
     sys.stdout, sys.stderr = sinks
     try:
         yield path
     finally:
         sys.stdout, sys.stderr = real_out, real_err
-        for c, f in bound:
-            c.file = f
+        for c in bound:
+            c.file = None
         for h, stream in patched:
             h.setStream(stream)
         for h in _stream_handlers():  # handlers configured inside the block (Ray Data's, lazily) bound a sink

@@ -22,6 +22,7 @@ from mdlda.console import command_console, sweep_table
 # what Ray, Ray Data, Tune and MLflow print on a normal run (issue 16), none of which may reach the console
 FOREIGN = [
     r"Started a local Ray instance",
+    r"Connect(ing|ed) to (existing )?Ray cluster",
     r"View the dashboard",
     r"Progress bars disabled",
     r"execution finished",
@@ -119,15 +120,26 @@ def test_a_sweep_prints_each_event_once_as_one_line_and_keeps_tunes_output_in_th
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", COLUMNS="200")
+    """``mdlda ARGS`` in a new process (its output captured: not a terminal), on the session's Ray and this code."""
+    import ray
+
+    import mdlda
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(
+        RAY_ADDRESS=ray.get_runtime_context().gcs_address,  # joining the session's Ray: no second Ray on the CPUs
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONPATH=str(Path(mdlda.__file__).resolve().parents[1]),
+        COLUMNS="200",
+    )
     return subprocess.run(
         [sys.executable, "-m", "mdlda.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
 
 
 @pytest.mark.slow
-def test_prepare_prints_its_bar_and_table_once_and_ray_only_into_the_log(demo_root, tmp_path):
+def test_prepare_prints_its_bar_and_table_once_and_ray_only_into_the_log(ray_local, demo_root, tmp_path):
     work = tmp_path / "work"
     res = _cli(["prepare", "midlevel", "--root", str(demo_root / "midlevel"), "--out", str(work / "shards" / "ml")],
                tmp_path)  # fmt: skip
@@ -139,4 +151,5 @@ def test_prepare_prints_its_bar_and_table_once_and_ray_only_into_the_log(demo_ro
     assert _once(text, r"midlevel shards -> "), text
     assert res.stderr == "", res.stderr
     library_log = (work / "logs" / "libraries.log").read_text()
-    assert "Started a local Ray instance" in library_log  # Ray spoke, into the log file
+    assert re.search(r"Connect(ing|ed) to (existing )?Ray cluster", library_log), library_log  # Ray spoke, there
+    assert "Progress bars disabled" in library_log
