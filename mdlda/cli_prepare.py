@@ -103,9 +103,13 @@ def _prepare(options: dict, address: str | None, verbose: bool = False) -> None:
     except (PrepareError, DatasetFormatError, DatasetSplitError, ShardError) as exc:
         _fail(str(exc))
     m = result.manifest
-    table = Table(
-        title=f"{cfg.dataset} shards -> {result.out}" + (" (already up to date)" if result.skipped_work else "")
+    # the title on its own line: a table title wraps to the (narrow) table's width
+    console.print(
+        f"{cfg.dataset} shards -> {result.out}" + (" (already up to date)" if result.skipped_work else ""),
+        soft_wrap=True,
+        highlight=False,
     )
+    table = Table()
     table.add_column("split")
     table.add_column("rows", justify="right")
     for split, n in m["counts"].items():

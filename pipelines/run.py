@@ -129,7 +129,10 @@ class Chain:
         for sweep in self.cfg.baselines:
             chosen = self.sweep(sweep, baseline=True)
             self.models[sweep.name] = chosen[0]["uri"]
-            self.say(f"baseline {sweep.name}: best valid r {float(chosen[0]['val_r_mean']):.3f} -> {chosen[0]['uri']}")
+            self.say(
+                f"baseline {sweep.name}: best valid r {float(chosen[0]['val_r_mean']):.3f} -> {chosen[0]['uri']}"
+                + _up_to_date(self.result.did_work[f"baseline:{sweep.name}"])
+            )
 
     def teachers(self) -> None:
         teachers = self.sweep(self.cfg.teachers, baseline=False)
@@ -139,6 +142,7 @@ class Chain:
         self.say(
             f"teachers: {len(teachers)} selected: "
             + ", ".join(f"{t['uri']} (r {float(t['val_r_mean']):.3f})" for t in teachers)
+            + _up_to_date(self.result.did_work["teachers"])
         )
 
     def pseudolabel(self) -> None:
@@ -154,7 +158,10 @@ class Chain:
                 self.uri,
             )
         self.result.did_work["pseudolabel"] = not pl.skipped_work
-        self.say(f"pseudolabel: {pl.manifest['rows']} MAESTRO segments labelled by the teachers' mean")
+        self.say(
+            f"pseudolabel: {pl.manifest['rows']} MAESTRO segments labelled by the teachers' mean"
+            + _up_to_date(self.result.did_work["pseudolabel"])
+        )
 
     def student(self) -> None:
         data, fstats, _ = self.data
@@ -174,7 +181,8 @@ class Chain:
         self.models["student"] = student["uri"]
         self.say(
             f"student: {student['uri']} valid r {float(student['val_r_mean']):.3f}"
-            + (" [champion]" if student.get("champion") else "")
+            + (" (champion)" if student.get("champion") else "")  # not "[champion]": rich reads that as markup
+            + _up_to_date(worked)
         )
 
     def evaluate(self, models: dict[str, str] | None = None) -> None:
@@ -312,6 +320,11 @@ def run_chain(
     chain.evaluate()
     stages.finish_parent(chain.parent, chain.result)
     return chain.result
+
+
+def _up_to_date(worked: bool) -> str:
+    """The suffix of a stage line whose outputs existed and matched (a rerun skipped the stage's work)."""
+    return "" if worked else " (up to date: nothing redone)"
 
 
 def _print_summary(
