@@ -161,19 +161,17 @@ def command_console(console: Console, workdir: str | Path, verbose: bool = False
             lg.setLevel(logging.DEBUG)
     with ExitStack() as stack:
         try:
+            where = "mdlda.log" if verbose else "mdlda.log; Ray, Tune and MLflow in libraries.log; --verbose shows them"
             if not verbose:
                 stack.enter_context(libraries_to_file(workdir, consoles=[console, rich.get_console()]))
-                console.print(
-                    f"[dim]logs: {logs}/ (mdlda.log; Ray, Tune and MLflow in libraries.log; --verbose shows them)",
-                    soft_wrap=True,
-                    highlight=False,
-                )
+            console.print(f"[dim]logs: {escape(str(logs))}/ ({where})", soft_wrap=True, highlight=False)
             yield logs
-        except BaseException:
+        except BaseException as exc:
             handler.close()  # a live table stops before the error is printed
-            if not verbose:
+            if not verbose and getattr(exc, "exit_code", getattr(exc, "code", 1)) not in (0, None):
                 console.print(
-                    f"[dim]Ray, Tune and MLflow messages of this run: {logs / 'libraries.log'}", soft_wrap=True
+                    f"[dim]Ray, Tune and MLflow messages of this run: {escape(str(logs / 'libraries.log'))}",
+                    soft_wrap=True,
                 )
             raise
         finally:

@@ -153,3 +153,24 @@ def test_prepare_prints_its_bar_and_table_once_and_ray_only_into_the_log(ray_loc
     library_log = (work / "logs" / "libraries.log").read_text()
     assert re.search(r"Connect(ing|ed) to (existing )?Ray cluster", library_log), library_log  # Ray spoke, there
     assert "Progress bars disabled" in library_log
+
+
+def test_on_a_terminal_events_update_one_live_table_and_warnings_print_once(tmp_path):
+    out = io.StringIO()
+    console = Console(file=out, width=120, force_terminal=True, color_system=None)
+    log = logging.getLogger("mdlda.sweep")
+    rows = [{"trial": "00000", "state": "running", "epoch": 1, "last": 0.25, "best": 0.25}]
+    view = {"kind": "sweep", "name": "sweep-t", "rows": rows, "totals": "0/1 done, 1 running"}
+    with command_console(console, tmp_path, verbose=True):
+        log.info("sweep-t: trial 00000 epoch 1: valid r 0.250", extra={"view": view})
+        for _ in range(2):
+            log.warning("trial 00000 waited for data 50%s of an epoch", "%")
+        log.info("sweep-t: sweep done", extra={"view": {**view, "rows": [{**rows[0], "state": "finished"}],
+                                                         "final": True}})  # fmt: skip
+        log.info("a record for mdlda.log only")
+    text = out.getvalue()
+    assert "sweep sweep-t" in text and "finished" in text and "0.250" in text, text  # the table, as it ended
+    assert "sweep-t: trial 00000 epoch 1" not in text  # a terminal shows the table, not the lines
+    assert text.count("warning: trial 00000 waited for data 50% of an epoch") == 1, text
+    assert "a record for mdlda.log only" not in text
+    assert "a record for mdlda.log only" in (tmp_path / "logs" / "mdlda.log").read_text()
