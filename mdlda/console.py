@@ -119,6 +119,8 @@ class RateColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
+        if speed is None and task.completed and task.elapsed:  # one update only (a few big batches)
+            speed = task.completed / task.elapsed
         return Text("-" if speed is None else f"{speed:.1f} {self.unit}/s", style="progress.data.speed")
 
 
