@@ -99,6 +99,7 @@ class Chain:
             from mdlda.manifest import read_manifest
 
             ml, ma = read_manifest(self.shards("midlevel")), read_manifest(self.shards("maestro"))
+            self.say("loading the shards (materialized when small enough) and the front-end statistics")
             data = stages.stage_data(self.cfg, str(self.shards("midlevel")), str(self.shards("maestro")))
             fstats = stages.frontend_stats_for(str(self.shards("midlevel")), data, self.workdir, self.cfg.band_floor)
             digest = ml["content_digest"] + ma["content_digest"] + f"-floor{self.cfg.band_floor:g}"
