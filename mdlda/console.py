@@ -121,7 +121,10 @@ class RateColumn(ProgressColumn):
         speed = task.finished_speed or task.speed
         if speed is None and task.completed and task.elapsed:  # one update only (a few big batches)
             speed = task.completed / task.elapsed
-        return Text("-" if speed is None else f"{speed:.1f} {self.unit}/s", style="progress.data.speed")
+        if speed is None:
+            return Text("-", style="progress.data.speed")
+        rate = f"{speed:.1f}" if speed >= 1 else f"{speed:.2g}"  # a slow stage (minutes per item) is not "0.0"
+        return Text(f"{rate} {self.unit}/s", style="progress.data.speed")
 
 
 def progress_bar(label: str, unit: str, console: Console | None = None, enabled: bool = True) -> Progress:
