@@ -27,6 +27,21 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+VERBOSE_OPT = typer.Option(
+    False, "--verbose", help="Show what Ray, Tune and MLflow print here (otherwise in WORKDIR/logs/libraries.log)."
+)
+
+
+@contextmanager
+def _console(workdir: Path, verbose: bool):
+    """The command's console: mdlda's lines (live tables on a terminal), the other libraries' output in
+    ``workdir``/logs (:mod:`mdlda.console`)."""
+    from mdlda.console import command_console
+
+    with command_console(console, workdir, verbose):
+        yield
+
+
 @contextmanager
 def _locked(folder: Path):
     """Hold ``folder``'s one-writer lock for the command (:mod:`mdlda.lock`): a second command writing there exits
@@ -51,6 +66,7 @@ def run(
     address: str | None = typer.Option(None, help="Ray address ('auto' for a running cluster); local Ray if unset."),
     time_budget: float | None = typer.Option(None, help="Teacher sweep: stop launching trials after SECONDS."),
     max_trials: int | None = typer.Option(None, help="Teacher sweep: stop launching trials after N in total."),
+    verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Run the whole chain: prepare, baselines, teachers, selection, pseudo-labels, student, evaluation.
 
@@ -67,8 +83,8 @@ def run(
         _check_inputs(lambda: check_chain_inputs(data, cfg.data))  # before Ray and MLflow: one clear line
         from pipelines.run import run_chain
 
-        with _guarded(workdir):
-            _check_inputs(lambda: run_chain(cfg, data, workdir, address=address, console=console))
+        with _console(workdir, verbose), _guarded(workdir):
+            _check_inputs(lambda: run_chain(cfg, data, workdir, address=address, console=console, verbose=verbose))
 
 
 def _check_inputs(call):
@@ -111,7 +127,14 @@ def with_budget(cfg, time_budget: float | None, max_trials: int | None, baseline
     return cfg.model_copy(update={"teachers": cfg.teachers.model_copy(update=update)})
 
 
-def _chain(config: Path, workdir: Path, set_: list[str], address: str | None, budget: tuple = (None, None, False)):
+def _chain(
+    config: Path,
+    workdir: Path,
+    set_: list[str],
+    address: str | None,
+    budget: tuple = (None, None, False),
+    verbose: bool = False,
+):
     from mdlda.config import ConfigError, load_chain_config
     from pipelines.run import Chain
 
@@ -120,7 +143,7 @@ def _chain(config: Path, workdir: Path, set_: list[str], address: str | None, bu
     except ConfigError as exc:
         _fail(str(exc))
     with _guarded(workdir):
-        return Chain(cfg, workdir, address=address, console=console)
+        return Chain(cfg, workdir, address=address, console=console, verbose=verbose)
 
 
 CONFIG_OPT = typer.Option(Path("tune_spaces/demo.yaml"), help="Chain config YAML (tune_spaces/).")
@@ -145,6 +168,7 @@ def teachers(
         None, help="Stop launching trials after SECONDS of wall time; running trials finish, selection follows."
     ),
     max_trials: int | None = typer.Option(None, help="Stop launching trials after N in total (resumes count)."),
+    verbose: bool = VERBOSE_OPT,
     rerun: str | None = typer.Option(
         None,
         help="Train trial TRIAL_ID of the stored sweep again from its recorded config and compare its "
@@ -156,8 +180,8 @@ def teachers(
     Needs the shards of `mdlda prepare` (or of an earlier `mdlda run`) in WORKDIR/shards. Rerunning resumes an
     interrupted sweep without redoing finished trials.
     """
-    with _locked(workdir):
-        chain = _chain(config, workdir, set_, address, (time_budget, max_trials, baseline))
+    with _locked(workdir), _console(workdir, verbose):
+        chain = _chain(config, workdir, set_, address, (time_budget, max_trials, baseline), verbose)
         with _guarded(workdir):
             _teachers(chain, baseline, select_only, rerun)
 
@@ -194,11 +218,15 @@ def _teachers(chain, baseline: bool, select_only: bool, rerun: str | None) -> No
 
 @app.command()
 def pseudolabel(
-    config: Path = CONFIG_OPT, workdir: Path = WORKDIR_OPT, set_: list[str] = SET_OPT, address: str | None = ADDRESS_OPT
+    config: Path = CONFIG_OPT,
+    workdir: Path = WORKDIR_OPT,
+    set_: list[str] = SET_OPT,
+    address: str | None = ADDRESS_OPT,
+    verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Label a seeded subset of MAESTRO segments with the mean of the registered teachers (Ray Data actors)."""
-    with _locked(workdir):
-        chain = _chain(config, workdir, set_, address)
+    with _locked(workdir), _console(workdir, verbose):
+        chain = _chain(config, workdir, set_, address, verbose=verbose)
         with _guarded(workdir):
             try:
                 chain.pseudolabel()
@@ -208,11 +236,15 @@ def pseudolabel(
 
 @app.command()
 def student(
-    config: Path = CONFIG_OPT, workdir: Path = WORKDIR_OPT, set_: list[str] = SET_OPT, address: str | None = ADDRESS_OPT
+    config: Path = CONFIG_OPT,
+    workdir: Path = WORKDIR_OPT,
+    set_: list[str] = SET_OPT,
+    address: str | None = ADDRESS_OPT,
+    verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Distil the student with Ray Train on source + pseudo-labelled piano segments; register it."""
-    with _locked(workdir):
-        chain = _chain(config, workdir, set_, address)
+    with _locked(workdir), _console(workdir, verbose):
+        chain = _chain(config, workdir, set_, address, verbose=verbose)
         with _guarded(workdir):
             chain.student()
 
@@ -228,6 +260,7 @@ def evaluate(
     workdir: Path = WORKDIR_OPT,
     set_: list[str] = SET_OPT,
     address: str | None = ADDRESS_OPT,
+    verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Per-feature Pearson r and RMSE on the non-piano test split and the piano test subset."""
     chosen = {}
@@ -236,8 +269,8 @@ def evaluate(
         if not sep:
             name, uri = item, item
         chosen[name] = uri
-    with _locked(workdir):
-        chain = _chain(config, workdir, set_, address)
+    with _locked(workdir), _console(workdir, verbose):
+        chain = _chain(config, workdir, set_, address, verbose=verbose)
         with _guarded(workdir):
             chain.evaluate(chosen or chain.registered_models())
 

@@ -20,7 +20,7 @@ def ablation(
 ) -> None:
     """Train every model of the ablation for each seed (the chain's own stages, resumable) and report mean ± 95%
     interval over seeds and paired differences to the baseline: WORKDIR/results/ablation/{ablation.md,csv,png}."""
-    from mdlda.cli import _fail, _guarded, _locked, console
+    from mdlda.cli import _console, _fail, _guarded, _locked, console
     from mdlda.config import ConfigError, load_chain_config
 
     with _locked(workdir):  # first: a second writer on the workdir is refused before any other work
@@ -35,7 +35,7 @@ def ablation(
         from pipelines.ablation import run_ablation
         from pipelines.select import SelectionError
 
-        with _guarded(workdir):
+        with _console(workdir, verbose=False), _guarded(workdir):  # Ray, Tune and MLflow in WORKDIR/logs
             try:
                 run_ablation(cfg, data, workdir, chosen, address=address, console=console)
             except (ShardError, SelectionError) as exc:

@@ -52,9 +52,12 @@ def prepare(
     chunk_items: int = typer.Option(512, help="Files per resumable chunk (a rerun redoes only unfinished chunks)."),
     overwrite: bool = typer.Option(False, help="Replace shards in OUT that were made from other input."),
     address: str | None = typer.Option(None, help="Ray address ('auto' for a running cluster); local Ray if unset."),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Show what Ray prints here (otherwise in the logs/ folder beside OUT's parent)."
+    ),
 ) -> None:
     """Decode, resample and segment audio into Parquet shards with Ray Data (resumable, idempotent)."""
-    from mdlda.cli import _check_inputs, _fail, _locked
+    from mdlda.cli import _check_inputs, _console, _fail, _locked
     from mdlda.datasets.inputs import check_dataset_root
     from pipelines.prepare_folder import PrepareError, check_out_folder
 
@@ -75,10 +78,18 @@ def prepare(
     )
     with _locked(out):  # before Ray (or even its import): a second writer on OUT is refused at once
         _check_inputs(lambda: check_dataset_root(dataset.value, root, piano_ids))  # before Ray: one clear line
-        _prepare(options, address)
+        with _console(logs_home(out), verbose):
+            _prepare(options, address, verbose)
 
 
-def _prepare(options: dict, address: str | None) -> None:
+def logs_home(out: Path) -> Path:
+    """Where `prepare --out OUT` keeps its logs/: the workdir of ``<workdir>/shards/<name>``, else OUT's parent
+    (never OUT itself: a shard folder holds only what prepare wrote)."""
+    out = out.resolve()
+    return out.parent.parent if out.parent.name == "shards" else out.parent
+
+
+def _prepare(options: dict, address: str | None, verbose: bool = False) -> None:
     from mdlda.cli import _fail, console
     from mdlda.datasets import DatasetFormatError, DatasetSplitError
     from mdlda.manifest import ShardError
@@ -86,15 +97,19 @@ def _prepare(options: dict, address: str | None) -> None:
     from pipelines.raysetup import init_ray
 
     cfg = PrepareConfig(**options)
-    init_ray(address)
+    init_ray(address, quiet=not verbose)
     try:
         result = prepare(cfg)
     except (PrepareError, DatasetFormatError, DatasetSplitError, ShardError) as exc:
         _fail(str(exc))
     m = result.manifest
-    table = Table(
-        title=f"{cfg.dataset} shards -> {result.out}" + (" (already up to date)" if result.skipped_work else "")
+    # the title on its own line: a table title wraps to the (narrow) table's width
+    console.print(
+        f"{cfg.dataset} shards -> {result.out}" + (" (already up to date)" if result.skipped_work else ""),
+        soft_wrap=True,
+        highlight=False,
     )
+    table = Table()
     table.add_column("split")
     table.add_column("rows", justify="right")
     for split, n in m["counts"].items():

@@ -138,18 +138,10 @@ def _index(config: PrepareConfig):
     raise PrepareError(f"unknown dataset {config.dataset!r}: expected 'midlevel' or 'maestro'")
 
 
-def _progress(total: int, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _progress(total: int, enabled: bool, dataset: str = ""):
+    from mdlda.console import progress_bar  # count, rate, ETA
 
-    return Progress(
-        TextColumn("[bold]prepare[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("files"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
+    return progress_bar(f"prepare {dataset}".strip(), "files", enabled=enabled)
 
 
 def prepare(config: PrepareConfig) -> PrepareResult:
@@ -206,7 +198,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     failed = index_failures.copy()  # and those of the chunks done before an interruption:
     for records in done_records.values():
         failed += _failures(records)
-    with _progress(n_items, config.progress) as bar:
+    with _progress(n_items, config.progress, config.dataset) as bar:
         task = bar.add_task("decode", total=n_items)
         bar.advance(task, n_items - len(rest))
         runs = _run_chunks(out, todo, per_task, config, advance=lambda n: bar.advance(task, n))

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ray.data import ActorPoolStrategy
 from ray.data.expressions import col
 
 from mdlda.config import PseudoLabelConfig, config_digest
@@ -35,7 +37,7 @@ class PseudoLabelResult:
 class TeacherEnsemble:
     """Ray Data actor: holds the teachers, returns the batch with mean labels and the teacher spread."""
 
-    def __init__(self, uris: list[str], tracking_uri: str) -> None:
+    def __init__(self, uris: list[str], tracking_uri: str, progress=None) -> None:
         import mlflow
         import torch
 
@@ -45,6 +47,7 @@ class TeacherEnsemble:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # weights-only checkpoints and mdlda's model code: a registered version cannot run code on the workers
         self.teachers = [load_served(uri).to(self.device) for uri in uris]
+        self.progress = progress  # a ray.util.queue.Queue of labelled segment counts (the driver's bar), or None
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -57,6 +60,8 @@ class TeacherEnsemble:
         # the mean prediction, clipped to the rating scale the labels live on
         table["labels"] = labels_array(np.clip(preds.mean(axis=0), RATING_MIN, RATING_MAX))
         table["teacher_spread"] = pa.array(preds.std(axis=0).mean(axis=1).astype(np.float32))
+        if self.progress is not None:
+            self.progress.put(len(audio))
         return pa.table(table)
 
 
@@ -105,16 +110,24 @@ def pseudolabel(
     ds, _ = read_shards(maestro_shards, splits=cfg.splits, columns=cols)  # unlabelled: never read the null labels
     ds = ds.filter(expr=col("clip_id").is_in(ids))
     resources = {"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}
+    from mdlda.console import progress_bar
+    from pipelines.progress import watched_queue  # here: the actors that unpickle this module never import Tune
+
+    progress = ExitStack()  # a bar with rate and ETA, advanced by the actors through a queue
+    bar = progress.enter_context(progress_bar("pseudolabel", "segments"))
+    task = bar.add_task("label", total=len(ids))
+    queue = progress.enter_context(watched_queue(lambda n: bar.advance(task, n)))
     ds = ds.map_batches(
         TeacherEnsemble,
-        fn_constructor_kwargs={"uris": teacher_uris, "tracking_uri": tracking_uri},
+        fn_constructor_kwargs={"uris": teacher_uris, "tracking_uri": tracking_uri, "progress": queue},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        concurrency=cfg.concurrency or 1,
+        compute=ActorPoolStrategy(size=cfg.concurrency or 1),  # `concurrency=` is deprecated since Ray 2.51
         num_cpus=cfg.cpus_per_actor,
         **resources,
     )
-    ds.write_parquet(str(out / DATA_DIR), **WRITE_OPTIONS)
+    with progress:
+        ds.write_parquet(str(out / DATA_DIR), **WRITE_OPTIONS)
     meta = pq.read_table(out / DATA_DIR, columns=["clip_id", "split", "labels", "teacher_spread"]).to_pandas()
     _check_labels(meta)
     digests = {r.clip_id: row_digest(r.clip_id, r.split, r.labels, b"") for r in meta.itertuples()}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from rich.console import Console
+from rich.text import Text
 
 from mdlda.config import ChainConfig, SweepConfig, config_digest, identity
 from mdlda.logs import setup_file_logging
@@ -49,7 +50,12 @@ class Chain:
     """
 
     def __init__(
-        self, cfg: ChainConfig, workdir: str | Path, address: str | None = None, console: Console | None = None
+        self,
+        cfg: ChainConfig,
+        workdir: str | Path,
+        address: str | None = None,
+        console: Console | None = None,
+        verbose: bool = False,
     ) -> None:
         self.cfg = cfg
         self.console = console or Console()
@@ -58,7 +64,7 @@ class Chain:
         self.exp_id = setup_tracking(self.workdir, cfg.experiment)  # fail fast, before any compute
         self.log_file = setup_file_logging(self.workdir)  # size-capped (mdlda/logs.py)
         self.uri = tracking_uri(self.workdir)
-        init_ray(address)
+        init_ray(address, quiet=not verbose)  # quiet: workers' output stays in Ray's logs, not on this console
         # a multi-node run refuses storage that dies with a node (pipelines/preflight.py)
         check_durability(self.workdir, self.uri, MlflowClient().get_experiment(self.exp_id).artifact_location)
         self.key = config_digest({"cfg": identity(cfg), "workdir": str(self.workdir)})
@@ -70,7 +76,8 @@ class Chain:
 
     def say(self, msg: str) -> None:
         m, sec = divmod(int(time.monotonic() - self.started), 60)
-        self.console.print(f"[dim]{m:02d}:{sec:02d}[/] {msg}")
+        self.console.print(f"[dim]{m:02d}:{sec:02d}[/] {msg}", soft_wrap=True)  # one line each, also in a log file
+        logger.info("%s", Text.from_markup(msg).plain)  # and in mdlda.log
 
     def shards(self, name: str) -> Path:
         return self.workdir / "shards" / name
@@ -92,6 +99,7 @@ class Chain:
             from mdlda.manifest import read_manifest
 
             ml, ma = read_manifest(self.shards("midlevel")), read_manifest(self.shards("maestro"))
+            self.say("loading the shards (materialized when small enough) and the front-end statistics")
             data = stages.stage_data(self.cfg, str(self.shards("midlevel")), str(self.shards("maestro")))
             fstats = stages.frontend_stats_for(str(self.shards("midlevel")), data, self.workdir, self.cfg.band_floor)
             digest = ml["content_digest"] + ma["content_digest"] + f"-floor{self.cfg.band_floor:g}"
@@ -122,7 +130,10 @@ class Chain:
         for sweep in self.cfg.baselines:
             chosen = self.sweep(sweep, baseline=True)
             self.models[sweep.name] = chosen[0]["uri"]
-            self.say(f"baseline {sweep.name}: best valid r {float(chosen[0]['val_r_mean']):.3f} -> {chosen[0]['uri']}")
+            self.say(
+                f"baseline {sweep.name}: best valid r {float(chosen[0]['val_r_mean']):.3f} -> {chosen[0]['uri']}"
+                + _up_to_date(self.result.did_work[f"baseline:{sweep.name}"])
+            )
 
     def teachers(self) -> None:
         teachers = self.sweep(self.cfg.teachers, baseline=False)
@@ -132,6 +143,7 @@ class Chain:
         self.say(
             f"teachers: {len(teachers)} selected: "
             + ", ".join(f"{t['uri']} (r {float(t['val_r_mean']):.3f})" for t in teachers)
+            + _up_to_date(self.result.did_work["teachers"])
         )
 
     def pseudolabel(self) -> None:
@@ -147,7 +159,10 @@ class Chain:
                 self.uri,
             )
         self.result.did_work["pseudolabel"] = not pl.skipped_work
-        self.say(f"pseudolabel: {pl.manifest['rows']} MAESTRO segments labelled by the teachers' mean")
+        self.say(
+            f"pseudolabel: {pl.manifest['rows']} MAESTRO segments labelled by the teachers' mean"
+            + _up_to_date(self.result.did_work["pseudolabel"])
+        )
 
     def student(self) -> None:
         data, fstats, _ = self.data
@@ -167,7 +182,8 @@ class Chain:
         self.models["student"] = student["uri"]
         self.say(
             f"student: {student['uri']} valid r {float(student['val_r_mean']):.3f}"
-            + (" [champion]" if student.get("champion") else "")
+            + (" (champion)" if student.get("champion") else "")  # not "[champion]": rich reads that as markup
+            + _up_to_date(worked)
         )
 
     def evaluate(self, models: dict[str, str] | None = None) -> None:
@@ -179,7 +195,7 @@ class Chain:
             table, worked = stages.evaluate_stage(models, ensembles, adabn, self.cfg, self.workdir)
         self.result.did_work["evaluate"] = worked
         self.result.summary = table
-        _print_summary(self.console, table, self.workdir, self.uri)
+        _print_summary(self.console, table, self.workdir, self.uri, models, self.parent)
 
     def select_only(self, sweep: SweepConfig, baseline: bool) -> list[dict]:
         """Rank a finished sweep from its storage folder (no training) and register/print the same top-k."""
@@ -291,9 +307,10 @@ def run_chain(
     workdir: str | Path,
     address: str | None = None,
     console: Console | None = None,
+    verbose: bool = False,
 ) -> ChainResult:
     """Every step in order; a step whose outputs exist and match does no work."""
-    chain = Chain(cfg, workdir, address, console)
+    chain = Chain(cfg, workdir, address, console, verbose)
     chain.say(f"[bold]mdlda chain[/] {chain.key} — MLflow run {chain.parent} in {chain.uri}")
     chain.prepare(data_root)
     chain.baselines()
@@ -305,7 +322,19 @@ def run_chain(
     return chain.result
 
 
-def _print_summary(console: Console, table: pd.DataFrame, workdir: Path, uri: str) -> None:
+def _up_to_date(worked: bool) -> str:
+    """The suffix of a stage line whose outputs existed and matched (a rerun skipped the stage's work)."""
+    return "" if worked else " (up to date: nothing redone)"
+
+
+def _print_summary(
+    console: Console,
+    table: pd.DataFrame,
+    workdir: Path,
+    uri: str,
+    models: dict[str, str] | None = None,
+    run_id: str | None = None,
+) -> None:
     from rich.table import Table
 
     from pipelines.evaluate import summary_pivot
@@ -329,5 +358,9 @@ def _print_summary(console: Console, table: pd.DataFrame, workdir: Path, uri: st
     console.print(t)
     console.print(f"results: {workdir / 'results' / 'latest'}", soft_wrap=True)
     browse = f"mdlda ui --workdir {workdir}" if uri.startswith("sqlite") else uri
-    console.print(f"MLflow runs and models: {browse}", soft_wrap=True)
-    console.print(f"models: models:/{STUDENT_MODEL}@champion, models:/mdlda-teacher/<version>")
+    run = f"the chain's run {run_id}, " if run_id else ""
+    console.print(f"MLflow ({run}every stage and trial nested in it, the registry): {browse}", soft_wrap=True)
+    made = ", ".join(f"{name} {u}" for name, u in (models or {}).items() if u != f"models:/{STUDENT_MODEL}@champion")
+    console.print(
+        f"registered models: {made or '-'}; the champion student: models:/{STUDENT_MODEL}@champion", soft_wrap=True
+    )

@@ -172,6 +172,8 @@ def sweep_and_select(
     chosen = select_top_k(table, k, allow_fewer=sweep.allow_fewer or bool(res.stopped_by))
     if len(chosen) < k:
         logger.warning("sweep %s: selecting %d of the %d asked for (%s)", name, len(chosen), k, res.stopped_by)
+    if sweep.register_models and len(chosen):
+        logger.info("%s: registering the top %d as %s", name, len(chosen), registered_model, extra={"show": True})
     registered = (
         register_top_k(
             chosen,

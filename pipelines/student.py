@@ -10,7 +10,10 @@ the same command resumes the same run.
 
 from __future__ import annotations
 
+import logging
 import tempfile
+import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,10 @@ from ray.train.torch import TorchTrainer
 from mdlda.checkpoints import load_training_state, save_training_state, seed_everything
 from mdlda.config import StudentConfig
 from pipelines.data import StageData, pooled_batches, train_batches, valid_batches
+from pipelines.progress import watched_queue
 from pipelines.trial import build_model, split_trial_config
+
+logger = logging.getLogger("mdlda.student")
 
 
 @dataclass
@@ -158,6 +164,52 @@ def student_loop(config: dict) -> None:
         raise RuntimeError(f"student training diverged: {result.message}")
 
 
+class EpochEvents(ray.train.UserCallback):
+    """Runs in Ray Train's controller (an actor): hands rank 0's metrics of every epoch to the driver's queue."""
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if metrics:
+            self.queue.put(dict(metrics[0]))
+
+
+class EpochLines:
+    """Driver side: one ``mdlda.student`` event per epoch the workers report (console and mdlda.log)."""
+
+    def __init__(self, name: str, max_epochs: int) -> None:
+        self.name, self.max_epochs = name, max_epochs
+        self.start = time.monotonic()
+        self.first: int | None = None
+
+    def __call__(self, m: dict) -> None:
+        epoch = int(m.get("epoch", 0)) + 1
+        self.first = epoch if self.first is None else self.first
+        elapsed = time.monotonic() - self.start
+        eta = ""
+        if self.max_epochs > epoch:  # patience may stop it sooner
+            eta = f" | ETA ~{_fmt_s(elapsed / (epoch - self.first + 1) * (self.max_epochs - epoch))} (at most)"
+        logger.info(
+            "%s: epoch %d/%d: train loss %.4f, valid r %.3f (best %.3f), %.1f samples/s, data wait %.0f%%%s",
+            self.name,
+            epoch,
+            self.max_epochs,
+            float(m.get("train_loss", float("nan"))),
+            float(m.get("valid_r_mean", float("nan"))),
+            float(m.get("best_valid_r_mean", float("nan"))),
+            float(m.get("samples_per_s", float("nan"))),
+            100 * float(m.get("data_wait_fraction", float("nan"))),
+            eta,
+            extra={"show": True},
+        )
+
+
+def _fmt_s(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def student_trial_config(cfg: StudentConfig) -> dict[str, Any]:
     return {"model": cfg.model, **cfg.model_overrides, **cfg.train, "mode": "distill"}
 
@@ -173,6 +225,9 @@ def train_student(
     storage = str(Path(storage).resolve()) if "://" not in str(storage) else str(storage)
     if data.target is None:
         raise ValueError("the student needs the pseudo-labelled target set")
+    max_epochs = int(student_trial_config(cfg).get("max_epochs", 99))
+    progress = ExitStack()  # one line per epoch, handed over by the controller (EpochEvents)
+    queue = progress.enter_context(watched_queue(EpochLines("student", max_epochs)))
     trainer = TorchTrainer(
         student_loop,
         train_loop_config={
@@ -196,9 +251,11 @@ def train_student(
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[EpochEvents(queue)],
         ),
     )
-    result = trainer.fit()
+    with progress:
+        result = trainer.fit()
     if result.error is not None or result.checkpoint is None:
         raise RuntimeError(f"student run {name} failed: {result.error}")
     # Ray Train's metrics_dataframe holds only the reports whose checkpoints are kept (num_to_keep): the history

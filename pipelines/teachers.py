@@ -123,7 +123,7 @@ def run_sweep(
         callback = BatchedMLflowLoggerCallback(
             tracking_uri=tracking_uri, experiment_name=experiment_name, tags=tags, save_artifact=False
         )
-        progress = SweepProgress(total=planned, metric=sweep.metric)
+        progress = SweepProgress(total=planned, metric=sweep.metric, name=sweep.name, max_epochs=max_t)
         tuner = tune.Tuner(
             trainable,
             param_space=space,
