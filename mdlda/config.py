@@ -80,6 +80,11 @@ class StudentConfig(_Strict):
         description="uniform: every pseudo-labelled segment weighs 1; spread: exp(-s^2), s the teachers' spread "
         "on it (std across teachers on the 1..10 scale, mean over features), so contested pseudo-labels count less.",
     )
+    init: Literal["scratch", "teacher"] = Field(
+        "scratch",
+        description="scratch: the student starts from a fresh initialisation; teacher: from the weights of the "
+        "best-ranked teacher that pseudo-labelled its segments (needs the same model and overrides).",
+    )
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0

@@ -94,6 +94,8 @@ def student_loop(config: dict) -> None:
     model_name, overrides, train_cfg, batch = split_trial_config(trial_cfg)
     seed_everything(train_cfg.seed)
     model = build_model(model_name, overrides, config["frontend_stats"])
+    if config.get("init_state") is not None:  # student.init = teacher (a resumed run's checkpoint overrides it)
+        model.load_state_dict(config["init_state"])
     _broadcast_params(model)
     source = ray.train.get_dataset_shard("source")
     target = ray.train.get_dataset_shard("target")
@@ -162,14 +164,39 @@ def student_trial_config(cfg: StudentConfig) -> dict[str, Any]:
     return {"model": cfg.model, **cfg.model_overrides, **cfg.train, "mode": "distill"}
 
 
+def initial_weights(cfg: StudentConfig, teacher_uris: list[str], frontend_stats) -> dict | None:
+    """The student's starting weights: None (scratch), or the first (best-ranked) teacher's state dict, checked
+    against the student's own architecture so a mismatch fails here with both model descriptions."""
+    if cfg.init == "scratch":
+        return None
+    if not teacher_uris:
+        raise ValueError("student.init = teacher, but the pseudo-labels name no teacher")
+    from mdlda.served import load_checkpoint
+
+    teacher = load_checkpoint(teacher_uris[0])
+    mine = build_model(cfg.model, cfg.model_overrides, frontend_stats)
+    state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+    ours = mine.state_dict()
+    shared = set(state) & set(ours)
+    wrong = sorted(set(state) ^ set(ours)) + sorted(k for k in shared if state[k].shape != ours[k].shape)
+    if wrong:
+        raise ValueError(
+            f"student.init = teacher: teacher {teacher_uris[0]} does not have the student's architecture "
+            f"(model {cfg.model!r}, overrides {cfg.model_overrides}); differing weights: {', '.join(wrong[:5])}"
+            + (" ..." if len(wrong) > 5 else "")
+        )
+    return state
+
+
 def train_student(
     cfg: StudentConfig,
     data: StageData,
     frontend_stats,
     storage: str | Path,
     name: str,
+    init_state: dict | None = None,
 ) -> StudentResult:
-    """Fit (or resume) the student run ``name`` under ``storage``."""
+    """Fit (or resume) the student run ``name`` under ``storage``; ``init_state``: its starting weights."""
     storage = str(Path(storage).resolve()) if "://" not in str(storage) else str(storage)
     if data.target is None:
         raise ValueError("the student needs the pseudo-labelled target set")
@@ -181,6 +208,7 @@ def train_student(
             "use_gpu": cfg.use_gpu,
             "mix": cfg.mix,
             "weighting": cfg.weighting,
+            "init_state": init_state,
             "sizes": (data.counts["source_train"], data.counts["target"]),
         },
         scaling_config=ScalingConfig(

@@ -74,3 +74,23 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(chain, tmp_path):
     # no epoch lost or repeated across the restart, and the restarted worker group resumed from a checkpoint
     assert list(res.history.epoch) == [0, 1, 2], res.history
     assert res.result.metrics["start_epoch"] >= 1, (killed, res.result.metrics)
+
+
+def test_init_teacher_takes_the_best_teachers_weights_and_refuses_another_architecture(chain):
+    import mlflow
+    import torch
+
+    from mdlda.served import load_checkpoint
+    from pipelines.student import initial_weights
+
+    first, _ = chain
+    mlflow.set_tracking_uri(first.tracking_uri)  # the chain's registry, as the other chain tests read it
+    teachers = [t["uri"] for t in first.teachers]
+    data, fstats = _inputs(first)
+    assert initial_weights(_cfg(), teachers, fstats) is None  # scratch: nothing loaded
+    state = initial_weights(_cfg(init="teacher"), teachers, fstats)
+    best = load_checkpoint(teachers[0]).state_dict()
+    assert state.keys() == best.keys() and all(torch.equal(state[k], best[k]) for k in best)
+    wider = StudentConfig(model_overrides={"width": 8}, init="teacher")
+    with pytest.raises(ValueError, match=f"teacher {teachers[0]} does not have the student's architecture"):
+        initial_weights(wider, teachers, fstats)
