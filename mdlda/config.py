@@ -88,6 +88,12 @@ class StudentConfig(_Strict):
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    sync_batchnorm: bool = Field(
+        False,
+        description="With num_workers > 1 on GPUs: SyncBatchNorm, each domain's pass normalised over all ranks' "
+        "segments of that domain (pipelines/student.py data_parallel says how it meets the per-domain passes); "
+        "ignored on CPU workers.",
+    )
     max_failures: int = 1
     register_models: bool = True
     champion: bool = Field(True, description="Move the registry's champion alias when this student beats it.")
