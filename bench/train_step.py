@@ -34,11 +34,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mdlda.adapt import DomainHead, dann_lambda
+from mdlda.devices import compile_network
 from mdlda.domain_pair import DomainPair
 from mdlda.models import create_model
 from mdlda.params import NUM_FEATURES, SEGMENT_SAMPLES
 from mdlda.steps import Precision, optimizer_step, run_step
-from mdlda.training import compile_network
 
 
 def parse_args() -> argparse.Namespace:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from mdlda.adapt import dann_lambda
 from mdlda.batches import MODES
 from mdlda.checkpoints import capture_rng_state, restore_rng_state, seed_everything, to_cpu
-from mdlda.devices import DeviceMonitor
+from mdlda.devices import DeviceMonitor, place
 from mdlda.domain_pair import DomainPair
 from mdlda.replicas import average_running_stats, world_size
 from mdlda.steps import Precision, evaluate, resolve_device, train_one_epoch
@@ -227,14 +227,6 @@ def fit(
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
-def compile_network(model: nn.Module) -> None:
-    """``TrainConfig.compile``: ``torch.compile`` each direct child of the model except the front end (the
-    STFT stays eager), in place (``nn.Module.compile``), so state-dict keys and checkpoints are unchanged."""
-    for name, child in model.named_children():
-        if name != "frontend":
-            child.compile()
-
-
 def _state_of(module: nn.Module | None) -> dict[str, Tensor] | None:
     return None if module is None else to_cpu(module.state_dict())
 
@@ -245,12 +237,7 @@ class _Fit:
     def __init__(self, model: nn.Module, head: nn.Module | None, config: TrainConfig, after_backward, wrap) -> None:
         self.model, self.head, self.config, self.after_backward = model, head, config, after_backward
         self.device = resolve_device(config.device)
-        fmt = torch.channels_last if config.channels_last else torch.preserve_format
-        params = list(model.to(self.device, memory_format=fmt).parameters())
-        if head is not None:
-            params += list(head.to(self.device).parameters())
-        if config.compile:
-            compile_network(model)
+        params = place(model, head, self.device, config.channels_last, config.compile)
         # a supervised batch has one domain: its pass always updates the running statistics
         pair = DomainPair(model, head, config.bn_stats if config.mode != "supervised" else "both")
         self.net = wrap(pair) if wrap is not None else pair

@@ -307,8 +307,8 @@ def test_bf16_autocast_on_cpu_runs_the_network_in_bf16_and_the_front_end_in_fp32
 
 
 def test_compile_is_in_place_so_checkpoints_keep_their_keys():
+    from mdlda.devices import compile_network
     from mdlda.models import create_model
-    from mdlda.training import compile_network
 
     model = create_model("rfresnet", width=4)
     keys = list(model.state_dict())
