@@ -54,7 +54,7 @@ class TrainConfig:
     lambda_gamma: float = 10.0  # DANN: steepness of Ganin's ramp
     seed: int = 0
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available)
-    # GPU settings: each costs nothing on a CPU (ignored there, or measured neutral; bench/README.md)
+    # GPU settings: off or a no-op on a CPU by default, so the CPU path is unchanged (tests/test_training.py)
     mixed_precision: bool = False  # autocast of the network (front end stays fp32) on CUDA; CPU: see below
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds a GradScaler
     mixed_precision_cpu: bool = False  # also autocast (bf16) on a CPU: only worth it with AMX / AVX512-BF16
