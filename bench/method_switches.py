@@ -76,6 +76,14 @@ GROUPS = {
             "source only, best epoch by loss": {"select_on": "loss"},
         },
     ),
+    "student_init": (
+        "student, from scratch",
+        {
+            "student, from scratch": {"mode": "distill"},
+            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
+            "student, from the best teacher, lr / 4": {"mode": "distill", "init": "teacher", "lr": 5e-4},
+        },
+    ),
     "student_mix": (
         "student, pooled",
         {
@@ -85,7 +93,7 @@ GROUPS = {
     ),
 }
 MODEL_KEYS = {"head", "head_bn_weight", "width"}
-NOT_TRAIN_KEYS = MODEL_KEYS | {"peak_normalize", "band_floor", "weighting", "mix"}
+NOT_TRAIN_KEYS = MODEL_KEYS | {"peak_normalize", "band_floor", "weighting", "mix", "init"}
 
 
 def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) -> dict:
@@ -168,6 +176,15 @@ def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) ->
     overrides = {"width": 8, **{k: v for k, v in variant.items() if k in MODEL_KEYS}}
     model = create_model("rfresnet", **overrides, frontend={"peak_normalize": peak})
     model.frontend.set_standardization(mean.tolist(), std.tolist())
+    if variant.get("init") == "teacher":  # the chain's student.init = teacher: the pseudo-labels' first teacher
+        import mlflow
+
+        from mdlda.served import load_checkpoint
+        from mdlda.tracking import tracking_uri
+
+        teachers = json.loads((folder / "manifest.json").read_text())["options"]["teachers"]
+        mlflow.set_tracking_uri(tracking_uri(Path(shards).parent))  # the ablation workdir's registry
+        model.load_state_dict(load_checkpoint(teachers[0]).state_dict())
     train = {k: v for k, v in variant.items() if k not in NOT_TRAIN_KEYS}
     cfg = TrainConfig(
         **{"lr": 2e-3, "max_epochs": 8, "patience": 4, "lr_milestones": (4, 6), "seed": seed, "device": "cpu"}
@@ -244,7 +261,7 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         return {**job, **json.loads(out)}
 
-    needs_pseudo = {"student", "student_mix", "select_on"}
+    needs_pseudo = {"student", "student_mix", "select_on", "student_init"}
     groups = args.group or [g for g in GROUPS if g not in needs_pseudo or args.pseudo]
     if needs_pseudo & set(groups) and not args.pseudo:
         ap.error("the student group needs --pseudo (pseudo-label shards, e.g. an ablation's)")

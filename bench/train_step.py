@@ -1,11 +1,15 @@
 """Training throughput of one DANN step on this machine: samples/s, FLOPs, GFLOP/s and peak RSS.
 
     python bench/train_step.py [--model rfresnet] [--width 128] [--steps 3] [--batch 8]
+                               [--channels-last] [--bf16] [--compile]
 
-The step is the DANN step with per-domain passes (docs/method.md): ``--batch`` source and ``--batch`` target
-15-s clips (random audio, so the front end is included) go through ``forward_features`` in two separate calls, the
-regression head runs on source features only (MSE), the domain head on both through gradient reversal; Adam on model +
-domain head.
+The step is the training loop's own DANN step (``mdlda.steps.run_step`` on a ``DomainPair``: per-domain passes,
+docs/method.md): ``--batch`` source and ``--batch`` target 15-s clips (random audio, so the front end is included)
+go through ``forward_features`` in two separate calls, the regression head runs on source features only (MSE), the
+domain head on both through gradient reversal; Adam on model + domain head. The GPU settings of ``TrainConfig``
+can be switched on to see what they cost on this CPU: ``--channels-last`` (NHWC), ``--bf16`` (autocast of the
+network, front end fp32; on a CPU only fast with AMX / AVX512-BF16), ``--compile`` (``torch.compile`` of each block;
+the counted first step then includes the compilation).
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one whole step (forward + backward; it
 counts convolutions and matmuls, including the front end's filterbank matmul, but not the STFT, element-wise
@@ -27,12 +31,14 @@ import time
 
 import psutil
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from mdlda.adapt import DomainHead, dann_lambda, domain_loss
+from mdlda.adapt import DomainHead, dann_lambda
+from mdlda.devices import compile_network
+from mdlda.domain_pair import DomainPair
 from mdlda.models import create_model
 from mdlda.params import NUM_FEATURES, SEGMENT_SAMPLES
+from mdlda.steps import Precision, optimizer_step, run_step
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed training steps after the counted warm-up step")
     p.add_argument("--batch", type=int, default=8, help="clips per domain per step (source and target each)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--channels-last", action="store_true", help="TrainConfig.channels_last: NHWC weights and maps")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast of the network (mixed_precision[_cpu])")
+    p.add_argument("--compile", action="store_true", help="TrainConfig.compile: torch.compile each block")
     return p.parse_args()
 
 
@@ -57,29 +66,34 @@ def main() -> None:
     rss_start = psutil.Process().memory_info().rss / 2**20
 
     model = create_model(args.model, width=args.width).train()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        compile_network(model)
     head = DomainHead(in_dim=model.embed_dim)
-    head.set_lambda(dann_lambda(5, scale=0.3))
+    pair = DomainPair(model, head, bn_stats="both")
+    precision = Precision(args.bf16, torch.device("cpu"), on_cpu=True)
     opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-3)
     b = args.batch
-    source = 0.1 * torch.randn(b, SEGMENT_SAMPLES)  # (B, 330750)
-    target = 0.1 * torch.randn(b, SEGMENT_SAMPLES)  # (B, 330750)
-    labels = torch.rand(b, NUM_FEATURES)  # (B, 7) on the 0..1 label scale
+    batch = {
+        "audio": 0.1 * torch.randn(b, SEGMENT_SAMPLES),  # (B, 330750)
+        "target_audio": 0.1 * torch.randn(b, SEGMENT_SAMPLES),  # (B, 330750)
+        "labels": torch.rand(b, NUM_FEATURES),  # (B, 7) on the 0..1 label scale
+    }
+    adv_lambda = dann_lambda(5, scale=0.3)
 
     def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        feats_s = model.forward_features(source)  # (B, E): BN normalises over source only
-        feats_t = model.forward_features(target)  # (B, E): ... and over target only
-        loss = F.mse_loss(model.forward_head(feats_s), labels) + domain_loss(head, feats_s, feats_t)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        with precision.autocast():
+            out = run_step("dann", pair, batch, adv_lambda)  # BN normalises over source, then over target
+        optimizer_step(out.loss, opt, precision)
+        return out.losses["loss"]
 
     with FlopCounterMode(display=False) as counter:
         step()
     step_flops = counter.get_total_flops()
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as fwd_counter:
-        model(source[:1])
+        model(batch["audio"][:1])
     fwd_flops = fwd_counter.get_total_flops()
     model.train()
 
@@ -96,6 +110,7 @@ def main() -> None:
 
     rows = [
         ("model", f"{args.model} width {args.width}"),
+        ("settings", f"channels_last={args.channels_last}, bf16={args.bf16}, compile={args.compile}"),
         ("parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f} M"),
         ("torch threads", str(torch.get_num_threads())),
         ("batch", f"{b} source + {b} target"),

@@ -109,8 +109,13 @@ def domain_loss(head: DomainHead, source: Tensor, target: Tensor) -> Tensor:
 
     Scalar. The head's gradient trains it to separate the domains; the features get the reversed gradient.
     """
-    logits = torch.cat([head(source), head(target)])  # (B_s + B_t,)
-    labels = torch.cat([logits.new_zeros(source.shape[0]), logits.new_ones(target.shape[0])])
+    return domain_bce(head(source), head(target))
+
+
+def domain_bce(source_logits: Tensor, target_logits: Tensor) -> Tensor:
+    """Mean BCE-with-logits of domain-head logits, (B_s,) labelled source (0) and (B_t,) target (1). Scalar."""
+    logits = torch.cat([source_logits, target_logits]).float()  # (B_s + B_t,)
+    labels = torch.cat([logits.new_zeros(source_logits.shape[0]), logits.new_ones(target_logits.shape[0])])
     return F.binary_cross_entropy_with_logits(logits, labels)
 
 

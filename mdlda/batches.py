@@ -25,7 +25,15 @@ _REQUIRED_KEYS = {
 DOMAIN_PAIRS = (("audio", "labels"), ("target_audio", "target_labels"))
 
 
-def _audio(x: Any, device: torch.device, name: str) -> Tensor:
+def _to(t: Tensor, device: torch.device, pin: bool) -> Tensor:
+    """Host -> device copy; to CUDA with ``pin`` from page-locked memory, so ``non_blocking`` really is
+    asynchronous (from pageable memory the driver copies synchronously). On a CPU device: nothing to copy."""
+    if pin and device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _audio(x: Any, device: torch.device, name: str, pin: bool = False) -> Tensor:
     t = torch.as_tensor(x)
     if t.ndim != 2:
         raise ValueError(f"batch[{name!r}] must be (B, N) audio; got shape {tuple(t.shape)}")
@@ -33,7 +41,7 @@ def _audio(x: Any, device: torch.device, name: str) -> Tensor:
         t = t.float()
     elif not (t.dtype == torch.int16 or t.is_floating_point()):
         raise ValueError(f"batch[{name!r}] must be float or int16 PCM; got {t.dtype}")
-    return t.to(device, non_blocking=True)
+    return _to(t, device, pin)
 
 
 def _labels(x: Any, device: torch.device, name: str, batch_size: int) -> Tensor:
@@ -59,14 +67,16 @@ def _weights(x: Any, device: torch.device, batch_size: int) -> Tensor:
     return t.to(device, non_blocking=True)
 
 
-def prepare_batch(batch: Mapping[str, Any], mode: str, device: torch.device | str) -> dict[str, Tensor]:
+def prepare_batch(
+    batch: Mapping[str, Any], mode: str, device: torch.device | str, pin_memory: bool = False
+) -> dict[str, Tensor]:
     """Check a batch dict for ``mode`` and move it to ``device`` as tensors.
 
     Audio (``"audio"``, ``"target_audio"``): ``(B, N)`` float in [-1, 1] or int16 PCM, tensor or numpy; kept
     in its dtype (float64 -> float32) for the model's front end. Labels (``"labels"``, ``"target_labels"``):
     ``(B, 7)`` on the 1..10 scale -> float32 on the 0..1 scale. NaN/inf labels raise ``ValueError``. A
     "distill" batch may hold one domain only (the student's pooled mix) or both (the paired mix), and optionally
-    ``"target_weights"`` ``(B_t,)``: a weight >= 0 per pseudo-labelled segment (see :func:`distill_step`).
+    ``"target_weights"`` ``(B_t,)``: a weight >= 0 per pseudo-labelled segment (see :func:`mdlda.steps.distill_loss`).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -80,7 +90,7 @@ def prepare_batch(batch: Mapping[str, Any], mode: str, device: torch.device | st
             if (audio_key in batch) != (label_key in batch):
                 raise KeyError(f"a 'distill' batch holds {audio_key!r} and {label_key!r} together or neither")
             if audio_key in batch:
-                out[audio_key] = _audio(batch[audio_key], device, audio_key)
+                out[audio_key] = _audio(batch[audio_key], device, audio_key, pin_memory)
                 out[label_key] = _labels(batch[label_key], device, label_key, out[audio_key].shape[0])
         if "target_weights" in batch:
             if "target_audio" not in out:
@@ -89,10 +99,10 @@ def prepare_batch(batch: Mapping[str, Any], mode: str, device: torch.device | st
         if not out:
             raise KeyError("a 'distill' batch needs ('audio', 'labels'), ('target_audio', 'target_labels') or both")
         return out
-    out = {"audio": _audio(batch["audio"], device, "audio")}
+    out = {"audio": _audio(batch["audio"], device, "audio", pin_memory)}
     out["labels"] = _labels(batch["labels"], device, "labels", out["audio"].shape[0])
     if mode == "dann":
-        out["target_audio"] = _audio(batch["target_audio"], device, "target_audio")
+        out["target_audio"] = _audio(batch["target_audio"], device, "target_audio", pin_memory)
     return out
 
 

@@ -80,9 +80,20 @@ class StudentConfig(_Strict):
         description="uniform: every pseudo-labelled segment weighs 1; spread: exp(-s^2), s the teachers' spread "
         "on it (std across teachers on the 1..10 scale, mean over features), so contested pseudo-labels count less.",
     )
+    init: Literal["scratch", "teacher"] = Field(
+        "scratch",
+        description="scratch: the student starts from a fresh initialisation; teacher: from the weights of the "
+        "best-ranked teacher that pseudo-labelled its segments (needs the same model and overrides).",
+    )
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    sync_batchnorm: bool = Field(
+        False,
+        description="With num_workers > 1 on GPUs: SyncBatchNorm, each domain's pass normalised over all ranks' "
+        "segments of that domain (pipelines/student.py data_parallel says how it meets the per-domain passes); "
+        "ignored on CPU workers.",
+    )
     max_failures: int = 1
     register_models: bool = True
     champion: bool = Field(True, description="Move the registry's champion alias when this student beats it.")

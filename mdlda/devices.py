@@ -1,4 +1,5 @@
-"""Per-epoch device metrics of the training loop: GPU utilisation and memory on CUDA, nothing on CPU."""
+"""The training loop's device side: where the model goes and in what form (:func:`place`), and per-epoch device
+metrics (GPU utilisation and memory on CUDA, nothing on CPU)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -44,3 +46,26 @@ class DeviceMonitor:
                     exc,
                 )
             return {}
+
+
+def compile_network(model: nn.Module) -> None:
+    """``TrainConfig.compile``: ``torch.compile`` each direct child of the model except the front end (the
+    STFT stays eager), in place (``nn.Module.compile``), so state-dict keys and checkpoints are unchanged."""
+    for name, child in model.named_children():
+        if name != "frontend":
+            child.compile()
+
+
+def place(
+    model: nn.Module, head: nn.Module | None, device: torch.device, channels_last: bool, compile: bool
+) -> list[nn.Parameter]:
+    """Move the model (and domain head) to ``device``; ``channels_last``: the model's 4-D weights in NHWC, so
+    its convolutions produce NHWC maps (the layout tensor cores take under bf16; the state dict loads into a
+    model of either layout); ``compile``: :func:`compile_network`. Returns the parameters to optimise."""
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    params = list(model.to(device, memory_format=fmt).parameters())
+    if head is not None:
+        params += list(head.to(device).parameters())
+    if compile:
+        compile_network(model)
+    return params

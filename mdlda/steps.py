@@ -1,19 +1,20 @@
 """What happens to a batch and in one pass over the data: the three training steps (supervised, DANN,
 distillation), the optimiser update with optional mixed precision, a training epoch and the validation pass.
 
-A step takes a model (``forward_features`` / ``forward_head``, see :mod:`mdlda.models`) and a batch prepared
-by :func:`prepare_batch`, and returns a :class:`StepOutput`: the loss tensor to back-propagate and a dict of
-float losses for logging. :func:`train_one_epoch` runs the steps under :class:`Precision` and applies
-:func:`optimizer_step`, so the three modes share every other line. The supervised and distillation steps call
-``model(audio)`` only (any wrapper that exposes ``forward`` will do); the DANN step needs the model's own
-``forward_features`` / ``forward_head``.
+A step is one call of a :class:`mdlda.domain_pair.DomainPair` (the model, the domain head in DANN, and the
+``bn_stats`` rule) on a batch prepared by :func:`prepare_batch`, followed by that mode's loss; it returns a
+:class:`StepOutput`: the loss tensor to back-propagate and a dict of float losses for logging. Because both
+domains go through one call, the same step runs on the bare pair (a Tune trial, a bench) and on a DDP module
+around it (the data-parallel student). :func:`train_one_epoch` runs the steps under :class:`Precision` and
+applies :func:`optimizer_step`, so the three modes share every other line. :func:`supervised_step`,
+:func:`dann_step` and :func:`distill_step` build the pair around a bare model, for callers outside the loop.
 
 **Per-domain forward passes** (docs/method.md): source and target segments never go through the model as
 one concatenated batch. Doing so collapsed piano-test correlation even with the adversarial weight at zero,
-because BatchNorm batch statistics then mix labelled source clips with unlabelled target segments. Here each
-domain gets its own ``forward_features`` call (each BN normalises over its own domain's batch; the running
-statistics see both), and the regression head, with any BN it has, runs on source features only (DANN) or once
-per domain (distillation).
+because BatchNorm batch statistics then mix labelled source clips with unlabelled target segments. The pair gives
+each domain its own pass (each BN normalises over its own domain's batch; ``bn_stats`` decides which passes
+update the running statistics), and the regression head, with any BN it has, runs on source features only
+(DANN) or once per domain (distillation).
 
 Label scale: batches carry ratings on the 1..10 scale; :func:`prepare_batch` divides them by
 :data:`mdlda.params.LABEL_SCALE`, so every MSE here is on the model's 0..1 output scale.
@@ -25,39 +26,20 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdlda.adapt import domain_loss
+from mdlda.adapt import domain_bce
 from mdlda.batches import DOMAIN_PAIRS, batch_size, prepare_batch
+from mdlda.domain_pair import DomainPair, PairOutput
 from mdlda.metrics import regression_metrics
 from mdlda.params import LABEL_SCALE
 
 logger = logging.getLogger(__name__)
-
-
-BN_STATS = ("both", "source", "target")
-
-
-@contextmanager
-def running_stats_frozen(model: nn.Module, frozen: bool = True):
-    """While active (and ``frozen``), the model's BatchNorm layers still normalise over the batch in train mode
-    but leave their running statistics unchanged (momentum 0): how a training step keeps one domain's passes out
-    of the statistics used at evaluation (``TrainConfig.bn_stats``)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
-    for m in layers:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(layers, saved, strict=True):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
 
 
 class StepOutput(NamedTuple):
@@ -73,45 +55,29 @@ def _floats(named: dict[str, Tensor]) -> dict[str, float]:
     return dict(zip(named, values, strict=True))
 
 
-def supervised_step(model: nn.Module, batch: Mapping[str, Tensor]) -> StepOutput:
-    """MSE between ``model(audio)`` and the 0..1-scaled labels."""
-    pred = model(batch["audio"])  # (B, 7)
-    loss = F.mse_loss(pred.float(), batch["labels"])
+def supervised_loss(out: PairOutput, batch: Mapping[str, Tensor]) -> StepOutput:
+    """MSE between the source predictions and the 0..1-scaled labels."""
+    loss = F.mse_loss(out.source_pred.float(), batch["labels"])
     return StepOutput(loss, _floats({"loss": loss, "mse": loss}))
 
 
-def dann_step(
-    model: nn.Module, domain_head: nn.Module, batch: Mapping[str, Tensor], *, adv_lambda: float, bn_stats: str = "both"
-) -> StepOutput:
-    """One DANN step (Ganin & Lempitsky, 2015) with per-domain passes.
+def dann_loss(out: PairOutput, batch: Mapping[str, Tensor], adv_lambda: float) -> StepOutput:
+    """The DANN loss (Ganin & Lempitsky, 2015) of a :class:`DomainPair` call with a domain head:
 
     loss = MSE(regression head on source features, source labels)
-         + BCE-with-logits(domain head on source and target features)   (:func:`mdlda.adapt.domain_loss`),
+         + BCE-with-logits(domain head on source and target features)   (:func:`mdlda.adapt.domain_bce`),
 
-    with equal weights; ``adv_lambda`` (from :func:`mdlda.adapt.dann_lambda`) is the gradient-reversal weight:
-    ``bn_stats`` names the domain(s) whose passes update the BatchNorm running statistics ("both", "source",
-    "target"); every pass is normalised over its own batch either way.
-    how strongly the domain loss pushes the feature extractor (the domain head always learns at full weight).
-    Domain labels follow :class:`mdlda.adapt.DomainHead` (target/piano = 1, source = 0); ``domain_acc`` is the
-    head's accuracy on this batch (0.5 = domains confused). The batch must hold equally many source
-    (``"audio"``, ``"labels"``) and target (``"target_audio"``) segments.
+    with equal weights; ``adv_lambda`` (from :func:`mdlda.adapt.dann_lambda`, set by the pair's forward) is the
+    gradient-reversal weight: how strongly the domain loss pushes the feature extractor (the domain head always
+    learns at full weight). Domain labels follow :class:`mdlda.adapt.DomainHead` (target/piano = 1, source = 0);
+    ``domain_acc`` is the head's accuracy on this batch (0.5 = domains confused).
     """
-    src, tgt = batch["audio"], batch["target_audio"]
-    if src.shape[0] != tgt.shape[0]:
-        raise ValueError(
-            f"a DANN batch needs equal numbers of source and target segments; got {src.shape[0]} and {tgt.shape[0]}"
-        )
-    domain_head.set_lambda(adv_lambda)
-    with running_stats_frozen(model, bn_stats == "target"):
-        feat_s = model.forward_features(src)  # (B, D) — BN over source only
-    with running_stats_frozen(model, bn_stats == "source"):
-        feat_t = model.forward_features(tgt)  # (B, D) — BN over target only
-    mse = F.mse_loss(model.forward_head(feat_s).float(), batch["labels"])  # regression head: source only
-    bce = domain_loss(domain_head, feat_s.float(), feat_t.float())
+    mse = F.mse_loss(out.source_pred.float(), batch["labels"])
+    bce = domain_bce(out.source_logits, out.target_logits)
     loss = mse + bce
     with torch.no_grad():
-        logits = torch.cat([domain_head(feat_s), domain_head(feat_t)])  # (2B,)
-        acc = ((logits[: src.shape[0]] <= 0).sum() + (logits[src.shape[0] :] > 0).sum()) / logits.numel()
+        right = (out.source_logits <= 0).sum() + (out.target_logits > 0).sum()
+        acc = right / (out.source_logits.numel() + out.target_logits.numel())
     logs = _floats({"loss": loss, "mse": mse, "domain_bce": bce, "domain_acc": acc})
     logs["adv_lambda"] = float(adv_lambda)
     return StepOutput(loss, logs)
@@ -121,22 +87,22 @@ def _weighted(batch: Mapping[str, Tensor], name: str) -> bool:
     return name == "target" and "target_weights" in batch
 
 
-def distill_step(model: nn.Module, batch: Mapping[str, Tensor], bn_stats: str = "both") -> StepOutput:
-    """MSE over the labelled source and pseudo-labelled target segments of a batch, one forward pass per domain.
+def distill_loss(out: PairOutput, batch: Mapping[str, Tensor]) -> StepOutput:
+    """MSE over the labelled source and pseudo-labelled target segments of a batch (either domain or both, see
+    :func:`prepare_batch`), each domain predicted in its own pass.
 
-    A batch holds either domain or both (see :func:`prepare_batch`). The loss is the mean squared error over all
-    labels in the batch; with ``"target_weights"`` each pseudo-labelled segment's squared errors are scaled by its
-    weight first (the mean still divides by the number of labels, so weights below 1 also lower the target
-    domain's share). ``mse_source`` / ``mse_target`` (unweighted) are logged for the domains present.
+    The loss is the mean squared error over all labels in the batch; with ``"target_weights"`` each
+    pseudo-labelled segment's squared errors are scaled by its weight first (the mean still divides by the number
+    of labels, so weights below 1 also lower the target domain's share). ``mse_source`` / ``mse_target``
+    (unweighted) are logged for the domains present.
     """
     sums: dict[str, Tensor] = {}
     weighted: dict[str, Tensor] = {}
     count = 0
-    for (audio_key, label_key), name in zip(DOMAIN_PAIRS, ("source", "target"), strict=True):
-        if audio_key in batch:
-            with running_stats_frozen(model, bn_stats not in ("both", name)):
-                pred = model(batch[audio_key]).float()  # (B_d, 7) — BN over this domain only
-            sq = (pred - batch[label_key]).pow(2)
+    preds = {"source": out.source_pred, "target": out.target_pred}
+    for (_, label_key), name in zip(DOMAIN_PAIRS, ("source", "target"), strict=True):
+        if preds[name] is not None:
+            sq = (preds[name].float() - batch[label_key]).pow(2)  # (B_d, 7)
             sums[name] = sq.sum()
             weighted[name] = sq.sum(dim=1).mul(batch["target_weights"]).sum() if _weighted(batch, name) else sums[name]
             count += batch[label_key].numel()
@@ -148,22 +114,39 @@ def distill_step(model: nn.Module, batch: Mapping[str, Tensor], bn_stats: str = 
     return StepOutput(loss, _floats(logs))
 
 
-def run_step(
-    mode: str,
-    model: nn.Module,
-    batch: Mapping[str, Tensor],
-    domain_head: nn.Module | None,
-    adv_lambda: float,
-    bn_stats: str = "both",
-) -> StepOutput:
-    """Dispatch to the step of ``mode`` ("supervised", "dann", "distill")."""
+def run_step(mode: str, net: nn.Module, batch: Mapping[str, Tensor], adv_lambda: float = 0.0) -> StepOutput:
+    """One forward call of ``net`` (a :class:`DomainPair`, or a DDP module around one) on a prepared batch of
+    ``mode`` ("supervised", "dann", "distill"), and that mode's loss."""
+    source, target = batch.get("audio"), batch.get("target_audio")
+    if mode == "supervised":
+        return supervised_loss(net(source), batch)
     if mode == "dann":
-        if domain_head is None:
-            raise ValueError("mode 'dann' needs a domain head")
-        return dann_step(model, domain_head, batch, adv_lambda=adv_lambda, bn_stats=bn_stats)
-    if mode == "distill":
-        return distill_step(model, batch, bn_stats)
-    return supervised_step(model, batch)
+        if source.shape[0] != target.shape[0]:
+            raise ValueError(
+                "a DANN batch needs equal numbers of source and target segments; "
+                f"got {source.shape[0]} and {target.shape[0]}"
+            )
+        return dann_loss(net(source, target, adv_lambda), batch, adv_lambda)
+    return distill_loss(net(source, target), batch)
+
+
+def supervised_step(model: nn.Module, batch: Mapping[str, Tensor]) -> StepOutput:
+    """:func:`supervised_loss` of ``model(audio)`` (any module with ``forward`` will do)."""
+    return run_step("supervised", DomainPair(model), batch)
+
+
+def dann_step(
+    model: nn.Module, domain_head: nn.Module, batch: Mapping[str, Tensor], *, adv_lambda: float, bn_stats: str = "both"
+) -> StepOutput:
+    """One DANN step with per-domain passes (:class:`DomainPair` with the domain head, then :func:`dann_loss`).
+    The batch must hold equally many source (``"audio"``, ``"labels"``) and target (``"target_audio"``)
+    segments; ``bn_stats`` names the domain(s) whose passes update the BatchNorm running statistics."""
+    return run_step("dann", DomainPair(model, domain_head, bn_stats), batch, adv_lambda)
+
+
+def distill_step(model: nn.Module, batch: Mapping[str, Tensor], bn_stats: str = "both") -> StepOutput:
+    """:func:`distill_loss` with one forward pass per domain present (:class:`DomainPair` without a head)."""
+    return run_step("distill", DomainPair(model, None, bn_stats), batch)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -175,18 +158,27 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Precision:
-    """Mixed precision on CUDA: autocast to bf16 (or fp16 with a GradScaler); plain fp32 elsewhere.
+    """Mixed precision: autocast of the network to bf16 (or fp16 with a GradScaler, CUDA only); fp32 otherwise.
 
-    On a CPU, ``enabled=True`` is ignored with a logged note, so the same config runs on a laptop.
+    The front end turns autocast off for itself (:mod:`mdlda.frontend`), so the spectrogram is float32 and the
+    convolutions and linear layers after it run in the autocast dtype; losses are computed in float32. On a CPU,
+    ``enabled=True`` is ignored with a logged note unless ``on_cpu`` (``TrainConfig.mixed_precision_cpu``): then
+    the CPU autocasts to bf16 (fast only on CPUs with AMX / AVX512-BF16, slower elsewhere).
     """
 
-    def __init__(self, enabled: bool, device: torch.device, dtype: str = "bfloat16") -> None:
+    def __init__(self, enabled: bool, device: torch.device, dtype: str = "bfloat16", on_cpu: bool = False) -> None:
         self.dtype: torch.dtype | None = None
         self.scaler: torch.amp.GradScaler | None = None
+        self.device_type = device.type
         if not enabled:
             return
         if device.type != "cuda":
-            logger.warning("mixed_precision is CUDA-only: training on %s in float32", device)
+            if device.type == "cpu" and on_cpu:
+                if dtype != "bfloat16":
+                    logger.warning("mixed precision on a CPU uses bfloat16 (not %s)", dtype)
+                self.dtype = torch.bfloat16
+            else:
+                logger.warning("mixed_precision is CUDA-only: training on %s in float32", device)
             return
         self.dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float16
         if self.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -196,7 +188,7 @@ class Precision:
             self.scaler = torch.amp.GradScaler("cuda")
 
     def autocast(self) -> AbstractContextManager:
-        return torch.autocast("cuda", dtype=self.dtype) if self.dtype is not None else nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype is not None else nullcontext()
 
 
 def optimizer_step(
@@ -206,8 +198,9 @@ def optimizer_step(
     grad_clip_norm: float | None = None,
     after_backward: Callable[[list[Tensor]], None] | None = None,
 ) -> None:
-    """Backward, ``after_backward(params)`` (e.g. an all-reduce of the gradients across workers), optional
-    clipping of the global gradient norm, optimiser step (via the GradScaler if any)."""
+    """Backward (under DDP the gradients are averaged across ranks by the time it returns),
+    ``after_backward(params)`` (e.g. to inspect the gradients), optional clipping of the global gradient norm,
+    optimiser step (via the GradScaler if any)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = precision.scaler
     optimizer.zero_grad(set_to_none=True)
@@ -259,23 +252,21 @@ class TrainPass(NamedTuple):
 
 
 def train_one_epoch(
-    model: nn.Module,
+    net: nn.Module,
     batches: Iterable[Mapping[str, Any]],
     mode: str,
     optimizer: torch.optim.Optimizer,
     precision: Precision,
     device: torch.device,
     *,
-    domain_head: nn.Module | None = None,
     adv_lambda: float = 0.0,
     grad_clip_norm: float | None = None,
     after_backward: Callable[[list[Tensor]], None] | None = None,
-    bn_stats: str = "both",
+    pin_memory: bool = False,
 ) -> TrainPass:
-    """Train ``model`` (and ``domain_head``) for one pass over ``batches`` with the step of ``mode``."""
-    model.train()
-    if domain_head is not None:
-        domain_head.train()
+    """Train ``net`` (a :class:`DomainPair`, or a DDP module around one) for one pass over ``batches`` with the
+    step of ``mode``; ``pin_memory``: see :func:`mdlda.batches.prepare_batch`."""
+    net.train()
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}  # batches that logged each loss (a pooled student batch holds one domain)
     n_batches = samples = 0
@@ -288,9 +279,9 @@ def train_one_epoch(
         wait += time.perf_counter() - t
         if raw is None:
             break
-        batch = prepare_batch(raw, mode, device)
+        batch = prepare_batch(raw, mode, device, pin_memory)
         with precision.autocast():
-            out = run_step(mode, model, batch, domain_head, adv_lambda, bn_stats)
+            out = run_step(mode, net, batch, adv_lambda)
         problem = nonfinite_message(out.losses, batch)
         if problem is not None:
             return TrainPass({}, time.perf_counter() - start, samples, wait, f"batch {n_batches}: {problem}")

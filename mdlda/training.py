@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from mdlda.adapt import dann_lambda
 from mdlda.batches import MODES
 from mdlda.checkpoints import capture_rng_state, restore_rng_state, seed_everything, to_cpu
-from mdlda.devices import DeviceMonitor
+from mdlda.devices import DeviceMonitor, place
+from mdlda.domain_pair import DomainPair
+from mdlda.replicas import average_running_stats, world_size
 from mdlda.steps import Precision, evaluate, resolve_device, train_one_epoch
 
 logger = logging.getLogger(__name__)
@@ -52,8 +54,13 @@ class TrainConfig:
     lambda_gamma: float = 10.0  # DANN: steepness of Ganin's ramp
     seed: int = 0
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available)
-    mixed_precision: bool = False  # autocast on CUDA; ignored with a logged note on CPU
+    # GPU settings: off or a no-op on a CPU by default, so the CPU path is unchanged (tests/test_training.py)
+    mixed_precision: bool = False  # autocast of the network (front end stays fp32) on CUDA; CPU: see below
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds a GradScaler
+    mixed_precision_cpu: bool = False  # also autocast (bf16) on a CPU: only worth it with AMX / AVX512-BF16
+    channels_last: bool = False  # NHWC weights and feature maps (what tensor cores want under bf16)
+    compile: bool = False  # torch.compile each network block (not the front end); the first steps pay for it
+    pin_memory: bool = True  # CUDA: host -> device batch copies from page-locked memory, non_blocking
     grad_clip_norm: float | None = None  # clip the global gradient norm to this value
     deterministic: bool = True  # torch.use_deterministic_algorithms(True, warn_only=True) during fit
     # DANN / distillation: whose passes update the BatchNorm running statistics the model is evaluated and
@@ -185,6 +192,7 @@ def fit(
     on_epoch: Callable[[EpochResult], bool | None] | None = None,
     state: Mapping[str, Any] | None = None,
     after_backward: Callable[[list[Tensor]], None] | None = None,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> FitResult:
     """Train ``model`` (and ``domain_head`` in "dann" mode) and keep the weights of the best validation epoch.
 
@@ -195,8 +203,13 @@ def fit(
     :meth:`EpochResult.state` (or ``checkpoints.load_training_state``) to resume from; given the same data,
     the run then continues exactly as if never interrupted. A fresh run is seeded with ``config.seed`` (call
     :func:`mdlda.checkpoints.seed_everything` before building the model for a fully reproducible run).
-    ``after_backward(params)`` runs after every backward pass, before clipping and the optimiser step: Ray
-    Train workers can average their gradients there instead of wrapping the model in DDP.
+    ``after_backward(params)`` runs after every backward pass, before clipping and the optimiser step.
+
+    ``wrap(pair)``: data-parallel training. The model (and domain head) go into one
+    :class:`mdlda.domain_pair.DomainPair`, which takes both domains in one forward call, and the training steps
+    call ``wrap(pair)`` instead (a Ray Train worker passes ``ray.train.torch.prepare_model``: DDP). After every
+    training pass the replicas' BatchNorm statistics are averaged (:mod:`mdlda.replicas`), so all ranks validate
+    alike. Checkpoints, ``state`` and the returned weights are always the unwrapped model's.
     """
     if config.mode == "dann" and domain_head is None:
         raise ValueError("mode 'dann' needs a domain_head (mdlda.adapt.DomainHead)")
@@ -208,7 +221,8 @@ def fit(
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _Fit(model, domain_head, config, after_backward).run(train_batches, valid_batches, on_epoch, state)
+        fitter = _Fit(model, domain_head, config, after_backward, wrap)
+        return fitter.run(train_batches, valid_batches, on_epoch, state)
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
@@ -220,13 +234,15 @@ def _state_of(module: nn.Module | None) -> dict[str, Tensor] | None:
 class _Fit:
     """The loop and its state; :meth:`snapshot` and :meth:`restore` mirror each other line by line."""
 
-    def __init__(self, model: nn.Module, head: nn.Module | None, config: TrainConfig, after_backward) -> None:
+    def __init__(self, model: nn.Module, head: nn.Module | None, config: TrainConfig, after_backward, wrap) -> None:
         self.model, self.head, self.config, self.after_backward = model, head, config, after_backward
         self.device = resolve_device(config.device)
-        params = list(model.to(self.device).parameters())
-        if head is not None:
-            params += list(head.to(self.device).parameters())
-        self.precision = Precision(config.mixed_precision, self.device, config.amp_dtype)
+        params = place(model, head, self.device, config.channels_last, config.compile)
+        # a supervised batch has one domain: its pass always updates the running statistics
+        pair = DomainPair(model, head, config.bn_stats if config.mode != "supervised" else "both")
+        self.net = wrap(pair) if wrap is not None else pair
+        self.replicated = wrap is not None and world_size() > 1
+        self.precision = Precision(config.mixed_precision, self.device, config.amp_dtype, config.mixed_precision_cpu)
         self.gpu = DeviceMonitor(self.device)
         self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -301,20 +317,21 @@ class _Fit:
             if self.head is not None:
                 adv_lambda = dann_lambda(epoch, cfg.lambda_schedule_epochs, cfg.adv_scale, cfg.lambda_gamma)
             train = train_one_epoch(
-                self.model,
+                self.net,
                 train_batches(epoch),
                 cfg.mode,
                 self.optimizer,
                 self.precision,
                 self.device,
-                domain_head=self.head,
                 adv_lambda=adv_lambda,
                 grad_clip_norm=cfg.grad_clip_norm,
                 after_backward=self.after_backward,
-                bn_stats=cfg.bn_stats,
+                pin_memory=cfg.pin_memory,
             )
             if train.error is not None:
                 return self._finish("nan", f"epoch {epoch}, {train.error}")
+            if self.replicated:  # every rank validates (and decides) with the same BatchNorm statistics
+                average_running_stats(self.model)
             lr = self.optimizer.param_groups[0]["lr"]
             valid = evaluate(self.model, valid_batches(), self.device, self.precision)
             if not (math.isfinite(valid["loss"]) and math.isfinite(valid["r_mean"])):

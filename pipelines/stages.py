@@ -252,7 +252,7 @@ def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir:
     """Distil (or find the already registered) student of this chain; champion alias when it beats the last."""
     from pipelines.data import load_stage_data as _load
     from pipelines.select import best_model_from_checkpoint
-    from pipelines.student import student_trial_config, train_student
+    from pipelines.student import initial_weights, student_trial_config, train_student
 
     client = MlflowClient()
     skey = config_digest({"chain": key, "student": cfg.student.model_dump(mode="json")})
@@ -270,6 +270,7 @@ def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir:
             "use_gpu": cfg.student.use_gpu,
             "mix": cfg.student.mix,
             "weighting": cfg.student.weighting,
+            "init": cfg.student.init,
             **{f"train.{k}": v for k, v in student_trial_config(cfg.student).items()},
         }
     )
@@ -287,7 +288,11 @@ def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir:
     if siblings:
         links["lineage.pseudolabel_run"] = siblings[0].info.run_id
     mlflow.set_tags(links)  # on the student run too, so the MLflow UI shows the chain
-    res = train_student(cfg.student, data, fstats, workdir / "ray_results", f"student-{skey}")
+    teachers = pseudo_manifest["options"]["teachers"]
+    if cfg.student.init == "teacher":
+        links["lineage.student_init"] = teachers[0]
+    init_state = initial_weights(cfg.student, teachers, fstats)
+    res = train_student(cfg.student, data, fstats, workdir / "ray_results", f"student-{skey}", init_state)
     history = res.history
     if history is not None:
         for _, row in history.iterrows():

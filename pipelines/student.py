@@ -1,15 +1,19 @@
 """Stage 5, `mdlda student`: Ray Train distils one RF-ResNet on labelled source + pseudo-labelled piano segments.
 
-Data-parallel over ``num_workers`` (CPU or GPU by config): each worker reads its shard of the source and the
-pseudo-labelled target through ``get_dataset_shard`` and validates on the whole validation split, so every
-rank takes the same early-stopping decision. Gradients are averaged with an all-reduce after each backward
-(per-domain forward passes, as the shared loop does, do not fit DDP's one-forward-per-step contract). Rank 0
-checkpoints every epoch; a failed worker group restarts from the last checkpoint (FailureConfig), and rerunning
-the same command resumes the same run.
+Data-parallel over ``num_workers`` (CPU or GPU by config) with Ray Train's own DDP: each worker reads its shard of
+the source and the pseudo-labelled target through ``get_dataset_shard`` and validates on the whole validation
+split. The shared loop puts the model into a :class:`mdlda.domain_pair.DomainPair` (both domains in one forward
+call, each in its own pass) and :func:`data_parallel` wraps that with ``ray.train.torch.prepare_model``, so DDP
+averages the gradients in buckets while the backward runs (gloo on CPU, NCCL on GPU); BatchNorm statistics are
+averaged across ranks after every epoch (:mod:`mdlda.replicas`), so every rank takes the same early-stopping
+decision, and each epoch checks that the replicas are still identical. Rank 0 checkpoints every epoch (the
+unwrapped model's state dict); a failed worker group restarts from the last checkpoint (FailureConfig), and
+rerunning the same command resumes the same run.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
@@ -27,6 +31,7 @@ from ray.train.torch import TorchTrainer
 
 from mdlda.checkpoints import load_training_state, save_training_state, seed_everything
 from mdlda.config import StudentConfig
+from mdlda.replicas import replica_spread
 from pipelines.data import StageData, pooled_batches, train_batches, valid_batches
 from pipelines.progress import watched_queue
 from pipelines.trial import build_model, split_trial_config
@@ -43,38 +48,31 @@ class StudentResult:
     history: Any = None  # pandas DataFrame: every epoch's metrics, also those before a restart
 
 
-def _allreduce_grads(params) -> None:
-    import torch.distributed as dist
+def data_parallel(pair: torch.nn.Module, sync_batchnorm: bool = False) -> torch.nn.Module:
+    """``fit``'s ``wrap``: the :class:`~mdlda.domain_pair.DomainPair` in DDP via ``ray.train.torch.prepare_model``
+    (one rank: returned as it is). All parameters take part in every step (the student has no domain head), so
+    DDP needs no unused-parameter search; ``broadcast_buffers=False``: see :mod:`mdlda.replicas`.
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    world = dist.get_world_size()
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
+    ``sync_batchnorm`` (``student.sync_batchnorm``, off by default) turns every BatchNorm into a SyncBatchNorm, which
+    normalises over the *global* batch of a pass (all ranks' segments) instead of each rank's own. With per-domain
+    passes that is still one domain's batch only if every rank runs the same domain's pass at the same moment:
+    the pair's forward always runs source, then target, and the pooled mix draws the same domain order on every
+    rank (``pooled_batches``' shared ``order_seed``), so it holds here; were one rank's pass a target batch while
+    another's was a source batch, SyncBN would pool their statistics -- exactly the cross-domain mixing the
+    separate passes exist to prevent (docs/method.md) -- and a rank without a batch for a domain would leave the
+    others waiting in SyncBN's all-gather. What it buys: statistics over ``world x batch_size`` segments per
+    domain rather than ``batch_size``, i.e. the single-GPU statistics at a smaller per-GPU batch; what it costs:
+    two all-gathers per BN layer and pass. PyTorch's SyncBatchNorm runs on GPUs only: on CPU workers the switch
+    is ignored with a warning (the model keeps per-rank BatchNorm).
+    """
+    from ray.train.torch import prepare_model
 
-
-def _broadcast_params(model: torch.nn.Module) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=0)
-
-
-def _replicas_in_sync(model: torch.nn.Module) -> bool:
-    """True when every rank holds the same weights (min and max over ranks of a weight checksum agree)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return True
-    with torch.no_grad():
-        total = sum(p.detach().double().sum() for p in model.parameters())
-    lo, hi = total.clone().reshape(1), total.clone().reshape(1)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    return bool(torch.isclose(lo, hi, rtol=1e-9, atol=1e-9).item())
+    if sync_batchnorm and ray.train.get_context().get_world_size() > 1:
+        if next(pair.parameters()).device.type == "cuda":
+            pair = torch.nn.SyncBatchNorm.convert_sync_batchnorm(pair)
+        else:
+            logger.warning("sync_batchnorm needs CUDA (torch's SyncBatchNorm is GPU-only): per-rank BatchNorm")
+    return prepare_model(pair, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
 
 
 def spread_weighted(batch: dict, weighting: str) -> dict:
@@ -100,7 +98,8 @@ def student_loop(config: dict) -> None:
     model_name, overrides, train_cfg, batch = split_trial_config(trial_cfg)
     seed_everything(train_cfg.seed)
     model = build_model(model_name, overrides, config["frontend_stats"])
-    _broadcast_params(model)
+    if config.get("init_state") is not None:  # student.init = teacher (a resumed run's checkpoint overrides it)
+        model.load_state_dict(config["init_state"])
     source = ray.train.get_dataset_shard("source")
     target = ray.train.get_dataset_shard("target")
     valid = ray.train.get_dataset_shard("valid")
@@ -114,13 +113,15 @@ def student_loop(config: dict) -> None:
     start_epoch = int(state["next_epoch"]) if state and "next_epoch" in state else 0
 
     def on_epoch(res) -> None:
-        if not _replicas_in_sync(model):  # the gradient all-reduce must keep every rank's weights identical
-            raise RuntimeError(f"epoch {res.epoch}: the data-parallel replicas' weights diverged")
+        spread = replica_spread(model)  # DDP + the averaged BN statistics keep every rank's state identical
+        if spread > 0:
+            raise RuntimeError(f"epoch {res.epoch}: the data-parallel replicas diverged (max difference {spread:g})")
         metrics = {
             **res.metrics(),
             "best_valid_r_mean": res.best_score,
             "world_size": ctx.get_world_size(),
             "start_epoch": start_epoch,  # > 0 after a restart from a checkpoint
+            "replica_spread": spread,
         }
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
@@ -158,7 +159,7 @@ def student_loop(config: dict) -> None:
         train_cfg,
         on_epoch=on_epoch,
         state=state,
-        after_backward=_allreduce_grads,
+        wrap=functools.partial(data_parallel, sync_batchnorm=config.get("sync_batchnorm", False)),
     )
     if result.status == "nan":
         raise RuntimeError(f"student training diverged: {result.message}")
@@ -214,14 +215,39 @@ def student_trial_config(cfg: StudentConfig) -> dict[str, Any]:
     return {"model": cfg.model, **cfg.model_overrides, **cfg.train, "mode": "distill"}
 
 
+def initial_weights(cfg: StudentConfig, teacher_uris: list[str], frontend_stats) -> dict | None:
+    """The student's starting weights: None (scratch), or the first (best-ranked) teacher's state dict, checked
+    against the student's own architecture so a mismatch fails here with both model descriptions."""
+    if cfg.init == "scratch":
+        return None
+    if not teacher_uris:
+        raise ValueError("student.init = teacher, but the pseudo-labels name no teacher")
+    from mdlda.served import load_checkpoint
+
+    teacher = load_checkpoint(teacher_uris[0])
+    mine = build_model(cfg.model, cfg.model_overrides, frontend_stats)
+    state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+    ours = mine.state_dict()
+    shared = set(state) & set(ours)
+    wrong = sorted(set(state) ^ set(ours)) + sorted(k for k in shared if state[k].shape != ours[k].shape)
+    if wrong:
+        raise ValueError(
+            f"student.init = teacher: teacher {teacher_uris[0]} does not have the student's architecture "
+            f"(model {cfg.model!r}, overrides {cfg.model_overrides}); differing weights: {', '.join(wrong[:5])}"
+            + (" ..." if len(wrong) > 5 else "")
+        )
+    return state
+
+
 def train_student(
     cfg: StudentConfig,
     data: StageData,
     frontend_stats,
     storage: str | Path,
     name: str,
+    init_state: dict | None = None,
 ) -> StudentResult:
-    """Fit (or resume) the student run ``name`` under ``storage``."""
+    """Fit (or resume) the student run ``name`` under ``storage``; ``init_state``: its starting weights."""
     storage = str(Path(storage).resolve()) if "://" not in str(storage) else str(storage)
     if data.target is None:
         raise ValueError("the student needs the pseudo-labelled target set")
@@ -236,6 +262,8 @@ def train_student(
             "use_gpu": cfg.use_gpu,
             "mix": cfg.mix,
             "weighting": cfg.weighting,
+            "init_state": init_state,
+            "sync_batchnorm": cfg.sync_batchnorm,
             "sizes": (data.counts["source_train"], data.counts["target"]),
         },
         scaling_config=ScalingConfig(

@@ -1,4 +1,5 @@
-"""Ray Train student on the session chain's shards: two data-parallel workers, and a worker killed mid-run."""
+"""Ray Train student: DDP over two gloo workers against one process on the same data; on the session chain's
+shards, two data-parallel workers and a worker killed mid-run."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from mdlda.config import StudentConfig
 
@@ -36,9 +38,148 @@ def test_two_data_parallel_workers_train_in_sync(chain, tmp_path):
     first, _ = chain
     data, fstats = _inputs(first)
     res = train_student(_cfg(num_workers=2, cpus_per_worker=0.5), data, fstats, tmp_path, "two-workers")
-    # every epoch checked that the replicas' weights are identical (the loop raises otherwise)
+    # every epoch checked that the replicas' weights and BN statistics are identical (the loop raises otherwise)
     assert list(res.history.epoch) == [0, 1, 2] and res.result.metrics["world_size"] == 2
+    assert res.result.metrics["replica_spread"] == 0.0
     assert res.best_score == res.history.valid_r_mean.max()
+
+
+# ------------------------------------------------------------------ DDP (2 gloo workers) vs one process
+# Two ranks, each given half of every global batch (4 + 4 segments per domain of 8 + 8), against one process
+# given the whole batches. What is equal: DDP averages the ranks' gradients, and the mean of the two halves'
+# mean-loss gradients is the gradient of the mean loss over the whole batch -- for layers that treat segments
+# independently. BatchNorm in train mode normalises over the batch it is given, so a rank normalises over its
+# 4 segments, one process over 8: the plain one-process run is *not* what DDP computes. The reference that is:
+# one process whose forward splits each domain's batch into the ranks' halves and passes each half separately
+# (so each BN sees what it sees on that rank) and concatenates the outputs. Then losses, gradients and weights
+# agree up to float32 rounding (the order of the sums differs; Adam's eps of 1e-8 bounds how much a rounding
+# difference in a near-zero gradient can change a step), hence the tolerances below; BN running statistics are
+# left out (DDP averages the ranks' per epoch, the reference updates them per half).
+STEPS, HALF, SECONDS = 5, 4, 2
+
+
+def _global_batches():
+    g = torch.Generator().manual_seed(7)
+    n = 22050 * SECONDS
+    return [
+        {
+            "audio": 0.1 * torch.randn(2 * HALF, n, generator=g),
+            "labels": 1 + 9 * torch.rand(2 * HALF, 7, generator=g),
+            "target_audio": 0.1 * torch.randn(2 * HALF, n, generator=g) * (1 + i % 2),
+            "target_labels": 1 + 9 * torch.rand(2 * HALF, 7, generator=g),
+        }
+        for i in range(STEPS)
+    ]
+
+
+def _ddp_config():
+    from mdlda.training import TrainConfig
+
+    return TrainConfig(mode="distill", max_epochs=1, lr=3e-3, device="cpu", bn_stats="source", pin_memory=False)
+
+
+def _grad_norms(norms: list):
+    return lambda params: norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))))
+
+
+def _ddp_worker(config: dict) -> None:
+    """Ray Train loop: the shared fit with the student's own DDP wrap, on this rank's half of each batch."""
+    import tempfile
+
+    import ray.train
+    import torch.distributed as dist
+
+    from mdlda.checkpoints import seed_everything
+    from mdlda.models import create_model
+    from mdlda.replicas import replica_spread
+    from mdlda.training import fit
+    from pipelines.student import data_parallel
+
+    torch.set_num_threads(1)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(0)
+    model = create_model("rfresnet", width=4)
+    part = slice(rank * HALF, (rank + 1) * HALF)
+    mine = [{k: v[part] for k, v in b.items()} for b in _global_batches()]
+    norms: list[float] = []
+    res = fit(
+        model, lambda e: mine, lambda: mine[:1], _ddp_config(), after_backward=_grad_norms(norms), wrap=data_parallel
+    )
+    losses = torch.tensor([h["train_loss"] for h in res.history], dtype=torch.float64)
+    dist.all_reduce(losses)  # the global loss: the mean of the ranks' (equal-sized) losses
+    out = {"world": world, "loss": (losses / world).tolist(), "grad_norms": norms, "spread": replica_spread(model)}
+    out["params"] = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(out, f"{d}/out.pt")
+        ray.train.report(
+            {"spread": out["spread"]}, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+        )
+
+
+class _RanksInOneProcess(torch.nn.Module):
+    """The reference: each domain's batch split into ``world`` equal parts, each through the pair on its own."""
+
+    def __init__(self, pair, world: int = 2) -> None:
+        super().__init__()
+        self.pair, self.world = pair, world
+
+    def forward(self, source, target=None, adv_lambda=0.0):
+        from mdlda.domain_pair import PairOutput
+
+        parts = [self.pair(s, t) for s, t in zip(source.chunk(self.world), target.chunk(self.world), strict=True)]
+        return PairOutput(*(None if f[0] is None else torch.cat(f) for f in zip(*parts, strict=True)))
+
+
+def _one_process(wrap):
+    from mdlda.checkpoints import seed_everything
+    from mdlda.models import create_model
+    from mdlda.training import fit
+
+    seed_everything(0)
+    model = create_model("rfresnet", width=4)
+    batches, norms = _global_batches(), []
+    res = fit(
+        model, lambda e: batches, lambda: batches[:1], _ddp_config(), after_backward=_grad_norms(norms), wrap=wrap
+    )
+    return [h["train_loss"] for h in res.history], norms, dict(model.named_parameters())
+
+
+def test_ddp_on_two_gloo_workers_equals_one_process_given_the_ranks_batches(ray_local, tmp_path):
+    import sys
+
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the loop lives in this test file
+    trainer = TorchTrainer(
+        _ddp_worker,
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="ddp-vs-one", storage_path=str(tmp_path)),
+    )
+    result = trainer.fit()
+    ddp = torch.load(Path(result.checkpoint.path) / "out.pt", weights_only=True)
+    assert ddp["world"] == 2 and ddp["spread"] == 0.0  # replicas identical: every parameter and BN buffer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: on a busy 2-CPU box two threads made these 5 steps 40x slower
+    try:
+        loss, norms, params = _one_process(_RanksInOneProcess)
+        plain_loss, _, plain = _one_process(None)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(ddp["grad_norms"]) == len(norms) == STEPS
+    # the averaged gradient is the mean of the ranks' (not their sum): per-step norms agree
+    assert ddp["grad_norms"] == pytest.approx(norms, rel=1e-4)
+    assert ddp["loss"] == pytest.approx(loss, rel=1e-5)
+    gap = max((ddp["params"][k] - v).abs().max().item() for k, v in params.items())
+    assert gap < 1e-4, gap  # 5 Adam steps of lr 3e-3
+
+    # the comparison can tell: one process with BatchNorm over all 8 segments lands clearly elsewhere
+    plain_gap = max((ddp["params"][k] - v).abs().max().item() for k, v in plain.items())
+    assert plain_gap > 100 * max(gap, 1e-6), (plain_gap, gap)
+    assert plain_loss != pytest.approx(ddp["loss"], rel=1e-3)
 
 
 def _kill_a_train_worker_after_two_checkpoints(run_dir: Path, stop: threading.Event, killed: list) -> None:
@@ -74,3 +215,23 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(chain, tmp_path):
     # no epoch lost or repeated across the restart, and the restarted worker group resumed from a checkpoint
     assert list(res.history.epoch) == [0, 1, 2], res.history
     assert res.result.metrics["start_epoch"] >= 1, (killed, res.result.metrics)
+
+
+def test_init_teacher_takes_the_best_teachers_weights_and_refuses_another_architecture(chain):
+    import mlflow
+    import torch
+
+    from mdlda.served import load_checkpoint
+    from pipelines.student import initial_weights
+
+    first, _ = chain
+    mlflow.set_tracking_uri(first.tracking_uri)  # the chain's registry, as the other chain tests read it
+    teachers = [t["uri"] for t in first.teachers]
+    data, fstats = _inputs(first)
+    assert initial_weights(_cfg(), teachers, fstats) is None  # scratch: nothing loaded
+    state = initial_weights(_cfg(init="teacher"), teachers, fstats)
+    best = load_checkpoint(teachers[0]).state_dict()
+    assert state.keys() == best.keys() and all(torch.equal(state[k], best[k]) for k in best)
+    wider = StudentConfig(model_overrides={"width": 8}, init="teacher")
+    with pytest.raises(ValueError, match=f"teacher {teachers[0]} does not have the student's architecture"):
+        initial_weights(wider, teachers, fstats)

@@ -260,3 +260,68 @@ def test_the_best_epoch_is_the_one_select_on_names(select_on):
     assert result.best_epoch == want and result.best_score == r[want]  # best_score stays the r at that epoch
     with pytest.raises(ValueError, match="select_on"):
         TrainConfig(select_on="r")
+
+
+# ------------------------------------------------------------------------------- GPU settings, run on a CPU
+def _rfresnet_run(**switches):
+    from mdlda.models import create_model
+
+    seed_everything(0)
+    model = create_model("rfresnet", width=4)
+    audio, labels = torch.randn(4, 22050 * 2) * 0.1, torch.rand(4, 7) * 9 + 1
+    one = batches_of(audio, labels, size=4, target_audio=audio.flip(0), target_labels=labels.flip(0))
+    result = fit(model, lambda e: one, lambda: one, quick(max_epochs=2, lr=3e-3, mode="distill", **switches))
+    return model, [h["train_loss"] for h in result.history], audio
+
+
+def test_channels_last_keeps_the_numbers_and_the_checkpoint_layout_free():
+    from mdlda.models import create_model
+
+    plain, plain_losses, audio = _rfresnet_run()
+    nhwc, losses, _ = _rfresnet_run(channels_last=True)
+    assert nhwc.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert losses == pytest.approx(plain_losses, rel=1e-4)  # a layout, not other math (sums in another order)
+    fresh = create_model("rfresnet", width=4)  # a registry model: default layout
+    fresh.load_state_dict(nhwc.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(audio), nhwc.eval()(audio), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_on_cpu_runs_the_network_in_bf16_and_the_front_end_in_fp32(caplog):
+    from mdlda.models import create_model
+    from mdlda.steps import Precision
+
+    model = create_model("rfresnet", width=4).train()
+    seen = {}
+    for name, module in (("frontend", model.frontend), ("conv", model.stem[0]), ("head", model.head)):
+        module.register_forward_hook(lambda m, i, o, name=name: seen.update({name: o.dtype}))
+    with Precision(True, torch.device("cpu"), on_cpu=True).autocast():
+        model(torch.randn(4, 22050 * 2) * 0.1)
+    assert seen == {"frontend": torch.float32, "conv": torch.bfloat16, "head": torch.bfloat16}  # loss: in fp32
+    with caplog.at_level(logging.WARNING, logger="mdlda"):
+        assert Precision(True, torch.device("cpu")).dtype is None  # without mixed_precision_cpu: fp32, said so
+    assert "CUDA-only" in caplog.text
+    _, losses, _ = _rfresnet_run(mixed_precision=True, mixed_precision_cpu=True)
+    assert all(np.isfinite(losses))
+
+
+def test_compile_is_in_place_so_checkpoints_keep_their_keys():
+    from mdlda.devices import compile_network
+    from mdlda.models import create_model
+
+    model = create_model("rfresnet", width=4)
+    keys = list(model.state_dict())
+    compile_network(model)
+    compiled = {name for name, child in model.named_children() if child._compiled_call_impl is not None}
+    assert compiled == {"stem", "stage1", "stage2", "stage3", "head"}  # every block but the front end
+    assert list(model.state_dict()) == keys
+
+
+def test_pinned_copies_are_a_no_op_on_a_cpu():
+    from mdlda.batches import prepare_batch
+
+    raw = {"audio": TRAIN[0][:4], "labels": TRAIN[1][:4]}
+    b = prepare_batch(raw, "supervised", "cpu", pin_memory=True)
+    assert torch.equal(b["audio"], TRAIN[0][:4]) and b["audio"].device.type == "cpu"
+    assert TrainConfig().pin_memory and not TrainConfig().channels_last and not TrainConfig().compile
