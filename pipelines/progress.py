@@ -44,7 +44,8 @@ class SweepProgress(Callback):
             self.warned.add(trial.trial_id)
             self.echo(
                 f"warning: trial {trial.trial_id} waited for data {wait:.0%} of an epoch (> {DATA_WAIT_WARN:.0%}): "
-                "the input pipeline limits training; materialize the data (materialize_max_gb) or add CPUs per trial"
+                "the input pipeline limits training; materialize the data (more object store memory, "
+                "materialize_share) or add CPUs per trial"
             )
 
     def on_step_end(self, iteration, trials, **info) -> None:

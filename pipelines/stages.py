@@ -113,9 +113,12 @@ def prepare_all(cfg: ChainConfig, data_root: Path, workdir: Path, run):
 
 
 def stage_data(cfg: ChainConfig, midlevel: str, maestro: str) -> StageData:
-    return load_stage_data(
-        midlevel, maestro, target_splits=cfg.data.maestro_splits, materialize_max_gb=cfg.materialize_max_gb
+    data = load_stage_data(
+        midlevel, maestro, target_splits=cfg.data.maestro_splits, materialize_share=cfg.materialize_share
     )
+    if mlflow.active_run() is not None:
+        _log_json(data.memory, "materialize.json")  # which sets the object store holds, and the sizes behind it
+    return data
 
 
 def frontend_stats_for(midlevel: str, data: StageData, workdir: Path, band_floor: float = 0.1):
@@ -260,7 +263,8 @@ def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir:
     if found:
         v = max(found, key=lambda x: int(x.version))
         return _student_info(client, v), False
-    data = _load(midlevel, pseudo, target_labelled=True, materialize_max_gb=cfg.materialize_max_gb)
+    data = _load(midlevel, pseudo, target_labelled=True, materialize_share=cfg.materialize_share)
+    _log_json(data.memory, "materialize.json")
     mlflow.log_params(
         {
             "num_workers": cfg.student.num_workers,
