@@ -150,18 +150,18 @@ def _target_part(t: dict) -> dict:
 def _order(ds, seed: int, shuffle_buffer: int, global_shuffle: bool) -> tuple[object, int]:
     """The epoch's row order: (dataset to iterate, local shuffle buffer to use).
 
-    A materialised Dataset of one-row blocks (:func:`_materialize`): a seeded random block order, which is a
-    global shuffle of the rows and moves no data. A Dataset streamed from its shards: Ray Data's
-    ``random_shuffle`` (seeded; an all-to-all pass over the set every epoch). Otherwise (``global_shuffle``
-    off, blocks of several rows, or a Ray Train ``DataIterator``, whose order its trainer's dataset decides): a
-    seeded random block order where possible and the local shuffle buffer."""
+    - A materialised Dataset of one-row blocks (:func:`_materialize`): a seeded random block order, which is a
+      global shuffle of the rows and moves no data (always: it costs nothing).
+    - A Dataset streamed from its shards, with ``global_shuffle``: Ray Data's seeded ``random_shuffle`` (an
+      all-to-all pass over the set every epoch; the source set's, never MAESTRO's as a cycling target).
+    - Otherwise (blocks of several rows, ``global_shuffle`` off, or a Ray Train ``DataIterator``, whose order is
+      its trainer's dataset's): a seeded random block order where possible, and the local shuffle buffer."""
     if not isinstance(ds, ray.data.Dataset):
         return ds, shuffle_buffer
     seed = seed % 2**32
-    if global_shuffle and isinstance(ds, ray.data.dataset.MaterializedDataset):
-        if ds.num_blocks() >= ds.count():
-            return ds.randomize_block_order(seed=seed), 0
-    elif global_shuffle:
+    if isinstance(ds, ray.data.dataset.MaterializedDataset) and ds.num_blocks() >= ds.count():
+        return ds.randomize_block_order(seed=seed), 0
+    if global_shuffle and not isinstance(ds, ray.data.dataset.MaterializedDataset):
         return ds.random_shuffle(seed=seed), 0
     return ds.randomize_block_order(seed=seed), shuffle_buffer
 
@@ -189,7 +189,7 @@ def _cycle(ds, batch_size: int, seed: int, shuffle_buffer: int) -> Iterator[dict
     round_, pending = 0, []
     while True:
         got = 0
-        for b in _iter(ds, batch_size, seed * 1000 + round_, shuffle_buffer, drop_last=False):
+        for b in _iter(ds, batch_size, seed * 1000 + round_, shuffle_buffer, drop_last=False, global_shuffle=False):
             got += len(b["audio"])
             pending.append(b)
             n = sum(len(p["audio"]) for p in pending)
@@ -288,7 +288,10 @@ def pooled_batches(
             _iter(source, batch_size, seed + 104_729 * (epoch + 1), shuffle_buffer, drop_last=True),
             lambda b: {"audio": b["audio"], "labels": b["labels"]},
         ),
-        (_iter(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer, drop_last=False), _target_part),
+        (
+            _iter(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer, drop_last=False, global_shuffle=False),
+            _target_part,
+        ),
     ]
     order = rng.permutation(np.repeat([0, 1], [sizes[0] // batch_size, max(1, -(-sizes[1] // batch_size))]))
     live = [True, True]

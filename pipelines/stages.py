@@ -113,12 +113,9 @@ def prepare_all(cfg: ChainConfig, data_root: Path, workdir: Path, run):
 
 
 def stage_data(cfg: ChainConfig, midlevel: str, maestro: str) -> StageData:
-    data = load_stage_data(
+    return load_stage_data(
         midlevel, maestro, target_splits=cfg.data.maestro_splits, materialize_share=cfg.materialize_share
     )
-    if mlflow.active_run() is not None:
-        _log_json(data.memory, "materialize.json")  # which sets the object store holds, and the sizes behind it
-    return data
 
 
 def frontend_stats_for(midlevel: str, data: StageData, workdir: Path, band_floor: float = 0.1):
@@ -150,6 +147,7 @@ def sweep_and_select(
         }
     )
     _log_json(sweep.model_dump(mode="json"), "sweep_config.json")
+    _log_json(data.memory, "materialize.json")  # which sets the object store held, and the sizes behind it
     links = log_manifests_read(run, {"midlevel": data.manifests["source"], "maestro": data.manifests["target"]})
     links.update({"lineage.sweep_run": run.info.run_id, "lineage.sweep": name})
     sweep = sweep.model_copy(update={"name": name})
