@@ -168,7 +168,16 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(out / "ray"))
+    tmp = str(out / "ray")
+    for attempt in range(3):  # on a loaded machine the raylet can miss Ray's 30-s start-up deadline
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
+            break
+        except Exception as exc:  # noqa: BLE001
+            print(f"ray.init attempt {attempt + 1} failed: {exc}", file=sys.stderr)
+            ray.shutdown()
+    else:
+        raise SystemExit("could not start a local Ray")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
     shards = make_shards(args, out)
