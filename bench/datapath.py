@@ -169,7 +169,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     tmp = str(out / "ray")
-    for attempt in range(3):  # on a loaded machine the raylet can miss Ray's 30-s start-up deadline
+    for attempt in range(6):  # on a loaded machine the raylet can miss Ray's 30-s start-up deadline
         try:
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
             break
