@@ -99,6 +99,7 @@ NOT_TRAIN_KEYS = MODEL_KEYS | {"peak_normalize", "band_floor", "weighting", "mix
 def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) -> dict:
     """Train one model and score it (runs in a child process)."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
@@ -112,10 +113,15 @@ def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) ->
     torch.set_num_threads(1)
 
     def load(name: str, splits: list[str] | None, root: str = shards):
-        t = pq.read_table(f"{root}/{name}/data").to_pandas()
-        t = t[t.split.isin(splits)] if splits else t
-        labels = np.stack(t.labels.to_numpy()).astype(np.float32) if t.labels.notna().all() else None
-        return np.stack(t.audio.to_numpy()).astype(np.int16), labels
+        import pyarrow.compute as pc
+
+        from mdlda.pcm import numpy_batch
+
+        t = pq.read_table(f"{root}/{name}/data")
+        t = t.filter(pc.is_in(t.column("split"), pa.array(splits))) if splits else t
+        b = numpy_batch(t.select(["audio", "labels"]))  # audio (B, N) int16 from the shards' PCM bytes
+        labels = b["labels"].astype(np.float32) if t.column("labels").null_count == 0 else None
+        return b["audio"], labels
 
     src, y_src = load("midlevel", ["train"])
     val, y_val = load("midlevel", ["valid"])

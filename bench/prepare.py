@@ -164,7 +164,15 @@ def child(args: argparse.Namespace) -> None:
     from pipelines.prepare import PrepareConfig, prepare
 
     knobs = {k: getattr(args, k) for k in KNOBS if getattr(args, k)}
-    ray.init(address="local", num_cpus=2, log_to_driver=False)  # "local": never join another session's Ray
+    for attempt in range(3):  # on a loaded machine the raylet can miss Ray's 30-s start-up deadline
+        try:
+            ray.init(address="local", num_cpus=2, log_to_driver=False)  # "local": never join another session's Ray
+            break
+        except Exception as exc:  # noqa: BLE001
+            print(f"ray.init attempt {attempt + 1} failed: {exc}", file=sys.stderr)
+            ray.shutdown()
+    else:
+        raise SystemExit("could not start a local Ray")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
 

@@ -107,8 +107,10 @@ def build_shards(out: Path, size: str) -> tuple[str, str]:
 
 
 def to_numpy(ds) -> dict[str, np.ndarray]:
-    b = ds.take_batch(ds.count(), batch_format="numpy")
-    return {"audio": np.asarray(b["audio"]), "labels": np.stack(b["labels"]).astype(np.float32)}
+    from mdlda.pcm import numpy_batch
+
+    b = numpy_batch(ds.take_batch(ds.count(), batch_format="pyarrow"))  # audio (B, N) int16 from the PCM bytes
+    return {"audio": np.asarray(b["audio"]), "labels": np.asarray(b["labels"], dtype=np.float32)}
 
 
 def bare_run(cfg: StudentConfig, stats, src, tgt, valid, epochs: int, threads: int) -> dict:

@@ -7,6 +7,7 @@ shapes and values and divides the ratings by :data:`mdlda.params.LABEL_SCALE`, s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +35,13 @@ def _to(t: Tensor, device: torch.device, pin: bool) -> Tensor:
 
 
 def _audio(x: Any, device: torch.device, name: str, pin: bool = False) -> Tensor:
-    t = torch.as_tensor(x)
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        # a view of the shards' PCM bytes (mdlda/pcm.py); the model never writes to its input
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.as_tensor(x)
+    else:
+        t = torch.as_tensor(x)
     if t.ndim != 2:
         raise ValueError(f"batch[{name!r}] must be (B, N) audio; got shape {tuple(t.shape)}")
     if t.dtype == torch.float64:

@@ -120,7 +120,13 @@ class ChainConfig(_Strict):
     baselines: list[SweepConfig] = Field(default_factory=list)
     pseudolabel: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
-    materialize_max_gb: float = Field(2.0, description="Hold datasets up to this size in the object store.")
+    materialize_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Hold the training datasets in the object store when they fit in this share of its free memory "
+        "(decided when a training stage starts, source first; the decision and sizes are logged).",
+    )
     band_floor: float = Field(
         0.1,
         ge=0,

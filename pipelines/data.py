@@ -1,13 +1,16 @@
 """The datasets a training stage reads, and the batch iterators the shared training loop consumes.
 
 Source (labelled Mid-level) and target (MAESTRO) segments stream from the Parquet shards through Ray Data.
-Small datasets are materialized once in the object store (a sweep of many trials then never re-reads Parquet);
-every batch iterator pairs each labelled source batch with an equal-sized target batch for DANN/distillation.
+A set that fits in the object store's free memory is materialized once, in one-row blocks (a sweep of many trials
+then never re-reads Parquet, and a seeded random block order is a global shuffle); every batch iterator pairs
+each labelled source batch with an equal-sized target batch for DANN/distillation. ``audio`` arrives as
+``(B, N)`` int16 viewed from the shards' raw PCM bytes (mdlda/pcm.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,17 +18,22 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from mdlda.params import SEGMENT_SAMPLES
+from mdlda.params import SEGMENT_BYTES
+from mdlda.pcm import numpy_batch
 from pipelines.shards import read_shards, split_count
 
-SEGMENT_BYTES = SEGMENT_SAMPLES * 2 + 64
+logger = logging.getLogger(__name__)
+
+ROW_BYTES = SEGMENT_BYTES + 64  # a training row in the object store: its PCM plus clip id and labels
 TRAIN_COLUMNS = ["clip_id", "audio", "labels"]
 SPREAD = "teacher_spread"
 
 
 @dataclass
 class StageData:
-    """Datasets of one training stage plus the manifests they came from (logged with every run)."""
+    """Datasets of one training stage plus the manifests they came from (logged with every run).
+
+    ``memory``: the materialisation decision and the sizes it was made from (:func:`plan_materialize`)."""
 
     source_train: ray.data.Dataset
     source_valid: ray.data.Dataset
@@ -33,12 +41,44 @@ class StageData:
     counts: dict[str, int]
     manifests: dict[str, dict] = field(default_factory=dict)
     materialized: bool = False
+    memory: dict = field(default_factory=dict)
 
 
-def _maybe_materialize(ds: ray.data.Dataset, rows: int, max_gb: float) -> tuple[ray.data.Dataset, bool]:
-    if rows * SEGMENT_BYTES <= max_gb * 1e9:
-        return ds.materialize(), True
-    return ds, False
+def plan_materialize(sizes: dict[str, int], free_bytes: float, share: float) -> dict:
+    """Which datasets to hold in the object store: in the order given (source train, valid, target), each one
+    that still fits in ``share`` x the store's free memory after those before it. Bytes, not rows: the decision
+    and every size are returned for the log."""
+    budget = share * free_bytes
+    plan = {"object_store_free_bytes": int(free_bytes), "share": share, "budget_bytes": int(budget), "sets": {}}
+    used = 0
+    for name, nbytes in sizes.items():
+        keep = used + nbytes <= budget
+        used += nbytes if keep else 0
+        plan["sets"][name] = {"bytes": int(nbytes), "materialized": keep}
+    plan["materialized_bytes"] = int(used)
+    return plan
+
+
+def object_store_free_bytes() -> tuple[float, float]:
+    """(free, total) object-store bytes of the cluster now: the store's capacity (``ray.cluster_resources()``)
+    less the bytes its objects use (the raylets' store statistics; a private Ray API, so when it is unavailable the
+    used bytes count as 0 and the capacity is the free memory)."""
+    total = float(ray.cluster_resources().get("object_store_memory", 0.0))
+    try:
+        from ray._private.internal_api import get_memory_info_reply
+        from ray._private.state import state
+
+        used = float(get_memory_info_reply(state).store_stats.object_store_bytes_used)
+    except Exception as exc:  # noqa: BLE001 (a private API: never fail the stage on it)
+        logger.warning("object store usage unavailable (%s): taking its capacity as free", exc)
+        used = 0.0
+    return max(total - used, 0.0), total
+
+
+def _materialize(ds: ray.data.Dataset, rows_per_block: int) -> ray.data.Dataset:
+    """Held in the object store in blocks of ``rows_per_block`` rows: with 1, a seeded random block order is a
+    global shuffle of the rows that copies nothing (see :func:`_iter`)."""
+    return ds.repartition(target_num_rows_per_block=rows_per_block).materialize()
 
 
 def load_stage_data(
@@ -46,9 +86,14 @@ def load_stage_data(
     target_shards: str | Path | None = None,
     target_splits: list[str] | None = None,
     target_labelled: bool = False,
-    materialize_max_gb: float = 2.0,
+    materialize_share: float = 0.5,
+    rows_per_block: int = 1,
 ) -> StageData:
-    """Source train/valid from the Mid-level shards; target segments (MAESTRO, or pseudo-labelled shards)."""
+    """Source train/valid from the Mid-level shards; target segments (MAESTRO, or pseudo-labelled shards).
+
+    Each set is materialised (held in the object store) when it fits in ``materialize_share`` of the store's free
+    memory, source first (:func:`plan_materialize`); the decision and the sizes are logged and kept in
+    ``StageData.memory``. A set left out streams from its shards every epoch."""
     src, src_manifest = read_shards(source_shards, splits=["train"], columns=TRAIN_COLUMNS)
     val, _ = read_shards(source_shards, splits=["valid"], columns=TRAIN_COLUMNS)
     counts = {
@@ -56,8 +101,6 @@ def load_stage_data(
         "source_valid": split_count(src_manifest, ["valid"]),
     }
     manifests = {"source": src_manifest}
-    src, m1 = _maybe_materialize(src, counts["source_train"], materialize_max_gb)
-    val, m2 = _maybe_materialize(val, counts["source_valid"], materialize_max_gb)
     tgt = None
     if target_shards is not None:
         cols = TRAIN_COLUMNS if target_labelled else ["clip_id", "audio"]
@@ -66,13 +109,28 @@ def load_stage_data(
         tgt, tgt_manifest = read_shards(target_shards, splits=target_splits, columns=cols)
         counts["target"] = split_count(tgt_manifest, target_splits)
         manifests["target"] = tgt_manifest
-        tgt, m3 = _maybe_materialize(tgt, counts["target"], materialize_max_gb)
-    else:
-        m3 = True
     for name, n in counts.items():
         if n == 0:
             raise ValueError(f"{name} is empty: nothing to train or validate on (check the shard manifests)")
-    return StageData(src, val, tgt, counts, manifests, materialized=m1 and m2 and m3)
+    free, total = object_store_free_bytes()
+    plan = plan_materialize({k: n * ROW_BYTES for k, n in counts.items()}, free, materialize_share)
+    plan["object_store_total_bytes"] = int(total)
+    sets = {"source_train": src, "source_valid": val, "target": tgt}
+    for name, decision in plan["sets"].items():
+        if decision["materialized"]:
+            sets[name] = _materialize(sets[name], rows_per_block)
+        logger.info(
+            "%s: %d rows, %.2f GB: %s (object store: %.2f GB free, budget %.0f%% = %.2f GB)",
+            name,
+            counts[name],
+            decision["bytes"] / 1e9,
+            "materialized" if decision["materialized"] else "streamed from its shards every epoch",
+            plan["object_store_free_bytes"] / 1e9,
+            100 * materialize_share,
+            plan["budget_bytes"] / 1e9,
+        )
+    materialized = all(d["materialized"] for d in plan["sets"].values())
+    return StageData(sets["source_train"], sets["source_valid"], sets["target"], counts, manifests, materialized, plan)
 
 
 def _has_spread(shards: str | Path) -> bool:
@@ -89,27 +147,40 @@ def _target_part(t: dict) -> dict:
     return out
 
 
-def _labels(x: np.ndarray) -> np.ndarray:
-    """Fixed-size-list labels arrive as an object array of (7,) arrays: stack them to (B, 7) float32."""
-    return np.stack(x).astype(np.float32) if x.dtype == object else np.asarray(x, dtype=np.float32)
+def _order(ds, seed: int, shuffle_buffer: int, global_shuffle: bool) -> tuple[object, int]:
+    """The epoch's row order: (dataset to iterate, local shuffle buffer to use).
+
+    - A materialised Dataset of one-row blocks (:func:`_materialize`): a seeded random block order, which is a
+      global shuffle of the rows and moves no data (always: it costs nothing).
+    - A Dataset streamed from its shards, with ``global_shuffle``: Ray Data's seeded ``random_shuffle`` (an
+      all-to-all pass over the set every epoch; the source set's, never MAESTRO's as a cycling target).
+    - Otherwise (blocks of several rows, ``global_shuffle`` off, or a Ray Train ``DataIterator``, whose order is
+      its trainer's dataset's): a seeded random block order where possible, and the local shuffle buffer."""
+    if not isinstance(ds, ray.data.Dataset):
+        return ds, shuffle_buffer
+    seed = seed % 2**32
+    if isinstance(ds, ray.data.dataset.MaterializedDataset) and ds.num_blocks() >= ds.count():
+        return ds.randomize_block_order(seed=seed), 0
+    if global_shuffle and not isinstance(ds, ray.data.dataset.MaterializedDataset):
+        return ds.random_shuffle(seed=seed), 0
+    return ds.randomize_block_order(seed=seed), shuffle_buffer
 
 
-def _iter(ds, batch_size: int, seed: int | None, shuffle_buffer: int, drop_last: bool) -> Iterator[dict]:
-    """Numpy batches of a Dataset or a Ray Train DataIterator (same API), labels as (B, 7) float32.
+def _iter(
+    ds, batch_size: int, seed: int | None, shuffle_buffer: int, drop_last: bool, global_shuffle: bool = True
+) -> Iterator[dict]:
+    """Numpy batches of a Dataset or a Ray Train DataIterator (same API): ``audio`` as ``(B, N)`` int16 read
+    straight from the shards' PCM bytes (:func:`mdlda.pcm.numpy_batch`), labels as (B, 7) float32.
 
-    With a seed, a Dataset's blocks are read in a seeded random order and rows pass a local shuffle buffer, so
-    every pass starts somewhere else in the data (not at the first rows of storage every epoch)."""
-    kwargs = {}
-    if seed is not None and shuffle_buffer > 0:
-        kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed}
-    if seed is not None and isinstance(ds, ray.data.Dataset):
-        ds = ds.randomize_block_order(seed=seed % 2**32)
-    for b in ds.iter_batches(
-        batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=4, **kwargs
+    With a seed, every pass reads the rows in a new seeded order (:func:`_order`); without one, in storage order."""
+    buffer = 0
+    if seed is not None:
+        ds, buffer = _order(ds, seed, shuffle_buffer, global_shuffle)
+    kwargs = {"local_shuffle_buffer_size": buffer, "local_shuffle_seed": seed} if buffer > 0 else {}
+    for table in ds.iter_batches(
+        batch_size=batch_size, batch_format="pyarrow", drop_last=drop_last, prefetch_batches=4, **kwargs
     ):
-        if "labels" in b:
-            b["labels"] = _labels(b["labels"])
-        yield b
+        yield numpy_batch(table)
 
 
 def _cycle(ds, batch_size: int, seed: int, shuffle_buffer: int) -> Iterator[dict]:
@@ -118,7 +189,7 @@ def _cycle(ds, batch_size: int, seed: int, shuffle_buffer: int) -> Iterator[dict
     round_, pending = 0, []
     while True:
         got = 0
-        for b in _iter(ds, batch_size, seed * 1000 + round_, shuffle_buffer, drop_last=False):
+        for b in _iter(ds, batch_size, seed * 1000 + round_, shuffle_buffer, drop_last=False, global_shuffle=False):
             got += len(b["audio"])
             pending.append(b)
             n = sum(len(p["audio"]) for p in pending)
@@ -140,13 +211,16 @@ def train_batches(
     target: ray.data.Dataset | None = None,
     target_labelled: bool = False,
     shuffle_buffer: int = 64,
+    global_shuffle: bool = True,
 ) -> Iterator[dict]:
     """One epoch of training batches: ``{"audio", "labels"}`` plus, with a target set, an equal number of
     ``"target_audio"`` (and ``"target_labels"``, ``"target_spread"`` when the target is pseudo-labelled). The
     source decides the epoch length (last partial batch dropped, so BatchNorm never sees a batch of 1); the
-    target cycles."""
+    target cycles. The source is shuffled globally each epoch, seeded by ``seed`` and ``epoch`` (:func:`_order`;
+    ``global_shuffle=False``: a random block order and the local buffer only)."""
     tgt = _cycle(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer) if target is not None else None
-    for b in _iter(source, batch_size, seed + 104_729 * (epoch + 1), shuffle_buffer, drop_last=True):
+    order = seed + 104_729 * (epoch + 1)
+    for b in _iter(source, batch_size, order, shuffle_buffer, drop_last=True, global_shuffle=global_shuffle):
         out = {"audio": b["audio"], "labels": b["labels"]}
         if tgt is not None:
             t = next(tgt)
@@ -214,7 +288,10 @@ def pooled_batches(
             _iter(source, batch_size, seed + 104_729 * (epoch + 1), shuffle_buffer, drop_last=True),
             lambda b: {"audio": b["audio"], "labels": b["labels"]},
         ),
-        (_iter(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer, drop_last=False), _target_part),
+        (
+            _iter(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer, drop_last=False, global_shuffle=False),
+            _target_part,
+        ),
     ]
     order = rng.permutation(np.repeat([0, 1], [sizes[0] // batch_size, max(1, -(-sizes[1] // batch_size))]))
     live = [True, True]

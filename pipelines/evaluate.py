@@ -13,7 +13,7 @@ import pandas as pd
 from mdlda.metrics import regression_metrics
 from mdlda.params import FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN
 from mdlda.tracking import load_served
-from pipelines.shards import read_shards
+from pipelines.shards import numpy_batches, read_shards
 
 EVAL_SPLITS = ("test", "piano_test")
 
@@ -49,10 +49,8 @@ def load_split(shards: str | Path, split: str) -> dict[str, np.ndarray]:
     """One evaluation split in memory (int16 audio, labels, ids): test splits are small, and every model then
     reads the same arrays instead of re-reading Parquet."""
     ds, _ = read_shards(shards, splits=[split], columns=["clip_id", "audio", "labels"])
-    parts = list(ds.iter_batches(batch_size=256, batch_format="numpy"))
-    out = {k: np.concatenate([p[k] for p in parts]) for k in ("clip_id", "audio", "labels")}
-    out["labels"] = np.stack(out["labels"]).astype(np.float32) if out["labels"].dtype == object else out["labels"]
-    return out
+    parts = list(numpy_batches(ds))
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("clip_id", "audio", "labels")}
 
 
 def _batched(model_fn, audio: np.ndarray, batch_size: int) -> np.ndarray:

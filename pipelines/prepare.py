@@ -29,7 +29,8 @@ import ray
 
 from mdlda.audio import decoder_info
 from mdlda.manifest import DATA_DIR, MANIFEST, build_manifest, index_digest, read_manifest, write_manifest
-from mdlda.params import MAX_PAD_SECONDS, NUM_FEATURES  # noqa: F401 (LABEL_TYPE's length)
+from mdlda.params import MAX_PAD_SECONDS, NUM_FEATURES, SEGMENT_SAMPLES, check_audio_params  # noqa: F401
+from mdlda.pcm import to_column, with_metadata
 from mdlda.shards import decode_item
 from pipelines.prepare_folder import (
     STATE_DIR,
@@ -44,7 +45,7 @@ from pipelines.prepare_folder import (
     rmdir_if_empty,
     write_json_atomic,
 )
-from pipelines.shards import WRITE_OPTIONS, tensor_array
+from pipelines.shards import WRITE_OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +88,13 @@ LABEL_TYPE = pa.list_(pa.float32())
 
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
-    audio = tensor_array(np.stack([r["audio"] for r in rows]) if rows else np.zeros((0, 1), dtype=np.int16))
+    audio = np.stack([r["audio"] for r in rows]) if rows else np.zeros((0, SEGMENT_SAMPLES), dtype=np.int16)
     labels = pa.array([None if r["labels"] is None else r["labels"].tolist() for r in rows], type=LABEL_TYPE)
     cols = {
         c: pa.array([r[c] for r in rows], type=pa.string()) for c in ("clip_id", "dataset", "domain", "split", "group")
     }
     cols["offset_s"] = pa.array([float(r["offset_s"]) for r in rows], type=pa.float32())
-    return pa.table({**cols, "audio": audio, "labels": labels})
+    return with_metadata(pa.table({**cols, "audio": to_column(audio), "labels": labels}))
 
 
 def decode_group(items: list[dict], path: str, max_pad_s: float = MAX_PAD_SECONDS) -> list[dict]:
@@ -156,7 +157,9 @@ def prepare(config: PrepareConfig) -> PrepareResult:
 
     repaired: list[str] = []
     if (out / MANIFEST).exists():
-        manifest = read_manifest(out)
+        manifest = read_manifest(out, check_params=False)  # other parameters or layout: rebuilt or refused below
+        if manifest.get("index_digest") != digest and not config.overwrite:
+            check_audio_params(manifest.get("audio", {}), str(out))  # an old layout says so, and how to rewrite
         if manifest.get("index_digest") == digest:
             problems = check_files(out, manifest)  # "up to date" only when the files are what the manifest lists
             if not problems:

@@ -23,8 +23,9 @@ from ray.data.expressions import col
 
 from mdlda.config import PseudoLabelConfig, config_digest
 from mdlda.manifest import DATA_DIR, MANIFEST, build_manifest, read_manifest, row_digest, write_manifest
-from mdlda.params import NUM_FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN
-from pipelines.shards import WRITE_OPTIONS, labels_array, read_shards, tensor_array
+from mdlda.params import NUM_FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN, audio_params
+from mdlda.pcm import from_column, with_metadata
+from pipelines.shards import WRITE_OPTIONS, labels_array, read_shards
 
 
 @dataclass
@@ -49,20 +50,19 @@ class TeacherEnsemble:
         self.teachers = [load_served(uri).to(self.device) for uri in uris]
         self.progress = progress  # a ray.util.queue.Queue of labelled segment counts (the driver's bar), or None
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        audio = torch.from_numpy(np.asarray(batch["audio"]).astype(np.float32) / PCM_SCALE).to(self.device)
+        pcm = from_column(batch.column("audio"))  # (B, N) int16, a view of the shard bytes
+        audio = torch.from_numpy(pcm.astype(np.float32) / PCM_SCALE).to(self.device)
         with torch.no_grad():
             preds = np.stack([t(audio).float().cpu().numpy() for t in self.teachers])  # (k, B, 7) on 1..10
-        table = {k: pa.array(v) for k, v in batch.items() if k != "audio"}
-        table["audio"] = tensor_array(np.asarray(batch["audio"]))
-        # the mean prediction, clipped to the rating scale the labels live on
-        table["labels"] = labels_array(np.clip(preds.mean(axis=0), RATING_MIN, RATING_MAX))
-        table["teacher_spread"] = pa.array(preds.std(axis=0).mean(axis=1).astype(np.float32))
+        # the batch's own columns, audio bytes untouched, plus the mean prediction clipped to the rating scale
+        table = batch.append_column("labels", labels_array(np.clip(preds.mean(axis=0), RATING_MIN, RATING_MAX)))
+        table = table.append_column("teacher_spread", pa.array(preds.std(axis=0).mean(axis=1).astype(np.float32)))
         if self.progress is not None:
             self.progress.put(len(audio))
-        return pa.table(table)
+        return with_metadata(table)
 
 
 def choose_segments(maestro_shards: str | Path, n: int, seed: int, splits: list[str] | None) -> list[str]:
@@ -97,8 +97,8 @@ def pseudolabel(
         }
     )
     if (out / MANIFEST).exists():
-        manifest = read_manifest(out)
-        if manifest.get("index_digest") == key:
+        manifest = read_manifest(out, check_params=False)
+        if manifest.get("index_digest") == key and manifest.get("audio") == audio_params():  # else rewritten
             return PseudoLabelResult(str(out), manifest, skipped_work=True)
     from mdlda.served import resolve
 
@@ -121,7 +121,7 @@ def pseudolabel(
         TeacherEnsemble,
         fn_constructor_kwargs={"uris": teacher_uris, "tracking_uri": tracking_uri, "progress": queue},
         batch_size=cfg.batch_size,
-        batch_format="numpy",
+        batch_format="pyarrow",
         compute=ActorPoolStrategy(size=cfg.concurrency or 1),  # `concurrency=` is deprecated since Ray 2.51
         num_cpus=cfg.cpus_per_actor,
         **resources,

@@ -19,7 +19,7 @@ from mdlda.config import ChainConfig
 from mdlda.metrics import domain_discrepancy, regression_metrics
 from mdlda.params import LABEL_SCALE, PCM_SCALE, RATING_MAX, RATING_MIN, SEGMENT_SAMPLES
 from pipelines.evaluate import load_split
-from pipelines.shards import read_shards
+from pipelines.shards import numpy_batches, read_shards
 
 ADAPT_CAP = 512  # segments per domain used to recompute BatchNorm statistics
 
@@ -53,7 +53,7 @@ def adabn(model, domain_audio: np.ndarray):
 
 def _sample(shards: Path, splits: list[str] | None, cap: int, seed: int) -> np.ndarray:
     ds, _ = read_shards(shards, splits=splits, columns=["audio"])
-    parts = [b["audio"] for b in ds.iter_batches(batch_size=256, batch_format="numpy")]
+    parts = [b["audio"] for b in numpy_batches(ds)]
     if not parts:
         return np.zeros((0, SEGMENT_SAMPLES), dtype=np.int16)
     audio = np.concatenate(parts)

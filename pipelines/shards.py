@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 
 from mdlda.manifest import DATA_DIR, ShardError, read_manifest
+from mdlda.pcm import check_schema, numpy_batch
 
 
 def read_shards(
@@ -29,6 +31,7 @@ def read_shards(
         unknown = sorted(set(splits) - set(manifest["counts"]))
         if unknown:
             raise ShardError(f"{folder}: no rows in split(s) {unknown}; it has {sorted(manifest['counts'])}")
+    check_files_layout(folder)
     ds = ray.data.read_parquet(str(folder / DATA_DIR))
     if splits is not None:
         ds = ds.filter(expr=col("split").is_in(list(splits)))
@@ -37,30 +40,16 @@ def read_shards(
     return ds, manifest
 
 
-def tensor_array(x: np.ndarray) -> pa.ExtensionArray:
-    """(B, N) array -> Ray's fixed-shape tensor column, built from its storage directly (Ray's
-    ``ArrowTensorArray.from_numpy`` copies element by element: ~24 ms per 15-s segment against ~0.02 ms here)."""
-    from ray.data.extensions import ArrowTensorArray
-
-    x = np.ascontiguousarray(x)
-    n, k = x.shape
-    if n == 0:
-        return ArrowTensorArray.from_numpy(x)
-    kind = ArrowTensorArray.from_numpy(x[:1]).type
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int64))
-    return pa.ExtensionArray.from_storage(kind, pa.LargeListArray.from_arrays(offsets, pa.array(x.reshape(-1))))
-
-
-# Parquet options of every shard writer: dictionary-encode only the short strings (dictionary-encoding the PCM
-# column triples write and read time); the int16 samples (stored as Parquet INT32) byte-stream-split, then zstd,
-# without min/max statistics: 0.55 MB per 15-s segment and ~5.4 ms CPU to write, against 0.75 MB and ~8.5 ms for
-# plain zstd with statistics (snappy: 1.2 MB). Reading back is no slower.
+# Parquet options of every shard writer. The audio column is raw int16 PCM in a fixed-size binary column
+# (mdlda/pcm.py), written uncompressed: PCM hardly compresses (lz4 wrote 0.664 MB per 15-s segment against
+# 0.662 MB uncompressed) and every codec costs CPU on each read (bench/README.md, parquet_write.py). Only the
+# short strings are dictionary-encoded and carry statistics (what the split filter can use); min/max statistics
+# of 661,500-byte values would cost a pass over them and bloat the footer.
 _STRINGS = ["clip_id", "dataset", "domain", "split", "group"]
 WRITE_OPTIONS = {
     "use_dictionary": _STRINGS,
-    "compression": "zstd",
-    "column_encoding": {"audio.list.element": "BYTE_STREAM_SPLIT"},
-    "write_statistics": _STRINGS,  # what the split filter can use
+    "compression": "none",
+    "write_statistics": _STRINGS,
 }
 
 
@@ -70,6 +59,21 @@ def labels_array(labels: np.ndarray) -> pa.ListArray:
     n, k = labels.shape
     offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(labels.reshape(-1)))
+
+
+def numpy_batches(ds, batch_size: int = 256) -> Iterator[dict[str, np.ndarray]]:
+    """A shard Dataset's rows in storage order as numpy batches: ``audio`` ``(B, N)`` int16 viewed from the PCM
+    bytes, ``labels`` ``(B, 7)`` float32 (:func:`mdlda.pcm.numpy_batch`)."""
+    for table in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+        yield numpy_batch(table)
+
+
+def check_files_layout(folder: Path) -> None:
+    """Refuse a folder whose Parquet files hold audio in another layout than this code's (the first file's schema:
+    prepare writes every file of a folder with one layout; a rebuild replaces them all)."""
+    files = sorted((folder / DATA_DIR).glob("*.parquet"))
+    if files:
+        check_schema(pq.read_schema(files[0]), str(files[0]))
 
 
 def split_count(manifest: dict, splits: Sequence[str] | None = None) -> int:

@@ -115,7 +115,7 @@ def prepare_all(cfg: ChainConfig, data_root: Path, workdir: Path, run):
 
 def stage_data(cfg: ChainConfig, midlevel: str, maestro: str) -> StageData:
     return load_stage_data(
-        midlevel, maestro, target_splits=cfg.data.maestro_splits, materialize_max_gb=cfg.materialize_max_gb
+        midlevel, maestro, target_splits=cfg.data.maestro_splits, materialize_share=cfg.materialize_share
     )
 
 
@@ -148,6 +148,7 @@ def sweep_and_select(
         }
     )
     _log_json(sweep.model_dump(mode="json"), "sweep_config.json")
+    _log_json(data.memory, "materialize.json")  # which sets the object store held, and the sizes behind it
     links = log_manifests_read(run, {"midlevel": data.manifests["source"], "maestro": data.manifests["target"]})
     links.update({"lineage.sweep_run": run.info.run_id, "lineage.sweep": name})
     sweep = sweep.model_copy(update={"name": name})
@@ -263,7 +264,8 @@ def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir:
     if found:
         v = max(found, key=lambda x: int(x.version))
         return _student_info(client, v), False
-    data = _load(midlevel, pseudo, target_labelled=True, materialize_max_gb=cfg.materialize_max_gb)
+    data = _load(midlevel, pseudo, target_labelled=True, materialize_share=cfg.materialize_share)
+    _log_json(data.memory, "materialize.json")
     mlflow.log_params(
         {
             "num_workers": cfg.student.num_workers,

@@ -49,7 +49,7 @@ def trial_resources(sweep: SweepConfig, materialized: bool) -> tuple[dict, int]:
     if free < sweep.cpus_per_trial:
         raise RuntimeError(
             f"the cluster has {cpus:g} CPUs; a trial needs {sweep.cpus_per_trial:g} and Ray Data needs one free "
-            "CPU for streaming: lower cpus_per_trial or raise materialize_max_gb"
+            "CPU for streaming: lower cpus_per_trial or give the object store more memory (materialize_share)"
         )
     limit = int(free // sweep.cpus_per_trial)
     if sweep.gpus_per_trial > 0:

@@ -66,3 +66,14 @@ def chain(ray_local, demo_root, tmp_path_factory):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(scope="session")
+def midlevel_shards(ray_local, demo_root, tmp_path_factory):
+    """The tiny demo's Mid-level clips through the real prepare stage (chunks of 8 items): a PrepareResult."""
+    from pipelines.prepare import PrepareConfig, prepare
+
+    ml = demo_root / "midlevel"
+    out = tmp_path_factory.mktemp("shards") / "midlevel"
+    piano = str(ml / "piano_ids.csv")
+    return prepare(PrepareConfig("midlevel", str(ml), str(out), piano_ids=piano, progress=False, chunk_items=8))

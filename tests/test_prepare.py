@@ -34,14 +34,6 @@ def _rows(out: Path, columns=("clip_id", "split", "group", "domain", "labels")):
     return pq.read_table(out / DATA_DIR, columns=list(columns)).to_pandas()
 
 
-@pytest.fixture(scope="module")
-def midlevel_shards(ray_local, demo_root, tmp_path_factory):
-    from pipelines.prepare import prepare
-
-    out = tmp_path_factory.mktemp("shards") / "midlevel"
-    return prepare(_cfg(demo_root, out, chunk_items=8))
-
-
 def test_midlevel_shards_follow_the_index(midlevel_shards, demo_root):
     from mdlda.datasets import index_midlevel
 
@@ -62,14 +54,68 @@ def test_midlevel_shards_follow_the_index(midlevel_shards, demo_root):
 
 
 def test_reader_gives_int16_segments_of_one_split(midlevel_shards):
-    from pipelines.shards import read_shards
+    from mdlda.params import audio_params
+    from mdlda.pcm import AUDIO_TYPE, file_params
+    from pipelines.shards import numpy_batches, read_shards
 
     ds, manifest = read_shards(midlevel_shards.out, splits=["train"], columns=["clip_id", "audio", "labels"])
-    batch = next(iter(ds.iter_batches(batch_size=4, batch_format="numpy")))
+    batch = next(numpy_batches(ds, 4))
     assert batch["audio"].shape == (4, SEGMENT_SAMPLES) and batch["audio"].dtype == np.int16
-    assert np.stack(batch["labels"]).shape == (4, 7)
+    assert batch["labels"].shape == (4, 7) and batch["labels"].dtype == np.float32
     assert np.abs(batch["audio"]).max() > 100  # real audio, not zeros
     assert ds.count() == manifest["counts"]["train"]
+    for f in (Path(midlevel_shards.out) / DATA_DIR).glob("*.parquet"):  # raw PCM, the parameters in every file
+        schema = pq.read_schema(f)
+        assert schema.field("audio").type == AUDIO_TYPE and file_params(schema) == audio_params()
+        meta = pq.ParquetFile(f).metadata
+        audio = [meta.row_group(0).column(i) for i in range(meta.num_columns)]
+        audio = next(c for c in audio if c.path_in_schema == "audio")
+        assert audio.physical_type == "FIXED_LEN_BYTE_ARRAY" and audio.compression == "UNCOMPRESSED"
+    assert manifest["audio"] == audio_params() and manifest["audio"]["segment_bytes"] == 2 * SEGMENT_SAMPLES
+
+
+def _to_old_layout(folder: Path) -> None:
+    """Rewrite a shard folder as an older mdlda wrote it: audio as large_list<int16>, no layout in the manifest."""
+    import pyarrow as pa
+
+    from pipelines.prepare import STATE_DIR
+
+    for f in (folder / DATA_DIR).glob("*.parquet"):
+        t = pq.read_table(f)
+        pcm = np.frombuffer(t.column("audio").combine_chunks().buffers()[1], dtype="<i2").reshape(t.num_rows, -1)
+        offsets = pa.array(np.arange(0, pcm.size + 1, pcm.shape[1], dtype=np.int64))
+        old = pa.LargeListArray.from_arrays(offsets, pa.array(pcm.reshape(-1)))
+        t = t.set_column(t.schema.get_field_index("audio"), "audio", old).replace_schema_metadata(None)
+        pq.write_table(t, f, compression="zstd")
+    m = json.loads((folder / MANIFEST).read_text())
+    for key in ("layout", "segment_bytes"):
+        del m["audio"][key]
+    m["index_digest"] = "0" * 64  # the digest covers the audio parameters: an older mdlda's differs
+    (folder / MANIFEST).write_text(json.dumps(m))
+    state = folder / STATE_DIR / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "index_digest": "0" * 64}))
+
+
+def test_old_layout_shards_are_refused_and_prepare_overwrite_rewrites_them(midlevel_shards, demo_root, tmp_path):
+    from mdlda.params import OldShardLayout
+    from pipelines.prepare import prepare
+    from pipelines.shards import read_shards
+
+    out = tmp_path / "old"
+    shutil.copytree(midlevel_shards.out, out)
+    _to_old_layout(out)
+    with pytest.raises(OldShardLayout, match=r"(?s)old layout.*Rerun `mdlda prepare` \(with --overwrite"):
+        read_shards(out)
+    with pytest.raises(OldShardLayout, match="Rerun `mdlda prepare`"):
+        prepare(_cfg(demo_root, out, chunk_items=8))  # the same command without --overwrite: told what to do
+    m = json.loads((out / MANIFEST).read_text())
+    m["audio"] = midlevel_shards.manifest["audio"]  # a manifest that claims the new layout over old files
+    (out / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(OldShardLayout, match=r"large_list.*rerun `mdlda prepare`"):
+        read_shards(out)
+    again = prepare(_cfg(demo_root, out, chunk_items=8, overwrite=True))
+    assert again.manifest["content_digest"] == midlevel_shards.manifest["content_digest"]  # the same PCM bytes
+    assert read_shards(out)[1]["audio"]["layout"] == midlevel_shards.manifest["audio"]["layout"]
 
 
 def test_rerun_is_idempotent(midlevel_shards, demo_root):
