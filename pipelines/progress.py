@@ -74,7 +74,8 @@ class SweepProgress(Callback):
             self.warned.add(trial.trial_id)
             logger.warning(
                 "trial %s waited for data %.0f%% of an epoch (more than %.0f%%): the input pipeline limits training; "
-                "materialize the data (more object store memory, materialize_share) or give trials more CPUs (cpus_per_trial)",
+                "materialize the data (more object store memory, materialize_share) "
+                "or give trials more CPUs (cpus_per_trial)",
                 row["trial"],
                 100 * wait,
                 100 * DATA_WAIT_WARN,
