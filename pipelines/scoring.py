@@ -93,7 +93,7 @@ def probe_segments(shards: Path, cap: int, seed: int) -> dict | None:
     """Whole MAESTRO performances (every split: the probe needs no labels), drawn at random until ``cap``
     segments: a segment's successor is always in the set. None when the shards hold no segments."""
     ds, _ = read_shards(shards, columns=["audio", "group", "offset_s"])
-    parts = list(ds.iter_batches(batch_size=256, batch_format="numpy"))
+    parts = list(numpy_batches(ds))  # audio decoded from the PCM column (mdlda/pcm.py)
     if not parts:
         return None
     seg = {k: np.concatenate([p[k] for p in parts]) for k in ("audio", "group", "offset_s")}
