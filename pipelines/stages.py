@@ -398,9 +398,9 @@ def evaluate_stage(
     for row in disc.to_dict("records"):
         name = row["model"].replace("+", "_")
         mlflow.log_metric(f"{name}.discrepancy", row["discrepancy"])
-        for key in ("rank_emb", "rank_out"):
-            if key in row and math.isfinite(row[key]):
-                mlflow.log_metric(f"{name}.{key}", row[key])
+        for probe_metric in ("rank_emb", "rank_out"):
+            if probe_metric in row and math.isfinite(row[probe_metric]):
+                mlflow.log_metric(f"{name}.{probe_metric}", row[probe_metric])
     for row in table.itertuples():
         mlflow.log_metric(f"{row.model.replace('+', '_')}.{row.split}.r_mean", row.r_mean)
     (workdir / "results" / "latest").unlink(missing_ok=True)

@@ -128,6 +128,10 @@ def test_a_logged_model_loads_weights_only_and_predicts_as_before(store):
     preds = predict_splits({"tiny": "models:/tiny@champion"}, shards=None, splits=("test",), data=data)
     np.testing.assert_allclose(preds.y_pred[("tiny", "test")], expect, rtol=1e-5, atol=1e-5)
     actor = TeacherEnsemble(["models:/tiny/1", "models:/tiny@champion"], tracking_uri(store))
-    table = actor({"clip_id": np.array(["a", "b"]), "audio": pcm})
+    import pyarrow as pa
+
+    from mdlda.pcm import to_column
+
+    table = actor(pa.table({"clip_id": pa.array(["a", "b"]), "audio": to_column(pcm)}))  # as Ray Data hands it
     labels = np.stack(table.column("labels").to_pylist())
     np.testing.assert_allclose(labels, np.clip(expect, RATING_MIN, RATING_MAX), rtol=1e-5, atol=1e-5)
