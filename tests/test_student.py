@@ -185,9 +185,10 @@ def test_ddp_on_two_gloo_workers_equals_one_process_given_the_ranks_batches(ray_
 def _kill_a_train_worker_after_two_checkpoints(run_dir: Path, stop: threading.Event, killed: list) -> None:
     from tiny_chain import own_ray_process
 
+    since = time.time()  # the earlier DDP test's workers may still be exiting: only this run's worker counts
     while not stop.is_set():
         # two checkpoints on disk: the first is registered for sure (the newest may still be in upload)
-        if len(list(run_dir.glob("checkpoint_*"))) >= 2 and (p := own_ray_process("ray::RayTrainWorker")):
+        if len(list(run_dir.glob("checkpoint_*"))) >= 2 and (p := own_ray_process("ray::RayTrainWorker", since)):
             os.kill(p.pid, signal.SIGKILL)
             killed.append(p.pid)
             return

@@ -47,16 +47,18 @@ def tiny_chain_config() -> ChainConfig:
     )
 
 
-def own_ray_process(prefix: str):
-    """The first process under this test session whose command line starts with ``prefix`` (e.g. a Ray worker
-    "ray::RayTrainWorker"), else None. Only this process's own tree: the session's Ray (its raylet is a child of
-    this process), never another Ray running on the same machine."""
+def own_ray_process(prefix: str, since: float = 0.0):
+    """The newest process under this test session whose command line starts with ``prefix`` (e.g. a Ray worker
+    "ray::RayTrainWorker") and that started after ``since`` (a ``time.time()``), else None. Only this process's own
+    tree: the session's Ray (its raylet is a child of this process), never another Ray on the same machine; with
+    ``since``, never a worker an earlier test left exiting."""
     import psutil
 
+    found = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if " ".join(p.cmdline()).startswith(prefix):
-                return p
+            if p.create_time() >= since and " ".join(p.cmdline()).startswith(prefix):
+                found.append((p.create_time(), p))
         except psutil.Error:
             continue
-    return None
+    return max(found, key=lambda f: f[0])[1] if found else None
