@@ -61,7 +61,7 @@ class Chain:
         self.started = time.monotonic()
         self.workdir = Path(workdir).resolve()
         self.exp_id = setup_tracking(self.workdir, cfg.experiment)  # fail fast, before any compute
-        self.log_file = setup_file_logging(self.workdir)  # size-capped (mdlda/logs.py)
+        setup_file_logging(self.workdir)  # size-capped (mdlda/logs.py)
         self.uri = tracking_uri(self.workdir)
         init_ray(address, quiet=not verbose)  # quiet: workers' output stays in Ray's logs, not on this console
         # a multi-node run refuses storage that dies with a node (pipelines/preflight.py)
