@@ -81,7 +81,7 @@ def run(
         except ConfigError as exc:
             _fail(str(exc))
         _check_inputs(lambda: check_chain_inputs(data, cfg.data))  # before Ray and MLflow: one clear line
-        from pipelines.run import run_chain
+        from pipelines.chain import run_chain
 
         with _console(workdir, verbose), _guarded(workdir):
             _check_inputs(lambda: run_chain(cfg, data, workdir, address=address, console=console, verbose=verbose))
@@ -136,7 +136,7 @@ def _chain(
     verbose: bool = False,
 ):
     from mdlda.config import ConfigError, load_chain_config
-    from pipelines.run import Chain
+    from pipelines.chain import Chain
 
     try:
         cfg = with_budget(load_chain_config(config, set_), *budget)

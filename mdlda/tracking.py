@@ -22,6 +22,7 @@ from torch import nn
 from mdlda.params import FEATURES, LABEL_SCALE, SEGMENT_SAMPLES
 
 TEACHER_MODEL = "mdlda-teacher"
+BASELINE_MODEL = "mdlda-baseline"
 STUDENT_MODEL = "mdlda-student"
 CHAMPION = "champion"
 

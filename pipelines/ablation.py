@@ -39,7 +39,7 @@ from rich.console import Console
 from mdlda import ablation as stats
 from mdlda.config import ChainConfig, SweepConfig, config_digest, identity
 from mdlda.tracking import load_checkpoint
-from pipelines.run import Chain
+from pipelines.chain import Chain
 from pipelines.scoring import EvalData, eval_data, metric_rows, predict_all
 
 logger = logging.getLogger(__name__)

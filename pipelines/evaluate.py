@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,10 @@ from mdlda.metrics import regression_metrics
 from mdlda.params import FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN
 from mdlda.tracking import load_served
 from pipelines.shards import numpy_batches, read_shards
+
+if TYPE_CHECKING:
+    from mdlda.config import ChainConfig
+    from pipelines.runs import StageContext
 
 EVAL_SPLITS = ("test", "piano_test")
 
@@ -191,3 +196,79 @@ def _has_tabulate() -> bool:
     except ImportError:
         return False
     return True
+
+
+@dataclass
+class EvaluateResult:
+    table: pd.DataFrame  # one row per (model, split), as results_table
+    did_work: bool
+
+
+def evaluation_key(resolved: dict[str, dict], ensembles: dict, adabn: list[str], midlevel: str) -> str:
+    """The evaluation cache key: the resolved models (``pin_models``' identities, not the URI text), the
+    ensembles, the AdaBN rows and the content digest of the shards scored."""
+    from mdlda.config import config_digest
+    from mdlda.manifest import read_manifest
+
+    shards = read_manifest(midlevel)["content_digest"]
+    return config_digest({"models": resolved, "ensembles": ensembles, "adabn": adabn, "shards": shards, "v": 4})
+
+
+def evaluate_stage(
+    models: dict[str, str], ensembles: dict[str, list[str]], adabn: list[str], cfg: ChainConfig, ctx: StageContext
+) -> EvaluateResult:
+    """Metrics table of all models on test / piano_test (plus ``<name>+AdaBN`` rows for the models named in
+    ``adabn``: per-domain BatchNorm statistics) under the stage run; cached by what the models resolve to (registry
+    version, run, checkpoint: an alias that moved gives a new evaluation) and the shards' content digest."""
+    from pipelines import runs
+
+    with runs.stage(ctx, "evaluate"):
+        return _evaluate(models, ensembles, adabn, cfg, ctx.workdir)
+
+
+def _evaluate(models, ensembles, adabn, cfg: ChainConfig, workdir: Path) -> EvaluateResult:
+    import math
+
+    import mlflow
+
+    from mdlda.tracking import load_checkpoint
+    from pipelines.scoring import ADAPT_CAP, probe_rows, probe_segments
+
+    midlevel = str(workdir / "shards" / "midlevel")
+    models, resolved = pin_models(models)  # every model below is the version the key names, even if an alias moves
+    key = evaluation_key(resolved, ensembles, adabn, midlevel)
+    out = workdir / "results" / key
+    if (out / "results.csv").exists():
+        return EvaluateResult(pd.read_csv(out / "results.csv"), False)
+    data = {split: load_split(midlevel, split) for split in EVAL_SPLITS}
+    preds = predict_splits(models, midlevel, ensembles=ensembles, data=data)
+    disc_rows = []
+    probe = probe_segments(workdir / "shards" / "maestro", ADAPT_CAP, 2)  # the label-free neighbour rank's segments
+    if adabn:
+        from mdlda.metrics import domain_discrepancy
+        from pipelines.scoring import eval_data, predict_all
+
+        domains = eval_data(workdir, cfg)
+        for name in adabn:
+            pred, emb = predict_all(load_checkpoint(models[name]), domains, per_domain_bn=True)
+            for split in EVAL_SPLITS:
+                preds.y_pred[(f"{name}+AdaBN", split)] = pred[split]
+            d = domain_discrepancy(emb["test"], emb["piano_test"])
+            disc_rows.append({"model": f"{name}+AdaBN", "discrepancy": d, "n_source": len(emb["test"])})
+            disc_rows[-1] |= {"n_target": len(emb["piano_test"]), **probe_rows(pred, emb, domains)}
+    table = results_table(preds)
+    disc = discrepancy_table(models, midlevel, data=data, probe=probe)
+    disc = pd.concat([disc, pd.DataFrame(disc_rows)], ignore_index=True)
+    for p in write_results(table, out, preds, disc):
+        mlflow.log_artifact(str(p))
+    for row in disc.to_dict("records"):
+        name = row["model"].replace("+", "_")
+        mlflow.log_metric(f"{name}.discrepancy", row["discrepancy"])
+        for probe_metric in ("rank_emb", "rank_out"):
+            if probe_metric in row and math.isfinite(row[probe_metric]):
+                mlflow.log_metric(f"{name}.{probe_metric}", row[probe_metric])
+    for row in table.itertuples():
+        mlflow.log_metric(f"{row.model.replace('+', '_')}.{row.split}.r_mean", row.r_mean)
+    (workdir / "results" / "latest").unlink(missing_ok=True)
+    (workdir / "results" / "latest").symlink_to(key)
+    return EvaluateResult(table, True)

@@ -14,6 +14,7 @@ import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -21,11 +22,15 @@ import pyarrow.parquet as pq
 from ray.data import ActorPoolStrategy
 from ray.data.expressions import col
 
-from mdlda.config import PseudoLabelConfig, config_digest
+from mdlda.config import ChainConfig, PseudoLabelConfig, config_digest
 from mdlda.manifest import DATA_DIR, MANIFEST, build_manifest, read_manifest, row_digest, write_manifest
 from mdlda.params import NUM_FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN, audio_params
 from mdlda.pcm import from_column, with_metadata
 from pipelines.shards import WRITE_OPTIONS, labels_array, read_shards
+
+if TYPE_CHECKING:
+    from pipelines.prepare_stage import ChainInputs
+    from pipelines.runs import StageContext
 
 
 @dataclass
@@ -187,3 +192,33 @@ def log_spread(result: PseudoLabelResult, run_dir: Path) -> list[Path]:
     summary = run_dir / "teacher_spread.json"
     summary.write_text(json.dumps(_spread_summary(spread), indent=2))
     return [png, summary]
+
+
+def pseudolabel_stage(
+    cfg: ChainConfig, teacher_uris: list[str], out: Path, inputs: ChainInputs, ctx: StageContext
+) -> PseudoLabelResult:
+    """The chain's pseudo-label stage: :func:`pseudolabel` of the chain's MAESTRO shards into ``out`` under its
+    stage run, with the teachers, the subset's manifest and the teacher spread logged there."""
+    import tempfile
+
+    import mlflow
+
+    from pipelines import runs  # here: the actors that unpickle this module need no MLflow bookkeeping
+
+    with runs.stage(ctx, "pseudolabel"):
+        source_train = inputs.data.counts["source_train"]
+        res = pseudolabel(cfg.pseudolabel, teacher_uris, str(ctx.shards("maestro")), out, source_train, ctx.uri)
+        mlflow.log_params(
+            {
+                "teachers": ",".join(teacher_uris),
+                "num_segments": res.manifest["rows"],
+                "seed": cfg.pseudolabel.seed,
+            }
+        )
+        runs.log_json(res.manifest, "manifest-pseudolabels.json")
+        with tempfile.TemporaryDirectory() as d:
+            for p in log_spread(res, Path(d)):
+                mlflow.log_artifact(str(p))
+        spread = res.manifest["options"]["teacher_spread"]
+        mlflow.log_metrics({f"teacher_spread_{k}": v for k, v in spread.items()})
+    return res

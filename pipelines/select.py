@@ -8,6 +8,7 @@ epoch, then by trial id. The same table is produced from a live ResultGrid and f
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -132,12 +133,25 @@ def _trial_run_id(client, experiment_id: str, trial_id: str, sweep: str) -> str 
     return runs[0].info.run_id if runs else None
 
 
+@dataclass(frozen=True)
+class SweepId:
+    """A sweep as its trial runs and registered versions name it: ``name`` (the trial runs' ``sweep`` tag) in the
+    MLflow experiment ``experiment`` (id ``experiment_id``)."""
+
+    name: str
+    experiment: str
+    experiment_id: str
+
+    @property
+    def id(self) -> str:
+        """The ``sweep_id`` tag of the sweep's registered versions."""
+        return f"{self.experiment}/{self.name}"
+
+
 def register_top_k(
     chosen: pd.DataFrame,
     results,
-    sweep_name: str,
-    sweep_id: str,
-    experiment_id: str,
+    sweep: SweepId,
     frontend_stats,
     registered_model: str = TEACHER_MODEL,
     extra_tags: dict[str, str] | None = None,
@@ -148,6 +162,7 @@ def register_top_k(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
+    sweep_name, sweep_id, experiment_id = sweep.name, sweep.id, sweep.experiment_id
     configs = {(r.metrics or {}).get("trial_id"): r.config for r in results}
     existing = {}
     try:

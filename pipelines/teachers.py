@@ -231,22 +231,21 @@ def recorded_trial(path: str | Path, trial_id: str):
 
 def rerun_trial(
     sweep: SweepConfig,
-    path: str | Path,
     trial_id: str,
     data: StageData,
     frontend_stats,
     storage: str | Path,
-    metric: str = "valid_r_mean",
     callbacks: list | None = None,
 ) -> RerunResult:
-    """Train one stored trial again from its recorded config, for as many epochs as it reported, and compare
-    its per-epoch validation scores with the logged ones."""
+    """Train one trial of the sweep ``sweep.name`` stored under ``storage`` again from its recorded config, for as
+    many epochs as it reported, and compare its per-epoch ``sweep.metric`` with the logged one."""
     import time
 
     import numpy as np
     import pandas as pd
 
-    config, logged = recorded_trial(path, trial_id)
+    metric = sweep.metric
+    config, logged = recorded_trial(Path(storage) / sweep.name, trial_id)
     epochs = int(len(logged))
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data=data, frontend_stats=frontend_stats),

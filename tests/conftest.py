@@ -52,7 +52,7 @@ def chain(ray_local, demo_root, tmp_path_factory):
     """The tiny chain run twice in one workdir (the second run must do no work): (first, second) ChainResults."""
     from tiny_chain import tiny_chain_config
 
-    from pipelines.run import run_chain
+    from pipelines.chain import run_chain
 
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -144,3 +144,20 @@ def test_results_table_is_recomputed_from_the_predictions(chain):
     assert (disc.discrepancy > 0).all()
     for png in ("mean_r.png", "features.png", "discrepancy.png"):
         assert os.path.getsize(os.path.join(out, png)) > 5_000
+
+
+def test_select_only_returns_the_versions_the_sweep_registered(chain):
+    """`mdlda teachers --select-only` ranks the stored sweep with the sweep's own selection: same versions and
+    ranks, same tags, no new version."""
+    from tiny_chain import tiny_chain_config
+
+    from pipelines.chain import Chain
+
+    first, _ = chain
+    client = _client(first)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    obj = Chain(tiny_chain_config(), first.workdir)
+    again = obj.select_only(obj.cfg.teachers, baseline=False)
+    keys = ("version", "rank", "sweep", "sweep_id", "trial_id")
+    assert [{k: t[k] for k in keys} for t in again] == [{k: t[k] for k in keys} for t in first.teachers]
+    assert len(client.search_model_versions("name='mdlda-teacher'")) == K

@@ -60,8 +60,7 @@ def _shards(tmp_path, digest_of: str):
 def test_the_key_follows_the_alias_to_its_version_not_the_uri_text(store, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.evaluate import pin_models
-    from pipelines.stages import evaluation_key
+    from pipelines.evaluate import evaluation_key, pin_models
 
     v1, v2 = _register("mdlda-student", tmp_path, 1), _register("mdlda-student", tmp_path, 2)
     client = MlflowClient()

@@ -25,7 +25,7 @@ def _use_store(result):
 
 
 def _chain_obj(result, cfg: ChainConfig | None = None):
-    from pipelines.run import Chain
+    from pipelines.chain import Chain
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     return Chain(cfg or tiny_chain_config(), result.workdir)
@@ -109,7 +109,7 @@ def _budget_config(**budget) -> ChainConfig:
 
 
 def test_max_trials_and_time_budget_stop_launching_and_resume(chain):
-    from pipelines.run import sweep_name
+    from pipelines.sweep_stage import sweep_name
     from pipelines.teachers import stored_trials
 
     first, _ = chain
@@ -232,7 +232,7 @@ def test_a_killed_driver_resumes_the_sweep_without_redoing_finished_trials(chain
 
     import yaml
 
-    from pipelines.run import sweep_name
+    from pipelines.sweep_stage import sweep_name
     from pipelines.teachers import stored_trials
 
     first, _ = chain
