@@ -15,7 +15,7 @@ from scipy import stats
 from tiny_models import one_thread  # noqa: F401  (autouse fixture: one torch thread for tiny tensors)
 from typer.testing import CliRunner
 
-from mdlda.cli_conespressione import register
+from pipelines.cli.conespressione import register
 from mdlda.conespressione import (
     ConEspressioneError,
     check_groups,

@@ -1,6 +1,6 @@
 """`mdlda compare A B [C ...]` and `mdlda compare-demo`: performances of one piece side by side.
 
-:func:`register` adds both commands to a Typer app (``mdlda.cli`` calls it); the work is in :mod:`mdlda.compare`
+:func:`register` adds both commands to a Typer app (:mod:`pipelines.cli` calls it); the work is in :mod:`mdlda.compare`
 (alignment in :mod:`mdlda.align`, outputs in :mod:`mdlda.compare_report`). Bad input is refused in one
 ``error:`` line before MLflow starts: fewer than two files, a missing or undecodable file, a bad option, a workdir
 without an MLflow store; a model the store does not hold is refused before any audio is decoded.

@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 console = Console()
 
-from mdlda.cli_prepare import register as _register_prepare  # noqa: E402
+from pipelines.cli.prepare import register as _register_prepare  # noqa: E402
 
 _register_prepare(app)  # demo-data and prepare first: the order of `mdlda --help`
 
@@ -375,26 +375,22 @@ def lineage(
         _fail(f"{len(broken)} link(s) do not resolve: " + "; ".join(f"{b.role} {b.ref}: {b.detail}" for b in broken))
 
 
-from mdlda.cli_conespressione import register as _register_conespressione  # noqa: E402
+from pipelines.cli.conespressione import register as _register_conespressione  # noqa: E402
 
 _register_conespressione(app)
 
-from mdlda.cli_compare import register as _register_compare  # noqa: E402
+from pipelines.cli.compare import register as _register_compare  # noqa: E402
 
 _register_compare(app)
 
-from mdlda.cli_ablation import register as _register_ablation  # noqa: E402
+from pipelines.cli.ablation import register as _register_ablation  # noqa: E402
 
 _register_ablation(app)
 
-from mdlda.cli_ui import register as _register_ui  # noqa: E402
+from pipelines.cli.ui import register as _register_ui  # noqa: E402
 
 _register_ui(app)
 
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

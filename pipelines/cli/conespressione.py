@@ -1,6 +1,6 @@
 """`mdlda conespressione` and `mdlda conespressione-demo`: the downstream check of the paper's section 5.
 
-:func:`register` adds both commands to a Typer app (``mdlda.cli`` calls it); the work is in
+:func:`register` adds both commands to a Typer app (:mod:`pipelines.cli` calls it); the work is in
 :mod:`mdlda.conespressione` and :mod:`mdlda.datasets.conespressione`.
 """
 

@@ -52,7 +52,7 @@ def ui(
     Prints the URL and serves until Ctrl-C. For a tracking server (MLFLOW_TRACKING_URI=http...) it only prints
     that server's address: its UI is already there.
     """
-    from mdlda.cli import _fail, console
+    from pipelines.cli import _fail, console
 
     env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if env_uri.startswith(("http://", "https://")):
