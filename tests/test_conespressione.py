@@ -15,7 +15,6 @@ from scipy import stats
 from tiny_models import one_thread  # noqa: F401  (autouse fixture: one torch thread for tiny tensors)
 from typer.testing import CliRunner
 
-from pipelines.cli.conespressione import register
 from mdlda.conespressione import (
     ConEspressioneError,
     check_groups,
@@ -32,6 +31,7 @@ from mdlda.datasets.conespressione import (
     read_dimensions,
 )
 from mdlda.params import FEATURES
+from pipelines.cli.conespressione import register
 
 
 @pytest.fixture(scope="module")

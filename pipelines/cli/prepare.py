@@ -26,8 +26,8 @@ def demo_data(
     size: str = typer.Option("small", help="'tiny' (tests) or 'small' (the demo)."),
 ) -> None:
     """Generate a small dataset in the real on-disk formats (audio files + CSVs), with a real timbre shift."""
-    from pipelines.cli import console
     from mdlda.datasets import generate_demo
+    from pipelines.cli import console
 
     summary = generate_demo(out, seed=seed, size=size)
     console.print_json(json.dumps(summary, default=str))
@@ -57,8 +57,8 @@ def prepare(
     ),
 ) -> None:
     """Decode, resample and segment audio into Parquet shards with Ray Data (resumable, idempotent)."""
-    from pipelines.cli import _check_inputs, _console, _fail, _locked
     from mdlda.datasets.inputs import check_dataset_root
+    from pipelines.cli import _check_inputs, _console, _fail, _locked
     from pipelines.prepare_folder import PrepareError, check_out_folder
 
     try:
@@ -90,9 +90,9 @@ def logs_home(out: Path) -> Path:
 
 
 def _prepare(options: dict, address: str | None, verbose: bool = False) -> None:
-    from pipelines.cli import _fail, console
     from mdlda.datasets import DatasetFormatError, DatasetSplitError
     from mdlda.manifest import ShardError
+    from pipelines.cli import _fail, console
     from pipelines.prepare import PrepareConfig, PrepareError, prepare
     from pipelines.raysetup import init_ray
 
