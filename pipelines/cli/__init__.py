@@ -294,15 +294,13 @@ def predict(
     plot: Path | None = typer.Option(None, help="Write a PNG of the 7 feature curves over time."),
 ) -> None:
     """Predict the 7 mid-level features (1..10) of audio files, per 15-s window and time-averaged."""
-    import os
     import sys
 
-    import mlflow
     import pandas as pd
 
     from mdlda.audio import AudioError
     from mdlda.predict import plot_curves, predict_recording, time_average
-    from mdlda.tracking import TrackingError, load_served, tracking_uri
+    from mdlda.tracking import TrackingError, load_served, use_tracking
 
     if batch_size < 1:  # checked before the model is loaded
         _fail(f"--batch-size must be at least 1 window per forward pass, got {batch_size}")
@@ -312,7 +310,7 @@ def predict(
         if not path.is_file():
             what = "is a directory, not an audio file" if path.is_dir() else "not found"
             _fail(f"{path}: {what}")
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(workdir))
+    use_tracking(workdir)
     try:
         served = load_served(model)
     except TrackingError as exc:
@@ -354,14 +352,10 @@ def lineage(
 
     Every link is resolved against the tracking store; the command exits with 1 when one does not resolve.
     """
-    import os
-
-    import mlflow
-
     from mdlda.lineage import LineageError, render, trace
-    from mdlda.tracking import tracking_uri
+    from mdlda.tracking import use_tracking
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(workdir))
+    use_tracking(workdir)
     try:
         tree = trace(model)
     except LineageError as exc:

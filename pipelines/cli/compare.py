@@ -9,7 +9,6 @@ without an MLflow store; a model the store does not hold is refused before any a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
@@ -100,20 +99,19 @@ def compare(
         _fail(f"--min-diff must be > 0 and --passages >= 0, got {min_diff:g} and {passages}")
     _check_audio(audio)
     bar_times = _read_bars(bars)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    from mdlda.tracking import tracking_override
+
+    uri = tracking_uri or tracking_override()
     if not uri and not (workdir / "mlflow.db").is_file():
         _fail(
             f"{workdir / 'mlflow.db'} does not exist: {workdir} holds no MLflow store. Pass the --workdir of a chain "
             "(`mdlda run` writes the store there) or --tracking-uri."
         )
-    import mlflow
-
     from mdlda.audio import AudioError
     from mdlda.compare import compare as run_compare
-    from mdlda.tracking import TrackingError, load_served
-    from mdlda.tracking import tracking_uri as workdir_uri
+    from mdlda.tracking import TrackingError, load_served, use_tracking
 
-    mlflow.set_tracking_uri(uri or workdir_uri(workdir))
+    use_tracking(workdir, uri)
     try:
         served = load_served(model)
     except TrackingError as exc:
