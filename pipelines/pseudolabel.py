@@ -66,9 +66,15 @@ class TeacherEnsemble:
 
 
 def choose_segments(maestro_shards: str | Path, n: int, seed: int, splits: list[str] | None) -> list[str]:
-    """A seeded random subset of ``n`` segment ids (sorted), or all when there are fewer."""
+    """A seeded random subset of ``n`` of the shards' segment ids (:func:`sample_ids`)."""
     ds, _ = read_shards(maestro_shards, splits=splits, columns=["clip_id"])
-    ids = sorted(ds.to_pandas().clip_id)
+    return sample_ids(ds.to_pandas().clip_id, n, seed)
+
+
+def sample_ids(ids, n: int, seed: int) -> list[str]:
+    """A seeded random subset of ``n`` ids (sorted), or all when there are fewer. The ids are sorted before the
+    draw, so the subset depends on the set of ids and the seed only, not on the order Ray Data read them in."""
+    ids = sorted(ids)
     if n >= len(ids):
         return ids
     rng = np.random.default_rng(seed)
