@@ -308,8 +308,8 @@ def _run_chunks(
     parts: dict[int, dict[int, list[dict]]] = {i: {} for i in left}
     ds = ray.data.from_items(groups, override_num_blocks=len(groups))
     ds = ds.map(_decode_row, num_cpus=config.num_cpus_per_task)
-    # One operator with nothing to reserve resources against: Ray Data's per-operator reservation (half the
-    # cluster's CPUs held back) kept ~1.3 of 2 CPUs busy (200 clips: 4.3 s, 1.36 cores; without it 2.6 s, 1.95).
+    # One operator with nothing to reserve resources against: Ray Data's per-operator reservation holds half the
+    # cluster's CPUs back for operators that do not exist here, leaving decode CPUs idle (bench/README.md).
     # This dataset's own context; the process-wide DataContext is left as it is.
     ds.context.op_resource_reservation_enabled = False
     rows = iter(ds.iter_rows())

@@ -2,9 +2,9 @@
 
 Ray Data batch inference: an actor pool whose actors each hold the k registered teachers (loaded from the
 MLflow registry through their weights-only checkpoints, on the GPU when there is one). Output: shards in the
-DESIGN schema (labels = teacher mean on the 1..10 scale) plus ``teacher_spread`` (std across teachers, averaged
-over the 7 features) and a manifest that names the teacher versions, so a rerun with the same teachers and seed
-does nothing.
+source shards' schema (README, "Data contract"; labels = the teacher mean on the 1..10 scale) plus
+``teacher_spread`` (std across teachers, averaged over the 7 features) and a manifest that names the teacher
+versions, so a rerun with the same teachers and seed does nothing.
 """
 
 from __future__ import annotations
