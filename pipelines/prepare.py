@@ -282,8 +282,8 @@ def _run_chunks(
     Yields ``(chunk, records)`` once all files of a chunk are in ``<out>/data``; ``advance(items)`` is called as
     each group's outcome arrives. One dataset for all chunks: groups of the next chunk run while a chunk's last
     group finishes, and Ray Data's start-up is paid once. Closing the iterator early stops the pipeline.
-    ``map_batches`` + ``write_parquet`` of the segments themselves cost 39 ms of CPU per file on 200 clips against
-    21 ms this way (the decode alone: 12 ms), and needed an actor to collect the outcomes.
+    Each task writing its own file costs less CPU per file than ``map_batches`` + ``write_parquet`` of the segments
+    and needs no actor to collect the outcomes (bench/prepare.py measures it; figures in bench/README.md).
     """
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) / config.num_cpus_per_task))  # tasks at once
     groups = []
