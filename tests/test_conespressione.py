@@ -205,6 +205,7 @@ def clean_mlflow(monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow  # the whole command on a generated set
 def test_command_end_to_end_outputs_match_independent_recomputation(tmp_path, demo, monkeypatch, clean_mlflow):
     import mlflow
     import torch

@@ -75,6 +75,7 @@ def test_champion_moves_only_to_a_better_student(clean_env, tmp_path):
     assert client.get_model_version_by_alias("m", CHAMPION).version == versions[2]
 
 
+@pytest.mark.slow  # waits out SQLite's lock timeout
 def test_a_locked_sqlite_store_names_the_server_command(tmp_path, monkeypatch):
     """Another writer holds the embedded store: the error says so and shows how to start the tracking server."""
     import sqlite3
