@@ -29,7 +29,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs --durations=15
 
-# the edit loop: the unit tests only, no Ray started (a few minutes)
+# the edit loop: the unit tests only, no Ray started (tests on a Ray fixture must be marked slow: conftest.py)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -m "not slow"
 

@@ -6,7 +6,7 @@ Three generated performances of one piece (``mdlda.datasets.performances``: 44.1
 ``--seconds`` long) and a real MLflow registry (SQLite store in a temporary folder) holding an RF-ResNet of
 ``--width`` with random weights as ``mdlda-student@champion`` (speed does not depend on the weights).
 
-- **command line**: ``python -m mdlda.cli predict A B C --hop H --out x.csv`` and ``... compare A B C --hop H
+- **command line**: ``python -m pipelines.cli predict A B C --hop H --out x.csv`` and ``... compare A B C --hop H
   --out DIR`` in fresh processes, interleaved (predict, compare, predict, ...) ``--rounds`` times: what a user
   waits for, start-up (imports, model loading) included. CPU is the child's user + system time.
 - **library**, in this process after one warm-up of each: ``predict_recording`` of every file vs
@@ -117,7 +117,7 @@ def main() -> None:
         files = list(made["files"].values())
         work = d / "work"
         register_model(work, args.width)
-        cli = [sys.executable, "-m", "mdlda.cli"]
+        cli = [sys.executable, "-m", "pipelines.cli"]
         common = ["--workdir", str(work), "--hop", str(args.hop)]
         runs = {"predict": [], "compare": []}
         for _ in range(args.rounds):

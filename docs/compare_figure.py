@@ -84,7 +84,7 @@ def main() -> None:
         shutil.rmtree(work)
     generate_demo(work / "data", seed=0, size="small")
     register(train(work / "data", args.width, args.epochs), work / "store")
-    mdlda = [sys.executable, "-m", "mdlda.cli"]
+    mdlda = [sys.executable, "-m", "pipelines.cli"]
     subprocess.run([*mdlda, "compare-demo", "--out", str(work / "perf")], check=True)
     perf = work / "perf"
     files = [str(perf / f"{n}.wav") for n in ("A_reference", "B_faster_detached", "C_slower")]

@@ -11,7 +11,6 @@ one in the manifest logged with the run.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,14 +48,18 @@ class Link:
 
 def resolve_version(client: MlflowClient, uri: str):
     """``models:/name@alias`` or ``models:/name/version`` -> the ModelVersion."""
-    m = re.fullmatch(r"models:/([^/@]+)(?:@([\w-]+)|/(\d+))", uri.strip())
-    if not m:
-        raise LineageError(f"{uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    name, alias, version = m.groups()
+    from mdlda.served import parse_model_uri
+
     try:
-        if alias:
-            return client.get_model_version_by_alias(name, alias)
-        return client.get_model_version(name, version)
+        parsed = parse_model_uri(uri)
+    except ValueError as exc:
+        raise LineageError(str(exc)) from exc
+    if parsed.model_id is not None:  # a logged model is no registered version: it carries no lineage tags
+        raise LineageError(f"{uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION (a registered version)")
+    try:
+        if parsed.alias:
+            return client.get_model_version_by_alias(parsed.name, parsed.alias)
+        return client.get_model_version(parsed.name, parsed.version)
     except MlflowException as exc:
         raise LineageError(f"{uri}: not in the registry ({exc.message.splitlines()[0]})") from exc
 

@@ -4,8 +4,8 @@ A segment is ``SEGMENT_SAMPLES`` samples = ``SEGMENT_BYTES`` bytes (661,500 for 
 a view of the ``(B, N)`` int16 array's memory as an Arrow ``fixed_size_binary`` column; reading is
 ``np.frombuffer`` over the column's one data buffer, reshaped to ``(B, N)``: no copy either way. The old layout
 (Ray's tensor column, an Arrow ``large_list<int16>``) stored a repetition and a definition level per sample in
-Parquet and cost ~14x more CPU per read (bench/README.md, parquet_write.py); shards in it are refused
-(:func:`check_schema`) with the command that rewrites them.
+Parquet and cost many times the CPU per read (bench/parquet_write.py; figures in bench/README.md); shards in it
+are refused (:func:`check_schema`) with the command that rewrites them.
 
 The audio parameters are also in every Parquet file's schema metadata (key :data:`SCHEMA_KEY`), so a file read
 without its manifest still says what its bytes are.

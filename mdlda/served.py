@@ -45,18 +45,34 @@ def _refuse(ref_text: str, why: str) -> TrackingError:
     )
 
 
-def _registry_version(client, uri: str, rest: str):
-    """The ModelVersion behind ``NAME@ALIAS`` or ``NAME/VERSION``."""
+def parse_model_uri(uri: str):
+    """MLflow's own reading of a ``models:/`` URI: a ParsedModelUri with ``model_id`` (``models:/<logged model
+    id>``), or ``name`` with ``version`` or ``alias`` (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``).
+
+    A stage or ``latest`` (``models:/NAME/Production``) is refused: mdlda names a version or an alias, so a run
+    records which model it used. MLflow exports the parser only under a private name; this is its one caller.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import _parse_model_uri
+
+    expected = "expected models:/NAME@ALIAS or models:/NAME/VERSION (a number)"
+    try:
+        parsed = _parse_model_uri(uri.strip())
+    except MlflowException as exc:
+        raise ValueError(f"{uri!r}: {expected}") from exc
+    if parsed.model_id is None and not (parsed.version or parsed.alias):
+        raise ValueError(f"{uri!r}: {expected}")
+    return parsed
+
+
+def _registry_version(client, uri: str, parsed):
+    """The ModelVersion behind a parsed ``NAME@ALIAS`` or ``NAME/VERSION``."""
     from mlflow.exceptions import MlflowException
 
     try:
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
-        name, version = rest.rsplit("/", 1)
-        if not version.isdigit():
-            raise TrackingError(f"cannot load {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION (a number)")
-        return client.get_model_version(name, version)
+        if parsed.alias:
+            return client.get_model_version_by_alias(parsed.name, parsed.alias)
+        return client.get_model_version(parsed.name, parsed.version)
     except MlflowException as exc:
         raise TrackingError(f"cannot load model {uri!r}: {exc.message}") from exc
 
@@ -80,19 +96,24 @@ def resolve(uri: str) -> ModelRef:
 
     client = MlflowClient()
     version = None
-    if uri.startswith("models:/m-") and "/" not in uri[len("models:/") :] and "@" not in uri:
-        try:  # a logged model id (what MLflow 3 records as a version's source)
-            run_id = client.get_logged_model(uri[len("models:/") :]).source_run_id
-        except MlflowException as exc:
-            raise TrackingError(f"cannot load model {uri!r}: {exc.message}") from exc
-        info_uri, default = uri, "model-checkpoint"
-        label = uri
-    elif uri.startswith("models:/"):
-        v = _registry_version(client, uri, uri[len("models:/") :])
-        version = f"{v.name}/{v.version}"
-        run_id = v.run_id
-        info_uri, default = f"models:/{version}", "model-checkpoint"
-        label = f"{uri} (version {version})"
+    if uri.startswith("models:/"):
+        try:
+            parsed = parse_model_uri(uri)
+        except ValueError as exc:
+            raise TrackingError(f"cannot load {exc}") from exc
+        if parsed.model_id is not None:  # a logged model id (what MLflow 3 records as a version's source)
+            try:
+                run_id = client.get_logged_model(parsed.model_id).source_run_id
+            except MlflowException as exc:
+                raise TrackingError(f"cannot load model {uri!r}: {exc.message}") from exc
+            info_uri, default = uri, "model-checkpoint"
+            label = uri
+        else:
+            v = _registry_version(client, uri, parsed)
+            version = f"{v.name}/{v.version}"
+            run_id = v.run_id
+            info_uri, default = f"models:/{version}", "model-checkpoint"
+            label = f"{uri} (version {version})"
     elif uri.startswith("runs:/"):
         run_id, _, path = uri[len("runs:/") :].partition("/")
         path = path.strip("/") or "model"

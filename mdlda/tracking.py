@@ -31,11 +31,23 @@ class TrackingError(RuntimeError):
     """The MLflow store cannot be reached or used; the message names the URI and the fix."""
 
 
+def tracking_override() -> str | None:
+    """``MLFLOW_TRACKING_URI`` when set and not empty: the store every command uses instead of a workdir's."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
 def tracking_uri(workdir: str | Path) -> str:
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+    """The store of ``workdir``: :func:`tracking_override` if set, else the workdir's embedded SQLite store."""
+    return tracking_override() or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def use_tracking(workdir: str | Path, uri: str | None = None) -> str:
+    """Point MLflow at ``uri``, else at :func:`tracking_uri` of ``workdir``; returns the URI in use."""
+    import mlflow
+
+    uri = uri or tracking_uri(workdir)
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def setup_tracking(workdir: str | Path, experiment: str) -> str:

@@ -282,8 +282,8 @@ def _run_chunks(
     Yields ``(chunk, records)`` once all files of a chunk are in ``<out>/data``; ``advance(items)`` is called as
     each group's outcome arrives. One dataset for all chunks: groups of the next chunk run while a chunk's last
     group finishes, and Ray Data's start-up is paid once. Closing the iterator early stops the pipeline.
-    ``map_batches`` + ``write_parquet`` of the segments themselves cost 39 ms of CPU per file on 200 clips against
-    21 ms this way (the decode alone: 12 ms), and needed an actor to collect the outcomes.
+    Each task writing its own file costs less CPU per file than ``map_batches`` + ``write_parquet`` of the segments
+    and needs no actor to collect the outcomes (bench/prepare.py measures it; figures in bench/README.md).
     """
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) / config.num_cpus_per_task))  # tasks at once
     groups = []
@@ -308,8 +308,8 @@ def _run_chunks(
     parts: dict[int, dict[int, list[dict]]] = {i: {} for i in left}
     ds = ray.data.from_items(groups, override_num_blocks=len(groups))
     ds = ds.map(_decode_row, num_cpus=config.num_cpus_per_task)
-    # One operator with nothing to reserve resources against: Ray Data's per-operator reservation (half the
-    # cluster's CPUs held back) kept ~1.3 of 2 CPUs busy (200 clips: 4.3 s, 1.36 cores; without it 2.6 s, 1.95).
+    # One operator with nothing to reserve resources against: Ray Data's per-operator reservation holds half the
+    # cluster's CPUs back for operators that do not exist here, leaving decode CPUs idle (bench/README.md).
     # This dataset's own context; the process-wide DataContext is left as it is.
     ds.context.op_resource_reservation_enabled = False
     rows = iter(ds.iter_rows())

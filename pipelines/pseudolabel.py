@@ -2,9 +2,9 @@
 
 Ray Data batch inference: an actor pool whose actors each hold the k registered teachers (loaded from the
 MLflow registry through their weights-only checkpoints, on the GPU when there is one). Output: shards in the
-DESIGN schema (labels = teacher mean on the 1..10 scale) plus ``teacher_spread`` (std across teachers, averaged
-over the 7 features) and a manifest that names the teacher versions, so a rerun with the same teachers and seed
-does nothing.
+source shards' schema (README, "Data contract"; labels = the teacher mean on the 1..10 scale) plus
+``teacher_spread`` (std across teachers, averaged over the 7 features) and a manifest that names the teacher
+versions, so a rerun with the same teachers and seed does nothing.
 """
 
 from __future__ import annotations
@@ -71,9 +71,15 @@ class TeacherEnsemble:
 
 
 def choose_segments(maestro_shards: str | Path, n: int, seed: int, splits: list[str] | None) -> list[str]:
-    """A seeded random subset of ``n`` segment ids (sorted), or all when there are fewer."""
+    """A seeded random subset of ``n`` of the shards' segment ids (:func:`sample_ids`)."""
     ds, _ = read_shards(maestro_shards, splits=splits, columns=["clip_id"])
-    ids = sorted(ds.to_pandas().clip_id)
+    return sample_ids(ds.to_pandas().clip_id, n, seed)
+
+
+def sample_ids(ids, n: int, seed: int) -> list[str]:
+    """A seeded random subset of ``n`` ids (sorted), or all when there are fewer. The ids are sorted before the
+    draw, so the subset depends on the set of ids and the seed only, not on the order Ray Data read them in."""
+    ids = sorted(ids)
     if n >= len(ids):
         return ids
     rng = np.random.default_rng(seed)

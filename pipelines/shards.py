@@ -41,8 +41,8 @@ def read_shards(
 
 
 # Parquet options of every shard writer. The audio column is raw int16 PCM in a fixed-size binary column
-# (mdlda/pcm.py), written uncompressed: PCM hardly compresses (lz4 wrote 0.664 MB per 15-s segment against
-# 0.662 MB uncompressed) and every codec costs CPU on each read (bench/README.md, parquet_write.py). Only the
+# (mdlda/pcm.py), written uncompressed: PCM hardly compresses and every codec costs CPU on each read
+# (bench/parquet_write.py measures both; bench/README.md has the figures). Only the
 # short strings are dictionary-encoded and carry statistics (what the split filter can use); min/max statistics
 # of 661,500-byte values would cost a pass over them and bloat the footer.
 _STRINGS = ["clip_id", "dataset", "domain", "split", "group"]

@@ -15,6 +15,15 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+RAY_FIXTURES = {"ray_local", "chain", "midlevel_shards"}  # each starts the session's local Ray
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test on a Ray fixture must be marked slow: `make test-fast` (-m "not slow") starts no Ray."""
+    unmarked = [i.nodeid for i in items if RAY_FIXTURES & set(i.fixturenames) and not i.get_closest_marker("slow")]
+    if unmarked:
+        raise pytest.UsageError(f"tests on a local Ray without @pytest.mark.slow: {', '.join(unmarked)}")
+
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):

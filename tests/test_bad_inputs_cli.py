@@ -144,7 +144,7 @@ def test_the_command_line_refuses_bad_input_in_one_line_before_ray_or_mlflow(
     import ray
     from typer.testing import CliRunner
 
-    from mdlda.cli import app
+    from pipelines.cli import app
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -200,7 +200,7 @@ def store(tmp_path_factory):
 def _invoke(args):
     from typer.testing import CliRunner
 
-    from mdlda.cli import app
+    from pipelines.cli import app
 
     return CliRunner().invoke(app, args)
 

@@ -15,7 +15,6 @@ from scipy import stats
 from tiny_models import one_thread  # noqa: F401  (autouse fixture: one torch thread for tiny tensors)
 from typer.testing import CliRunner
 
-from mdlda.cli_conespressione import register
 from mdlda.conespressione import (
     ConEspressioneError,
     check_groups,
@@ -32,6 +31,7 @@ from mdlda.datasets.conespressione import (
     read_dimensions,
 )
 from mdlda.params import FEATURES
+from pipelines.cli.conespressione import register
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +205,7 @@ def clean_mlflow(monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow  # the whole command on a generated set
 def test_command_end_to_end_outputs_match_independent_recomputation(tmp_path, demo, monkeypatch, clean_mlflow):
     import mlflow
     import torch

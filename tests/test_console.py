@@ -134,7 +134,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         COLUMNS="200",
     )
     return subprocess.run(
-        [sys.executable, "-m", "mdlda.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
 
 

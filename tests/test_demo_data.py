@@ -85,6 +85,7 @@ def test_maestro_demo_reads_back_as_stereo_wav(demo) -> None:
     assert pd.DataFrame(columns).reset_index(drop=True).equals(pd.read_csv(root / "maestro-v3.0.0.csv"))
 
 
+@pytest.mark.slow  # generates the whole tiny demo a second time
 def test_same_seed_gives_identical_csvs_and_audio(demo, tmp_path) -> None:
     again = generate_demo(tmp_path / "again", seed=0, size="tiny", workers=3)  # other thread count
     assert again["source_clips"] == 40 and again["piano_clips"] == 8 and again["maestro_performances"] == 3

@@ -45,7 +45,12 @@ def holder(tmp_path):
 
 def _mdlda(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mdlda.cli", *args], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120
+        [sys.executable, "-m", "pipelines.cli", *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=120,
     )
 
 
@@ -94,7 +99,7 @@ def test_every_writing_command_takes_the_workdir_lock(holder, tmp_path):
     """In this process (the holder is another one): refused before any config, Ray or MLflow work."""
     from typer.testing import CliRunner
 
-    from mdlda.cli import app
+    from pipelines.cli import app
 
     wd = str(tmp_path / "wd")
     for args in (

@@ -342,9 +342,9 @@ def test_truncated_maestro_wav_and_a_path_out_of_the_root_are_reported(ray_local
     import soundfile as sf
     from typer.testing import CliRunner
 
-    from mdlda.cli import app
     from mdlda.datasets import index_maestro
     from mdlda.datasets.maestro import CSV_NAME
+    from pipelines.cli import app
 
     root = tmp_path / "maestro"
     shutil.copytree(demo_root / "maestro", root)

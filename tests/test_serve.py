@@ -165,7 +165,7 @@ def test_mdlda_ui_serves_the_workdirs_store_on_localhost(store, tmp_path):
         mlflow.log_metric("val_r_mean", 0.5)
     port = _free_port()
     log = tmp_path / "ui.log"
-    cmd = [sys.executable, "-m", "mdlda.cli", "ui", "--workdir", str(store), "--port", str(port)]
+    cmd = [sys.executable, "-m", "pipelines.cli", "ui", "--workdir", str(store), "--port", str(port)]
     proc = _start(cmd, _env(), log)
     try:
         _wait_http(proc, f"http://127.0.0.1:{port}/", log)
@@ -186,7 +186,7 @@ def test_mdlda_ui_serves_the_workdirs_store_on_localhost(store, tmp_path):
 def test_mdlda_ui_refuses_a_workdir_without_a_store_and_a_busy_port(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from mdlda.cli import app
+    from pipelines.cli import app
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runner = CliRunner()

@@ -90,6 +90,26 @@ def test_unknown_models_and_uris_get_a_clear_error(store):
         load_served("/some/folder/model")
     with pytest.raises(TrackingError, match="VERSION \\(a number\\)"):
         load_served("models:/x/Production")
+    for uri in ("models:/x/latest", "models:/a/b/3", "models:/", "models:/x@"):
+        with pytest.raises(TrackingError, match="expected models:/NAME@ALIAS"):
+            load_served(uri)
+    with pytest.raises(TrackingError, match="'models:/nobody'.*nobody"):  # a logged model id the store lacks
+        load_served("models:/nobody")
+
+
+def test_model_uris_are_read_by_mlflows_parser():
+    from mdlda.lineage import LineageError, resolve_version
+    from mdlda.served import parse_model_uri
+
+    assert parse_model_uri("models:/mdlda-student@champion")[1:] == ("mdlda-student", None, None, "champion")
+    assert parse_model_uri(" models:/mdlda-teacher/12 ")[1:3] == ("mdlda-teacher", "12")
+    assert parse_model_uri("models:/m-0123abc").model_id == "m-0123abc"
+    for bad in ("models:/x/Production", "models:/x/latest", "runs:/abc/model", "models:/a/b/3"):
+        with pytest.raises(ValueError, match="expected models:/NAME@ALIAS or models:/NAME/VERSION"):
+            parse_model_uri(bad)
+    for bad in ("models:/x/Production", "models:/m-0123abc"):  # lineage needs a registered version
+        with pytest.raises(LineageError, match="expected models:/NAME@ALIAS"):
+            resolve_version(None, bad)
 
 
 @pytest.mark.slow

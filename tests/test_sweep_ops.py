@@ -58,7 +58,7 @@ def test_lineage_of_the_champion_resolves_every_link(chain):
 
 
 def test_lineage_command_reports_a_broken_link(chain):
-    from mdlda.cli import app
+    from pipelines.cli import app
 
     first, _ = chain
     client = _use_store(first)
@@ -243,7 +243,7 @@ def test_a_killed_driver_resumes_the_sweep_without_redoing_finished_trials(chain
     obj = _chain_obj(first, cfg)
     path = Path(first.workdir) / "ray_results" / sweep_name(cfg.teachers, obj.data[2])
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    cmd = [sys.executable, "-m", "mdlda.cli", "teachers", "--config", str(config), "--workdir", first.workdir]
+    cmd = [sys.executable, "-m", "pipelines.cli", "teachers", "--config", str(config), "--workdir", first.workdir]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     done = None
     deadline = time.monotonic() + 600

@@ -17,6 +17,22 @@ def clean_env(monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
+def test_the_store_is_the_environments_else_the_workdirs(clean_env, monkeypatch, tmp_path):
+    import mlflow
+
+    from mdlda.tracking import tracking_override, tracking_uri, use_tracking
+
+    embedded = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking_override() is None and tracking_uri(tmp_path) == embedded
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # set but empty: as if unset
+    assert tracking_override() is None and tracking_uri(tmp_path) == embedded
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.7:5000")
+    assert tracking_uri(tmp_path) == "http://10.0.0.7:5000"
+    assert use_tracking(tmp_path) == mlflow.get_tracking_uri() == "http://10.0.0.7:5000"
+    other = f"sqlite:///{tmp_path.resolve()}/other.db"  # an explicit URI (compare's --tracking-uri) wins
+    assert use_tracking(tmp_path, other) == mlflow.get_tracking_uri() == other
+
+
 def test_unreachable_server_fails_fast_with_the_fix(clean_env, monkeypatch, tmp_path):
     from mdlda.tracking import TrackingError, setup_tracking
 
@@ -59,6 +75,7 @@ def test_champion_moves_only_to_a_better_student(clean_env, tmp_path):
     assert client.get_model_version_by_alias("m", CHAMPION).version == versions[2]
 
 
+@pytest.mark.slow  # waits out SQLite's lock timeout
 def test_a_locked_sqlite_store_names_the_server_command(tmp_path, monkeypatch):
     """Another writer holds the embedded store: the error says so and shows how to start the tracking server."""
     import sqlite3

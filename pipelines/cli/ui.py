@@ -5,7 +5,6 @@ that :mod:`mdlda.tracking` uses for that workdir, so nobody has to type the abso
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -19,12 +18,12 @@ HOST = "127.0.0.1"  # never on all interfaces: the embedded store has no authent
 def ui_command(workdir: Path, port: int) -> tuple[list[str], str]:
     """The ``mlflow ui`` command line for ``workdir``'s store (or ``MLFLOW_TRACKING_URI``'s non-HTTP store) and
     the store URI it serves."""
-    from mdlda.tracking import tracking_uri
+    from mdlda.tracking import tracking_override, tracking_uri
 
     workdir = Path(workdir).resolve()
     uri = tracking_uri(workdir)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
-    if not os.environ.get("MLFLOW_TRACKING_URI"):  # the embedded store: its artifacts sit beside it
+    if not tracking_override():  # the embedded store: its artifacts sit beside it
         cmd += ["--default-artifact-root", (workdir / "mlartifacts").as_uri()]
     cmd += ["--host", HOST, "--port", str(port), "--workers", "1"]
     return cmd, uri
@@ -52,9 +51,10 @@ def ui(
     Prints the URL and serves until Ctrl-C. For a tracking server (MLFLOW_TRACKING_URI=http...) it only prints
     that server's address: its UI is already there.
     """
-    from mdlda.cli import _fail, console
+    from mdlda.tracking import tracking_override
+    from pipelines.cli import _fail, console
 
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    env_uri = tracking_override() or ""
     if env_uri.startswith(("http://", "https://")):
         console.print(f"MLFLOW_TRACKING_URI points at a tracking server; its UI: {env_uri}", soft_wrap=True)
         return

@@ -1,5 +1,5 @@
 """`mdlda demo-data` and `mdlda prepare`: the data commands. :func:`register` adds them to a Typer app
-(``mdlda.cli`` calls it); the work is in :mod:`mdlda.datasets` and :mod:`pipelines.prepare`.
+(:mod:`pipelines.cli` calls it); the work is in :mod:`mdlda.datasets` and :mod:`pipelines.prepare`.
 
 ``prepare`` checks its ``--out`` (a folder holding other files is refused before anything is written there) and
 then holds that folder's one-writer lock (:mod:`mdlda.lock`) for the rest of the command.
@@ -26,8 +26,8 @@ def demo_data(
     size: str = typer.Option("small", help="'tiny' (tests) or 'small' (the demo)."),
 ) -> None:
     """Generate a small dataset in the real on-disk formats (audio files + CSVs), with a real timbre shift."""
-    from mdlda.cli import console
     from mdlda.datasets import generate_demo
+    from pipelines.cli import console
 
     summary = generate_demo(out, seed=seed, size=size)
     console.print_json(json.dumps(summary, default=str))
@@ -57,8 +57,8 @@ def prepare(
     ),
 ) -> None:
     """Decode, resample and segment audio into Parquet shards with Ray Data (resumable, idempotent)."""
-    from mdlda.cli import _check_inputs, _console, _fail, _locked
     from mdlda.datasets.inputs import check_dataset_root
+    from pipelines.cli import _check_inputs, _console, _fail, _locked
     from pipelines.prepare_folder import PrepareError, check_out_folder
 
     try:
@@ -90,9 +90,9 @@ def logs_home(out: Path) -> Path:
 
 
 def _prepare(options: dict, address: str | None, verbose: bool = False) -> None:
-    from mdlda.cli import _fail, console
     from mdlda.datasets import DatasetFormatError, DatasetSplitError
     from mdlda.manifest import ShardError
+    from pipelines.cli import _fail, console
     from pipelines.prepare import PrepareConfig, PrepareError, prepare
     from pipelines.raysetup import init_ray
 

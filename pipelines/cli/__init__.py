@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 console = Console()
 
-from mdlda.cli_prepare import register as _register_prepare  # noqa: E402
+from pipelines.cli.prepare import register as _register_prepare  # noqa: E402
 
 _register_prepare(app)  # demo-data and prepare first: the order of `mdlda --help`
 
@@ -294,15 +294,13 @@ def predict(
     plot: Path | None = typer.Option(None, help="Write a PNG of the 7 feature curves over time."),
 ) -> None:
     """Predict the 7 mid-level features (1..10) of audio files, per 15-s window and time-averaged."""
-    import os
     import sys
 
-    import mlflow
     import pandas as pd
 
     from mdlda.audio import AudioError
     from mdlda.predict import plot_curves, predict_recording, time_average
-    from mdlda.tracking import TrackingError, load_served, tracking_uri
+    from mdlda.tracking import TrackingError, load_served, use_tracking
 
     if batch_size < 1:  # checked before the model is loaded
         _fail(f"--batch-size must be at least 1 window per forward pass, got {batch_size}")
@@ -312,7 +310,7 @@ def predict(
         if not path.is_file():
             what = "is a directory, not an audio file" if path.is_dir() else "not found"
             _fail(f"{path}: {what}")
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(workdir))
+    use_tracking(workdir)
     try:
         served = load_served(model)
     except TrackingError as exc:
@@ -354,14 +352,10 @@ def lineage(
 
     Every link is resolved against the tracking store; the command exits with 1 when one does not resolve.
     """
-    import os
-
-    import mlflow
-
     from mdlda.lineage import LineageError, render, trace
-    from mdlda.tracking import tracking_uri
+    from mdlda.tracking import use_tracking
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(workdir))
+    use_tracking(workdir)
     try:
         tree = trace(model)
     except LineageError as exc:
@@ -375,26 +369,22 @@ def lineage(
         _fail(f"{len(broken)} link(s) do not resolve: " + "; ".join(f"{b.role} {b.ref}: {b.detail}" for b in broken))
 
 
-from mdlda.cli_conespressione import register as _register_conespressione  # noqa: E402
+from pipelines.cli.conespressione import register as _register_conespressione  # noqa: E402
 
 _register_conespressione(app)
 
-from mdlda.cli_compare import register as _register_compare  # noqa: E402
+from pipelines.cli.compare import register as _register_compare  # noqa: E402
 
 _register_compare(app)
 
-from mdlda.cli_ablation import register as _register_ablation  # noqa: E402
+from pipelines.cli.ablation import register as _register_ablation  # noqa: E402
 
 _register_ablation(app)
 
-from mdlda.cli_ui import register as _register_ui  # noqa: E402
+from pipelines.cli.ui import register as _register_ui  # noqa: E402
 
 _register_ui(app)
 
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -1,13 +1,12 @@
 """`mdlda conespressione` and `mdlda conespressione-demo`: the downstream check of the paper's section 5.
 
-:func:`register` adds both commands to a Typer app (``mdlda.cli`` calls it); the work is in
+:func:`register` adds both commands to a Typer app (:mod:`pipelines.cli` calls it); the work is in
 :mod:`mdlda.conespressione` and :mod:`mdlda.datasets.conespressione`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
@@ -138,11 +137,10 @@ def conespressione(
     except ConEspressioneError as exc:
         _print_skipped(skipped)
         _fail(str(exc))
-    import mlflow  # after the checks: a bad CSV fails fast, without importing mlflow and torch
+    # after the checks: a bad CSV fails fast, without importing mlflow and torch
+    from mdlda.tracking import TrackingError, load_served, use_tracking
 
-    from mdlda.tracking import TrackingError, load_served, tracking_uri
-
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(workdir))
+    use_tracking(workdir)
     served = {}
     for name, uri in uris.items():
         try:

@@ -1,6 +1,6 @@
 """`mdlda compare A B [C ...]` and `mdlda compare-demo`: performances of one piece side by side.
 
-:func:`register` adds both commands to a Typer app (``mdlda.cli`` calls it); the work is in :mod:`mdlda.compare`
+:func:`register` adds both commands to a Typer app (:mod:`pipelines.cli` calls it); the work is in :mod:`mdlda.compare`
 (alignment in :mod:`mdlda.align`, outputs in :mod:`mdlda.compare_report`). Bad input is refused in one
 ``error:`` line before MLflow starts: fewer than two files, a missing or undecodable file, a bad option, a workdir
 without an MLflow store; a model the store does not hold is refused before any audio is decoded.
@@ -9,7 +9,6 @@ without an MLflow store; a model the store does not hold is refused before any a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
@@ -100,20 +99,19 @@ def compare(
         _fail(f"--min-diff must be > 0 and --passages >= 0, got {min_diff:g} and {passages}")
     _check_audio(audio)
     bar_times = _read_bars(bars)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    from mdlda.tracking import tracking_override
+
+    uri = tracking_uri or tracking_override()
     if not uri and not (workdir / "mlflow.db").is_file():
         _fail(
             f"{workdir / 'mlflow.db'} does not exist: {workdir} holds no MLflow store. Pass the --workdir of a chain "
             "(`mdlda run` writes the store there) or --tracking-uri."
         )
-    import mlflow
-
     from mdlda.audio import AudioError
     from mdlda.compare import compare as run_compare
-    from mdlda.tracking import TrackingError, load_served
-    from mdlda.tracking import tracking_uri as workdir_uri
+    from mdlda.tracking import TrackingError, load_served, use_tracking
 
-    mlflow.set_tracking_uri(uri or workdir_uri(workdir))
+    use_tracking(workdir, uri)
     try:
         served = load_served(model)
     except TrackingError as exc:

@@ -20,8 +20,8 @@ def ablation(
 ) -> None:
     """Train every model of the ablation for each seed (the chain's own stages, resumable) and report mean ± 95%
     interval over seeds and paired differences to the baseline: WORKDIR/results/ablation/{ablation.md,csv,png}."""
-    from mdlda.cli import _console, _fail, _guarded, _locked, console
     from mdlda.config import ConfigError, load_chain_config
+    from pipelines.cli import _console, _fail, _guarded, _locked, console
 
     with _locked(workdir):  # first: a second writer on the workdir is refused before any other work
         try:
