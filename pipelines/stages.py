@@ -273,7 +273,7 @@ def student_stage(cfg: ChainConfig, midlevel: str, pseudo: str, fstats, workdir:
             "mix": cfg.student.mix,
             "weighting": cfg.student.weighting,
             "init": cfg.student.init,
-            **{f"train.{k}": v for k, v in student_trial_config(cfg.student).items()},
+            **{f"train.{k}": v for k, v in student_trial_config(cfg.student).params().items()},
         }
     )
     pseudo_manifest = data.manifests["target"]
