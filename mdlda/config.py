@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, ValidationError, field_serializer, model_validator
 
 from mdlda.train_config import Float, Int, TrainConfig, searchable_train_keys
 
@@ -40,6 +40,13 @@ NUMERIC_DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _as_given(train: TrainConfig, info: FieldSerializationInfo) -> dict[str, Any]:
+    """A section's ``train`` dumps the fields the config gives, not the defaults: the dump validates back to the
+    same config (a searched key does not meet a default in ``train`` and clash), and the digests of stored
+    sweeps and students see what a config chose."""
+    return train.model_dump(mode=info.mode, exclude_unset=True)
 
 
 class Problems(ValueError):
@@ -193,6 +200,8 @@ class SweepConfig(_Strict):
     max_trials: Int | None = Field(None, ge=0, description="Stop launching trials after this many in total.")
     max_failures_per_trial: Int = Field(0, ge=-1, description="Retries of a failed trial (-1: without limit).")
 
+    train_as_given = field_serializer("train")(_as_given)
+
     @model_validator(mode="after")
     def _model_and_search(self) -> SweepConfig:
         problems = _check_mode(self.train, self.mode)
@@ -248,6 +257,8 @@ class StudentConfig(_Strict):
     max_failures: Int = Field(1, ge=-1, description="Restarts of a failed worker group (-1: without limit).")
     register_models: bool = True
     champion: bool = Field(True, description="Move the registry's champion alias when this student beats it.")
+
+    train_as_given = field_serializer("train")(_as_given)
 
     @model_validator(mode="after")
     def _model(self) -> StudentConfig:
