@@ -450,7 +450,8 @@ def _one_line(exc: ValidationError) -> str:
             section = _section_model(loc[:-1])
             if section is not None:
                 known = f"; known keys: {sorted(section.model_fields)}"
-        parts.append(f"{key}: {e['msg']}{got}{known}")
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{key}: {msg}{got}{known}")
     return f"{len(parts)} problem(s): " + "; ".join(parts)
 
 
