@@ -172,7 +172,7 @@ class SweepConfig(_Strict):
     model: str = "rfresnet"
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="Fixed create_model overrides.")
     mode: Literal["dann", "supervised"] = "dann"
-    search: dict[str, Any] = Field(default_factory=dict, description="Search space (see tune_spaces/README).")
+    search: dict[str, Any] = Field(default_factory=dict, description="Search space (see tune_spaces/README.md).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Fixed TrainConfig fields.")
     num_samples: Int = Field(16, ge=1)
     search_seed: Int | None = Field(
