@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, ValidationError, field_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FieldSerializationInfo,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 
 from mdlda.train_config import Float, Int, TrainConfig, searchable_train_keys
 

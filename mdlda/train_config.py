@@ -22,6 +22,7 @@ def _not_bool(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
 
+
 class TrainConfig(BaseModel):
     """Everything :func:`mdlda.training.fit` needs besides the model and the data, plus the batch sizes the
     callers' batch iterators read. Override with ``model_copy(update=...)`` or :meth:`from_dict`;
@@ -88,4 +89,3 @@ class TrainConfig(BaseModel):
 def searchable_train_keys() -> set[str]:
     """The TrainConfig fields a sweep may search (the mode is the sweep's own)."""
     return set(TrainConfig.model_fields) - {"mode"}
-

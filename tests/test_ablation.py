@@ -110,7 +110,9 @@ def test_ablation_of_the_tiny_chain(ray_local, demo_root, tmp_path, monkeypatch)
     cfg = tiny_chain_config()
     one_epoch = {"max_epochs": 1, "patience": 1}
     search = {**cfg.teachers.search, "lr": {"grid": [2.0e-3, 3.0e-3]}}
-    teachers = cfg.teachers.model_copy(update={"search": search, "train": cfg.teachers.train.model_copy(update=one_epoch)})
+    teachers = cfg.teachers.model_copy(
+        update={"search": search, "train": cfg.teachers.train.model_copy(update=one_epoch)}
+    )
     student = cfg.student.model_copy(update={"train": cfg.student.train.model_copy(update=one_epoch)})
     cfg = cfg.model_copy(update={"teachers": teachers, "student": student})
     res = run_ablation(cfg, demo_root, tmp_path / "w", seeds=[7])
