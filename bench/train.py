@@ -54,7 +54,7 @@ from mdlda.config import StudentConfig, SweepConfig  # noqa: E402
 from mdlda.training import fit  # noqa: E402
 from pipelines.data import frontend_stats, load_stage_data  # noqa: E402
 from pipelines.student import student_trial_config, train_student  # noqa: E402
-from pipelines.trial import build_model, split_trial_config  # noqa: E402
+from pipelines.trial import build_model  # noqa: E402
 
 KEYS = ("samples_per_s", "data_wait_fraction", "train_seconds", "seconds")
 
@@ -116,8 +116,9 @@ def to_numpy(ds) -> dict[str, np.ndarray]:
 def bare_run(cfg: StudentConfig, stats, src, tgt, valid, epochs: int, threads: int) -> dict:
     """The student's model/config/seed through ``fit`` in this process, batches from in-memory lists."""
     torch.set_num_threads(threads)
-    model_name, overrides, train_cfg, batch = split_trial_config(student_trial_config(cfg))
-    bs, rng = batch["batch_size"], np.random.default_rng(train_cfg.seed)
+    trial = student_trial_config(cfg)
+    train_cfg = trial.train
+    bs, rng = train_cfg.batch_size, np.random.default_rng(train_cfg.seed)
     steps = len(src["audio"]) // bs
     per_epoch = []
     for _ in range(epochs):
@@ -134,10 +135,10 @@ def bare_run(cfg: StudentConfig, stats, src, tgt, valid, epochs: int, threads: i
                 for i in range(0, steps * bs, bs)
             ]
         )
-    vbs = batch["valid_batch_size"]
+    vbs = train_cfg.valid_batch_size
     vlist = [{k: v[i : i + vbs] for k, v in valid.items()} for i in range(0, len(valid["audio"]), vbs)]
     seed_everything(train_cfg.seed)
-    model = build_model(model_name, overrides, stats)
+    model = build_model(trial.model, trial.model_overrides, stats)
     marks: list[float] = []
     t0 = time.perf_counter()
     res = fit(
@@ -172,7 +173,7 @@ def ray_run(cfg: StudentConfig, data, stats, storage: Path) -> dict:
     df = res.result.metrics_dataframe
     history = df.to_dict("records") if df is not None else []
     source = "result.metrics_dataframe"
-    if len(history) < cfg.train["max_epochs"]:  # V2 keeps metrics of kept checkpoints only (num_to_keep=2)
+    if len(history) < cfg.train.max_epochs:  # V2 keeps metrics of kept checkpoints only (num_to_keep=2)
         history = load_training_state(res.checkpoint_dir)["history"]
         source = "history in the last checkpoint (metrics_dataframe holds only kept checkpoints)"
     return {

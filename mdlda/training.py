@@ -12,7 +12,6 @@ Epochs are numbered from 0: ``train_batches(epoch)``, :func:`mdlda.adapt.dann_la
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -24,90 +23,19 @@ import torch
 from torch import Tensor, nn
 
 from mdlda.adapt import dann_lambda
-from mdlda.batches import MODES
 from mdlda.checkpoints import capture_rng_state, restore_rng_state, seed_everything, to_cpu
 from mdlda.devices import DeviceMonitor, place
 from mdlda.domain_pair import DomainPair
 from mdlda.replicas import average_running_stats, world_size
 from mdlda.steps import Precision, evaluate, resolve_device, train_one_epoch
+from mdlda.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["EpochResult", "FitResult", "TrainConfig", "fit"]
+
 Batch = Mapping[str, Any]
 STATE_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything :func:`fit` needs besides the model and the data. Override with ``dataclasses.replace`` or
-    :meth:`from_dict`; :meth:`to_dict` is the JSON-friendly form logged with every run."""
-
-    mode: Literal["supervised", "dann", "distill"] = "supervised"
-    lr: float = 1e-3
-    weight_decay: float = 1e-5  # Adam's L2 weight decay
-    lr_milestones: tuple[int, ...] = (2, 5, 10, 15, 20)  # after these epochs the lr is multiplied by lr_gamma
-    lr_gamma: float = 0.5
-    max_epochs: int = 99
-    patience: int = 14  # stop after this many epochs without a better validation number (select_on)
-    adv_scale: float = 1.0  # DANN: scale of the gradient-reversal weight schedule (mdlda.adapt.dann_lambda)
-    lambda_schedule_epochs: int = 20  # DANN: epochs over which the reversal weight ramps up to adv_scale
-    lambda_gamma: float = 10.0  # DANN: steepness of Ganin's ramp
-    seed: int = 0
-    device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available)
-    # GPU settings: off or a no-op on a CPU by default, so the CPU path is unchanged (tests/test_training.py)
-    mixed_precision: bool = False  # autocast of the network (front end stays fp32) on CUDA; CPU: see below
-    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds a GradScaler
-    mixed_precision_cpu: bool = False  # also autocast (bf16) on a CPU: only worth it with AMX / AVX512-BF16
-    channels_last: bool = False  # NHWC weights and feature maps (what tensor cores want under bf16)
-    compile: bool = False  # torch.compile each network block (not the front end); the first steps pay for it
-    pin_memory: bool = True  # CUDA: host -> device batch copies from page-locked memory, non_blocking
-    grad_clip_norm: float | None = None  # clip the global gradient norm to this value
-    deterministic: bool = True  # torch.use_deterministic_algorithms(True, warn_only=True) during fit
-    # DANN / distillation: whose passes update the BatchNorm running statistics the model is evaluated and
-    # served with ("both", "source" or "target"; docs/method.md has the measurements)
-    bn_stats: Literal["both", "source", "target"] = "source"
-    # which validation number picks the best epoch (and drives patience): "r_mean" (scale-free) or "loss" (the
-    # MSE, which also sees an offset or a wrong output scale)
-    select_on: Literal["r_mean", "loss"] = "r_mean"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
-        problems = []
-        if self.mode not in MODES:
-            problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not (self.lr > 0 and self.weight_decay >= 0 and 0 < self.lr_gamma <= 1):
-            problems.append(
-                f"need lr > 0, weight_decay >= 0, 0 < lr_gamma <= 1; got {self.lr}, "
-                f"{self.weight_decay}, {self.lr_gamma}"
-            )
-        if min(self.max_epochs, self.patience, self.lambda_schedule_epochs) < 1:
-            problems.append("max_epochs, patience and lambda_schedule_epochs must be >= 1")
-        if self.adv_scale < 0:
-            problems.append(f"adv_scale must be >= 0, got {self.adv_scale}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            problems.append(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
-        if self.select_on not in ("r_mean", "loss"):
-            problems.append(f"select_on must be 'r_mean' or 'loss', got {self.select_on!r}")
-        if self.bn_stats not in ("both", "source", "target"):
-            problems.append(f"bn_stats must be 'both', 'source' or 'target', got {self.bn_stats!r}")
-        if self.amp_dtype not in ("bfloat16", "float16"):
-            problems.append(f"amp_dtype must be 'bfloat16' or 'float16', got {self.amp_dtype!r}")
-        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
-            problems.append(f"grad_clip_norm must be > 0 or None, got {self.grad_clip_norm}")
-        if problems:
-            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "lr_milestones": list(self.lr_milestones)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        """Build from a (partial) dict; unknown keys are an error naming the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig option(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass

@@ -84,7 +84,7 @@ def baseline_sweep(cfg: ChainConfig, seed: int) -> SweepConfig:
 
 def seed_config(cfg: ChainConfig, seed: int) -> ChainConfig:
     """The chain config of ablation seed ``seed``: only the seeds differ from ``cfg``."""
-    student_train = {**cfg.student.train, "seed": seed}
+    student_train = cfg.student.train.model_copy(update={"seed": seed})
     return cfg.model_copy(
         update={
             "baselines": [baseline_sweep(cfg, seed)],

@@ -5,12 +5,15 @@ check: with ~40 metrics a result that is ~40 SQLite transactions in the Tune dri
 "`callbacks.on_trial_result` took 0.6 s" on a held-out run), and every trial's next result waits behind them.
 ``BatchedMLflowLoggerCallback`` keeps Ray's runs, tags, params and run names and writes each result's metrics
 in one ``log_batch`` call (one transaction): the same metrics at the same steps, nothing buffered across
-results, so a driver killed between two results loses nothing that was reported before it.
+results, so a driver killed between two results loses nothing that was reported before it. ``params`` maps a
+trial's config to the params its run logs (the sweeps log their nested trial configs flat: ``lr``, ``width``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.result import TIMESTEPS_TOTAL, TRAINING_ITERATION
@@ -23,6 +26,20 @@ class BatchedMLflowLoggerCallback(MLflowLoggerCallback):
     """``MLflowLoggerCallback`` whose ``log_trial_result`` is one ``MlflowClient.log_batch`` per result."""
 
     _client = None
+
+    def __init__(self, *args, params: Callable[[dict], dict[str, Any]] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._params = params
+
+    def log_trial_start(self, trial) -> None:
+        if self._params is None:
+            return super().log_trial_start(trial)
+        if trial not in self._trial_runs:  # Ray's run, tags and name
+            tags = {**(self.tags or {}), "trial_name": str(trial)}
+            run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
+            self._trial_runs[trial] = run.info.run_id
+        if not self.log_params_on_trial_end:
+            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=self._params(trial.config))
 
     def _mlflow_client(self):
         if self._client is None:

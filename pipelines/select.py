@@ -14,8 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from mdlda.checkpoints import load_training_state
+from mdlda.config import TrialConfig
 from mdlda.tracking import TEACHER_MODEL, log_model
-from pipelines.trial import build_model, split_trial_config
+from pipelines.trial import build_model
 
 TIE_RULE = (
     "only trials that trained out (max_epochs or patience; not cut early by the scheduler); "
@@ -119,10 +120,11 @@ def select_top_k(table: pd.DataFrame, k: int, allow_fewer: bool = False) -> pd.D
     return chosen
 
 
-def best_model_from_checkpoint(checkpoint_dir: str, config: dict, frontend_stats):
-    """Rebuild a trial's model with its best epoch's weights from its latest checkpoint."""
-    model_name, overrides, _, _ = split_trial_config(config)
-    model = build_model(model_name, overrides, frontend_stats)
+def best_model_from_checkpoint(checkpoint_dir: str, config: TrialConfig | dict, frontend_stats):
+    """Rebuild a trial's model (``config``: a TrialConfig or its dict, e.g. a Tune result's config) with its best
+    epoch's weights from its latest checkpoint."""
+    trial = config if isinstance(config, TrialConfig) else TrialConfig.model_validate(config)
+    model = build_model(trial.model, trial.model_overrides, frontend_stats)
     state = load_training_state(checkpoint_dir)
     model.load_state_dict(state["best_model"] if state.get("best_model") else state["model"])
     return model.eval()

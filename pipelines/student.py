@@ -30,11 +30,11 @@ from ray.train import DataConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from mdlda.checkpoints import load_training_state, save_training_state, seed_everything
-from mdlda.config import StudentConfig
+from mdlda.config import StudentConfig, TrialConfig
 from mdlda.replicas import replica_spread
 from pipelines.data import StageData, pooled_batches, train_batches, valid_batches
 from pipelines.progress import watched_queue
-from pipelines.trial import build_model, split_trial_config
+from pipelines.trial import build_model
 
 logger = logging.getLogger("mdlda.student")
 
@@ -92,12 +92,12 @@ def student_loop(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    trial_cfg = dict(config["trial"])
+    trial = TrialConfig.model_validate(config["trial"])
+    train_cfg = trial.train
     if config.get("use_gpu"):
-        trial_cfg["device"] = str(ray.train.torch.get_device())
-    model_name, overrides, train_cfg, batch = split_trial_config(trial_cfg)
+        train_cfg = train_cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
     seed_everything(train_cfg.seed)
-    model = build_model(model_name, overrides, config["frontend_stats"])
+    model = build_model(trial.model, trial.model_overrides, config["frontend_stats"])
     if config.get("init_state") is not None:  # student.init = teacher (a resumed run's checkpoint overrides it)
         model.load_state_dict(config["init_state"])
     source = ray.train.get_dataset_shard("source")
@@ -140,22 +140,22 @@ def student_loop(config: dict) -> None:
         seed = train_cfg.seed + 1000 * rank
         if config.get("mix", "pooled") == "pooled":
             return pooled_batches(
-                source, target, batch["batch_size"], seed, epoch, sizes, batch["shuffle_buffer"], train_cfg.seed
+                source, target, train_cfg.batch_size, seed, epoch, sizes, train_cfg.shuffle_buffer, train_cfg.seed
             )
         return train_batches(
             source,
-            batch["batch_size"],
+            train_cfg.batch_size,
             seed,
             epoch,
             target,
             target_labelled=True,
-            shuffle_buffer=batch["shuffle_buffer"],
+            shuffle_buffer=train_cfg.shuffle_buffer,
         )
 
     result = fit(
         model,
         batches,
-        lambda: valid_batches(valid, batch["valid_batch_size"]),
+        lambda: valid_batches(valid, train_cfg.valid_batch_size),
         train_cfg,
         on_epoch=on_epoch,
         state=state,
@@ -211,8 +211,10 @@ def _fmt_s(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def student_trial_config(cfg: StudentConfig) -> dict[str, Any]:
-    return {"model": cfg.model, **cfg.model_overrides, **cfg.train, "mode": "distill"}
+def student_trial_config(cfg: StudentConfig) -> TrialConfig:
+    """The student's run in the shape of a sweep trial's config (mode distill)."""
+    train = {**cfg.train.model_dump(mode="json", exclude_unset=True), "mode": "distill"}
+    return TrialConfig.model_validate({"model": cfg.model, "model_overrides": cfg.model_overrides, "train": train})
 
 
 def initial_weights(cfg: StudentConfig, teacher_uris: list[str], frontend_stats) -> dict | None:
@@ -251,13 +253,14 @@ def train_student(
     storage = str(Path(storage).resolve()) if "://" not in str(storage) else str(storage)
     if data.target is None:
         raise ValueError("the student needs the pseudo-labelled target set")
-    max_epochs = int(student_trial_config(cfg).get("max_epochs", 99))
+    trial = student_trial_config(cfg)
+    max_epochs = trial.train.max_epochs
     progress = ExitStack()  # one line per epoch, handed over by the controller (EpochEvents)
     queue = progress.enter_context(watched_queue(EpochLines("student", max_epochs)))
     trainer = TorchTrainer(
         student_loop,
         train_loop_config={
-            "trial": student_trial_config(cfg),
+            "trial": trial.model_dump(mode="json"),
             "frontend_stats": frontend_stats,
             "use_gpu": cfg.use_gpu,
             "mix": cfg.mix,

@@ -17,12 +17,12 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from mdlda.config import SweepConfig
+from mdlda.config import SweepConfig, TrialConfig, search_target
 from pipelines.budget import BudgetedVariantGenerator, set_budget
 from pipelines.data import StageData
 from pipelines.mlflow_callback import BatchedMLflowLoggerCallback
 from pipelines.progress import SweepProgress
-from pipelines.spaces import to_tune
+from pipelines.spaces import grid_size, to_tune
 from pipelines.trial import train_trial
 
 logger = logging.getLogger(__name__)
@@ -69,12 +69,24 @@ def trial_resources(sweep: SweepConfig, materialized: bool) -> tuple[dict, int]:
 
 
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
-    """Fixed settings + search space, flat (see pipelines/trial.py for how keys are routed)."""
-    fixed = {"model": sweep.model, "mode": sweep.mode, **sweep.model_overrides, **sweep.train}
-    clash = sorted(set(fixed) & set(sweep.search))
-    if clash:
-        raise ValueError(f"sweep {sweep.name!r}: {clash} are both fixed and searched")
-    return {**fixed, **to_tune(sweep.search, where=f"{sweep.name}.search")}
+    """Tune's ``param_space`` in the shape of a :class:`mdlda.config.TrialConfig`: the fixed settings, and every
+    searched one as a Tune distribution in its own section (``mdlda.config`` checked at load where each key
+    belongs). Tune draws the distributions in this order: ``train`` first, then ``model_overrides``."""
+    searched: dict[str, dict[str, Any]] = {"train": {}, "model_overrides": {}}
+    for key, spec in sweep.search.items():
+        searched[search_target(key)][key] = spec
+    train = {"mode": sweep.mode, **sweep.train.model_dump(mode="json", exclude_unset=True, exclude={"mode"})}
+    where = f"{sweep.name}.search"
+    return {
+        "model": sweep.model,
+        "train": {**train, **to_tune(searched["train"], where=where)},
+        "model_overrides": {**sweep.model_overrides, **to_tune(searched["model_overrides"], where=where)},
+    }
+
+
+def trial_params(config: dict) -> dict[str, Any]:
+    """A trial's MLflow params, flat as the YAML names them (``lr``, ``adv_scale``, ``width``)."""
+    return TrialConfig.model_validate(config).params()
 
 
 def run_sweep(
@@ -93,9 +105,7 @@ def run_sweep(
     per, limit = trial_resources(sweep, data.materialized)
     trainable = tune.with_resources(trainable, per)
     space = param_space(sweep)
-    total = sweep.num_samples * math.prod(
-        len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v
-    )
+    total = sweep.num_samples * grid_size(space)
     budget = set_budget(sweep.max_trials, sweep.time_budget_s)
     planned = min(total, sweep.max_trials) if sweep.max_trials is not None else total
     resumed = tune.Tuner.can_restore(path)
@@ -109,7 +119,7 @@ def run_sweep(
             return SweepResult(sweep.name, path, tuner.get_results(), resumed=True, ran=False, total=total)
         logger.info("resuming sweep %s from %s (%d of %d trials stored)", sweep.name, path, stored, planned)
     else:
-        max_t = int(sweep.train.get("max_epochs", 99))
+        max_t = sweep.train.max_epochs
         if sweep.scheduler == "asha":
             scheduler = ASHAScheduler(
                 time_attr="training_iteration",
@@ -121,7 +131,11 @@ def run_sweep(
             scheduler = FIFOScheduler()
         tags = {"mlflow.parentRunId": parent_run_id, "sweep": sweep.name} if parent_run_id else {"sweep": sweep.name}
         callback = BatchedMLflowLoggerCallback(
-            tracking_uri=tracking_uri, experiment_name=experiment_name, tags=tags, save_artifact=False
+            tracking_uri=tracking_uri,
+            experiment_name=experiment_name,
+            tags=tags,
+            save_artifact=False,
+            params=trial_params,
         )
         progress = SweepProgress(total=planned, metric=sweep.metric, name=sweep.name, max_epochs=max_t)
         tuner = tune.Tuner(

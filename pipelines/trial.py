@@ -1,45 +1,28 @@
 """The Ray Tune function trainable shared by the teacher and baseline sweeps.
 
-A trial's config is flat: TrainConfig fields go to the training loop, ``batch_size`` / ``shuffle_buffer`` to
-the batch iterators, everything else (``width``, ``rho``, ...) to ``create_model``. The trial reports every
-epoch with a checkpoint (the full resumable training state) and raises when the loss diverges, so Tune marks
-it failed and the sweep goes on.
+A trial's config has the shape of :class:`mdlda.config.TrialConfig` (``pipelines/teachers.py`` param_space
+builds it): ``model`` and ``model_overrides`` go to ``create_model``, ``train`` (a TrainConfig, batch sizes
+included) to the training loop and the batch iterators. The trial reports every epoch with a checkpoint (the full
+resumable training state) and raises when the loss diverges, so Tune marks it failed and the sweep goes on.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from typing import Any
 
-import torch
 from ray import tune
 
 from mdlda.adapt import DomainHead
 from mdlda.checkpoints import load_training_state, save_training_state, seed_everything
+from mdlda.config import TrialConfig
 from mdlda.models import create_model
-from mdlda.training import TrainConfig, fit
+from mdlda.training import fit
 from pipelines.data import StageData, train_batches, valid_batches
-
-TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
-BATCH_KEYS = {"batch_size", "shuffle_buffer", "valid_batch_size"}
-META_KEYS = {"model", "threads"}
 
 
 class TrialDiverged(RuntimeError):
     """The training loss became NaN/inf: the trial is failed and never selected."""
-
-
-def split_trial_config(config: dict[str, Any]) -> tuple[str, dict, TrainConfig, dict]:
-    """(model name, model overrides, TrainConfig, batch settings) from a flat trial config."""
-    model_name = config.get("model", "rfresnet")
-    train = {k: v for k, v in config.items() if k in TRAIN_KEYS}
-    batch = {"batch_size": 8, "shuffle_buffer": 64, "valid_batch_size": 16}
-    batch.update({k: v for k, v in config.items() if k in BATCH_KEYS})
-    overrides = {k: v for k, v in config.items() if k not in TRAIN_KEYS | BATCH_KEYS | META_KEYS}
-    if "lr_milestones" in train:
-        train["lr_milestones"] = tuple(train["lr_milestones"])
-    return model_name, overrides, TrainConfig.from_dict(train), batch
 
 
 def build_model(model_name: str, overrides: dict, frontend_stats: tuple[list[float], list[float]] | None):
@@ -51,11 +34,10 @@ def build_model(model_name: str, overrides: dict, frontend_stats: tuple[list[flo
 
 def train_trial(config: dict[str, Any], data: StageData, frontend_stats: tuple[list[float], list[float]]) -> None:
     """Tune function trainable: one teacher (mode "dann") or baseline (mode "supervised")."""
-    if config.get("threads"):
-        torch.set_num_threads(int(config["threads"]))
-    model_name, overrides, train_cfg, batch = split_trial_config(config)
+    trial = TrialConfig.model_validate(config)
+    train_cfg = trial.train
     seed_everything(train_cfg.seed)
-    model = build_model(model_name, overrides, frontend_stats)
+    model = build_model(trial.model, trial.model_overrides, frontend_stats)
     head = DomainHead(model.embed_dim) if train_cfg.mode == "dann" else None
     target = data.target if train_cfg.mode == "dann" else None
 
@@ -76,13 +58,13 @@ def train_trial(config: dict[str, Any], data: StageData, frontend_stats: tuple[l
         model,
         lambda epoch: train_batches(
             data.source_train,
-            batch["batch_size"],
+            train_cfg.batch_size,
             train_cfg.seed,
             epoch,
             target,
-            shuffle_buffer=batch["shuffle_buffer"],
+            shuffle_buffer=train_cfg.shuffle_buffer,
         ),
-        lambda: valid_batches(data.source_valid, batch["valid_batch_size"]),
+        lambda: valid_batches(data.source_valid, train_cfg.valid_batch_size),
         train_cfg,
         domain_head=head,
         on_epoch=on_epoch,

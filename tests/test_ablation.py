@@ -91,8 +91,8 @@ def test_seed_config_changes_only_seeds():
     assert a.teachers.search == cfg.teachers.search and a.teachers.num_samples == cfg.teachers.num_samples
     (base,) = a.baselines
     assert base.mode == "supervised" and base.search["seed"] == 1 and "adv_scale" not in base.search
-    assert a.pseudolabel.seed == 1 and a.student.train["seed"] == 1 and not a.student.champion
-    assert a.student.train["lr"] == cfg.student.train["lr"] and cfg.student.champion
+    assert a.pseudolabel.seed == 1 and a.student.train.seed == 1 and not a.student.champion
+    assert a.student.train.lr == cfg.student.train.lr and cfg.student.champion
 
 
 @pytest.mark.slow
@@ -110,8 +110,10 @@ def test_ablation_of_the_tiny_chain(ray_local, demo_root, tmp_path, monkeypatch)
     cfg = tiny_chain_config()
     one_epoch = {"max_epochs": 1, "patience": 1}
     search = {**cfg.teachers.search, "lr": {"grid": [2.0e-3, 3.0e-3]}}
-    teachers = cfg.teachers.model_copy(update={"search": search, "train": {**cfg.teachers.train, **one_epoch}})
-    student = cfg.student.model_copy(update={"train": {**cfg.student.train, **one_epoch}})
+    teachers = cfg.teachers.model_copy(
+        update={"search": search, "train": cfg.teachers.train.model_copy(update=one_epoch)}
+    )
+    student = cfg.student.model_copy(update={"train": cfg.student.train.model_copy(update=one_epoch)})
     cfg = cfg.model_copy(update={"teachers": teachers, "student": student})
     res = run_ablation(cfg, demo_root, tmp_path / "w", seeds=[7])
 

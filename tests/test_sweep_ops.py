@@ -89,7 +89,7 @@ def test_rerun_of_a_trial_matches_its_logged_scores(chain):
     res = obj.rerun(obj.cfg.teachers, False, trial_id)
     assert len(res.comparison) == 2  # both epochs the trial reported
     assert res.max_abs_diff <= RERUN_TOLERANCE, res.comparison
-    assert res.config["lr"] in (2.0e-3, 3.0e-3)
+    assert res.config["train"]["lr"] in (2.0e-3, 3.0e-3)
     with pytest.raises(KeyError, match="no trial"):
         obj.rerun(obj.cfg.teachers, False, "nosuchtrial_00009")
 
@@ -163,7 +163,7 @@ def test_a_killed_trial_worker_is_lost_not_failed(chain):
     from pipelines.teachers import summarize
 
     first, _ = chain
-    train = {**tiny_chain_config().teachers.train, "max_epochs": 50, "patience": 50}
+    train = tiny_chain_config().teachers.train.model_copy(update={"max_epochs": 50, "patience": 50})
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_first_trial_worker, args=(stop, killed), daemon=True)
     killer.start()
