@@ -59,7 +59,7 @@ def _train_and_register(cfg: ChainConfig, pseudo: Path, inputs: ChainInputs, ctx
             "mix": cfg.student.mix,
             "weighting": cfg.student.weighting,
             "init": cfg.student.init,
-            **{f"train.{k}": v for k, v in student_trial_config(cfg.student).items()},
+            **{f"train.{k}": v for k, v in student_trial_config(cfg.student).params().items()},
         }
     )
     pseudo_manifest = data.manifests["target"]
