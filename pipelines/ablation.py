@@ -26,35 +26,23 @@ test clips on the 512-d embedding (``disc_emb``) and on the 7 outputs (``disc_ou
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from mdlda import ablation as stats
-from mdlda.config import ChainConfig, SweepConfig, config_digest, identity
+from mdlda.config import ChainConfig, ConfigError, SweepConfig, config_digest, identity
 from mdlda.tracking import load_checkpoint
+from pipelines.ablation_report import BASELINE, STUDENT, AblationResult, write_ablation
 from pipelines.chain import Chain
 from pipelines.scoring import EvalData, eval_data, metric_rows, predict_all
 
 logger = logging.getLogger(__name__)
 ABLATION_TAG = "mdlda.ablation"
-BASELINE = "baseline"
-
-
-@dataclass
-class AblationResult:
-    per_seed: pd.DataFrame
-    summary: pd.DataFrame
-    headline: pd.DataFrame
-    teachers: pd.DataFrame
-    out_dir: Path
-    run_id: str
 
 
 def _fixed_seed(search: dict, seed: int) -> dict:
@@ -122,17 +110,6 @@ def score_seed(seed: int, models: dict[str, str], teachers: list[str], data: Eva
     return rows
 
 
-ORDER = [
-    "baseline",
-    "baseline+AdaBN",
-    "teacher",
-    "teacher-ensemble",
-    "teacher-ensemble+AdaBN",
-    "student",
-    "student+AdaBN",
-]
-
-
 def teacher_table(seed: int, teachers: list[dict]) -> list[dict]:
     """The selected teachers of one seed with their searched settings (adversarial weight, lr) from MLflow."""
     client = MlflowClient()
@@ -165,26 +142,98 @@ def _ablation_run(exp_id: str, key: str, seeds: list[int], cfg: ChainConfig) -> 
     return run.info.run_id
 
 
+@dataclass(frozen=True)
+class StudentVariant:
+    """An extra student per seed: the seed's student config with ``updates`` (dotted keys under ``student:``),
+    distilled from the same teachers' pseudo-labels, so a student switch is compared paired over chain seeds."""
+
+    updates: tuple[tuple[str, object], ...]
+
+    @property
+    def name(self) -> str:
+        """The row name, e.g. ``student-init-scratch`` (safe in MLflow metric names, file names and the console)."""
+        parts = [f"{k.replace('.', '-')}-{v}" for k, v in self.updates]
+        return "-".join([STUDENT, *parts]).replace("_", "-")
+
+
+def parse_variant(text: str, cfg: ChainConfig) -> StudentVariant:
+    """``"init=scratch,weighting=spread"`` (keys under ``student:``, values in YAML) -> a variant, checked against
+    the student config now, before any compute."""
+    updates = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in item:
+            raise ConfigError(f"student variant {text!r}: expected key=value[,key=value], e.g. init=scratch")
+        key, raw = (x.strip() for x in item.split("=", 1))
+        updates.append((key, yaml.safe_load(raw)))
+    if not updates:
+        raise ConfigError(f"student variant {text!r}: no key=value given")
+    variant = StudentVariant(tuple(updates))
+    if variant_config(cfg, variant).student == cfg.student:
+        raise ConfigError(f"student variant {text!r} does not change the student config")
+    return variant
+
+
+def variant_config(cfg: ChainConfig, variant: StudentVariant) -> ChainConfig:
+    """``cfg`` with the variant's changes to ``student:`` (validated like the YAML)."""
+    data = cfg.model_dump(mode="json")
+    for key, value in variant.updates:
+        *path, last = key.split(".")
+        node = data["student"]
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"student variant: student.{key} is not a key of the student config")
+            node = node[part]
+        node[last] = value
+    try:
+        return ChainConfig.model_validate(data)
+    except ValueError as exc:
+        raise ConfigError(f"student variant {key}={value!r}: {exc}") from exc
+
+
+@dataclass
+class AblationPlan:
+    """What one ablation trains: the seeds, extra student variants, and the Ray address (local Ray if None)."""
+
+    seeds: list[int]
+    variants: list[StudentVariant] = field(default_factory=list)
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.seeds) != len(set(self.seeds)) or not self.seeds:
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+        names = [v.name for v in self.variants]
+        if len(names) != len(set(names)):
+            raise ValueError(f"student variants must differ, got {names}")
+
+
+def variant_students(chain: Chain, variants: list[StudentVariant]) -> dict[str, str]:
+    """Train (or find) each variant's student on the chain's pseudo-labels: row name -> registry URI."""
+    from pipelines.student_stage import student_stage
+
+    found = {}
+    for v in variants:
+        pseudo = chain.shards(chain.pseudo_name)
+        res = student_stage(variant_config(chain.cfg, v), pseudo, chain.data, chain.ctx, v.name)
+        found[v.name] = res.info["uri"]
+        chain.say(f"student variant {v.name}: {res.info['uri']}" + ("" if res.did_work else " (up to date)"))
+    return found
+
+
 def run_ablation(
-    cfg: ChainConfig,
-    data_root: str | Path,
-    workdir: str | Path,
-    seeds: list[int],
-    address: str | None = None,
-    console: Console | None = None,
+    cfg: ChainConfig, data_root: str | Path, workdir: str | Path, plan: AblationPlan, console: Console | None = None
 ) -> AblationResult:
     """Train and score every seed (resuming what earlier runs left), then write and log the tables and figure."""
-    if len(seeds) != len(set(seeds)) or not seeds:
-        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
     console = console or Console()
     workdir = Path(workdir).resolve()
     per_seed, teacher_rows = [], []
     run_id = None
     data = None
+    seeds = plan.seeds
     for i, seed in enumerate(seeds):
-        chain = Chain(seed_config(cfg, seed), workdir, address, console)
+        chain = Chain(seed_config(cfg, seed), workdir, plan.address, console)
         if run_id is None:
-            key = config_digest({"cfg": identity(cfg), "seeds": seeds})
+            extra = {"variants": [v.name for v in plan.variants]} if plan.variants else {}
+            key = config_digest({"cfg": identity(cfg), "seeds": seeds, **extra})
             run_id = _ablation_run(chain.exp_id, key, seeds, cfg)
         MlflowClient().set_tag(chain.parent, "mlflow.parentRunId", run_id)  # the seed's chain nests under it
         MlflowClient().set_tag(chain.parent, "ablation.seed", str(seed))
@@ -195,11 +244,12 @@ def run_ablation(
         chain.teachers()
         chain.pseudolabel()
         chain.student()
+        students = {STUDENT: chain.models["student"], **variant_students(chain, plan.variants)}
         if data is None:
             data = eval_data(workdir, cfg)
         base_uri = chain.models[chain.cfg.baselines[0].name]
         teachers = [t["uri"] for t in chain.result.teachers]
-        per_seed += score_seed(seed, {BASELINE: base_uri, "student": chain.models["student"]}, teachers, data)
+        per_seed += score_seed(seed, {BASELINE: base_uri, **students}, teachers, data)
         teacher_rows += teacher_table(seed, chain.result.teachers)
         chain.say(f"ablation seed {seed}: scored")
     out = workdir / "results" / "ablation" / key[:8]
@@ -208,101 +258,3 @@ def run_ablation(
     latest.unlink(missing_ok=True)
     latest.symlink_to(key[:8])
     return result
-
-
-def write_ablation(
-    per_seed: pd.DataFrame, teachers: pd.DataFrame, out: Path, run_id: str, console: Console
-) -> AblationResult:
-    """The tables, the figure and the report of one ablation into ``out``, logged to the ablation's MLflow run."""
-    order = {m: i for i, m in enumerate(ORDER)}
-    singles = per_seed[~per_seed.model.str.startswith("teacher-ensemble") & (per_seed.model != "teacher")]
-    agreement = stats.probe_agreement(singles)
-    per_seed = per_seed[per_seed.model.isin(ORDER)]
-    per_seed = per_seed.sort_values(["model", "split", "seed"], key=lambda c: c.map(order) if c.name == "model" else c)
-    summary = stats.summarize(per_seed, BASELINE)
-    head = stats.headline(summary)
-    out.mkdir(parents=True, exist_ok=True)
-    per_seed.to_csv(out / "per_seed.csv", index=False)
-    summary.to_csv(out / "ablation.csv", index=False)
-    teachers.to_csv(out / "teachers.csv", index=False)
-    singles.to_csv(out / "models.csv", index=False)  # every single model of every seed, teachers one by one
-    agreement.to_csv(out / "probe_agreement.csv", index=False)
-    n = per_seed.seed.nunique()
-    stats.figure(summary, out / "ablation.png", f"mean Pearson r ± 95% interval over {n} seeds")
-    disc = summary[summary.metric.isin(["disc_emb", "disc_out"]) & (summary.split == "piano_test")]
-    disc_md = disc.assign(value=[stats._pm(m, c) for m, c in zip(disc["mean"], disc["ci"], strict=True)]).pivot(
-        index="model", columns="metric", values="value"
-    )
-    feats = summary[summary.metric.str.startswith("r_") & (summary.metric != "r_mean")]
-    feat_md = feats.assign(value=[f"{m:.2f}" for m in feats["mean"]]).pivot(
-        index=["model", "split"], columns="metric", values="value"
-    )
-    text = (
-        f"# Ablation over {n} seeds ({', '.join(map(str, sorted(per_seed.seed.unique())))})\n\n"
-        "Mean ± 95% t-interval over seeds; Δr is the paired difference to the baseline (same seed, same split). "
-        "RMSE in rating points; predicting the training mean gives "
-        + ", ".join(
-            f"{stats._pm(*stats.t_interval(g.tolist()), 2)} ({'piano' if split == 'piano_test' else 'non-piano'})"
-            for split, g in per_seed[per_seed.model == BASELINE].groupby("split").rmse_ref
-        )
-        + ". On scale: share of outputs inside 1..10.\n\n"
-        + stats.markdown(head)
-        + "\n## Domain discrepancy (non-piano vs piano test; embedding and outputs)\n\n"
-        + stats.markdown(disc_md.reset_index())
-        + "\n## Label-free probe: neighbour rank on MAESTRO (lower is better)\n\n"
-        + _probe_md(summary, agreement)
-        + "\n## Per-feature r (mean over seeds)\n\n"
-        + stats.markdown(feat_md.reset_index())
-        + "\n## Selected teachers\n\n"
-        + stats.markdown(teachers.round(4))
-    )
-    (out / "ablation.md").write_text(text)
-    client = MlflowClient()
-    for path in out.iterdir():
-        client.log_artifact(run_id, str(path), artifact_path="ablation")
-    r = summary[summary.metric.isin(["r_mean", "rmse_mean", "rank_emb", "rank_out"])]
-    metrics = [
-        mlflow.entities.Metric(f"{row.model.replace('+', '_')}.{row.split}.{row.metric}", float(row.mean), 0, 0)
-        for row in r.itertuples()
-        if math.isfinite(row.mean)
-    ]
-    if metrics:
-        import time
-
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[mlflow.entities.Metric(m.key, m.value, now, 0) for m in metrics])
-    client.set_terminated(run_id, "FINISHED")
-    _print(console, head, out)
-    return AblationResult(per_seed, summary, head, teachers, out, run_id)
-
-
-def _probe_md(summary: pd.DataFrame, agreement: pd.DataFrame) -> str:
-    """Per model: mean neighbour rank of the embedding and of the outputs; then how well each label-free signal
-    agrees with piano test r across the single models."""
-    probe = summary[summary.metric.isin(["rank_emb", "rank_out", "rank_chance", "rank_pool"])]
-    probe = probe[probe.split == "piano_test"]
-    if probe.empty:
-        return "No MAESTRO performance with two or more segments: no probe.\n"
-    table = probe.assign(value=[stats._pm(m, c, 1) for m, c in zip(probe["mean"], probe["ci"], strict=True)])
-    text = stats.markdown(table.pivot(index="model", columns="metric", values="value").reset_index())
-    if len(agreement):
-        shown = agreement.assign(**{c: agreement[c].map(lambda v: f"{v:+.2f}") for c in ("rho", "rho_within_seed")})
-        shown = shown.assign(p=agreement.p.map(lambda v: f"{v:.3f}"))
-        text += (
-            "\nAgreement with piano test r across single models (Spearman rho; positive = the signal ranks the "
-            "models as piano r does):\n\n"
-            + stats.markdown(shown[["signal", "description", "n_models", "rho", "p", "rho_within_seed", "n_seeds"]])
-        )
-    return text
-
-
-def _print(console: Console, head: pd.DataFrame, out: Path) -> None:
-    from rich.table import Table
-
-    t = Table(title="ablation: mean ± 95% interval over seeds (Δr: paired, vs the baseline)")
-    for c in head.columns:
-        t.add_column(c, justify="left" if c == "model" else "right")
-    for row in head.itertuples(index=False):
-        t.add_row(*[str(v) for v in row])
-    console.print(t)
-    console.print(f"ablation results: {out}", soft_wrap=True)

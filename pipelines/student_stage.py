@@ -25,11 +25,14 @@ class StudentStageResult:
     did_work: bool
 
 
-def student_stage(cfg: ChainConfig, pseudo: Path, inputs: ChainInputs, ctx: runs.StageContext) -> StudentStageResult:
-    """Distil (or find the already registered) student of this chain from the pseudo-labels in ``pseudo``."""
+def student_stage(
+    cfg: ChainConfig, pseudo: Path, inputs: ChainInputs, ctx: runs.StageContext, stage_name: str = "student"
+) -> StudentStageResult:
+    """Distil (or find the already registered) student of this chain from the pseudo-labels in ``pseudo``, under
+    the chain's stage run ``stage_name`` (the ablation's student variants each have their own)."""
     client = MlflowClient()
     skey = config_digest({"chain": ctx.key, "student": cfg.student.model_dump(mode="json")})
-    with runs.stage(ctx, "student") as run:
+    with runs.stage(ctx, stage_name) as run:
         try:
             found = client.search_model_versions(f"name='{STUDENT_MODEL}' and tags.student_key='{skey}'")
         except Exception:

@@ -95,6 +95,33 @@ def test_seed_config_changes_only_seeds():
     assert a.student.train.lr == cfg.student.train.lr and cfg.student.champion
 
 
+def test_student_variants_are_checked_when_parsed():
+    from tiny_chain import tiny_chain_config
+
+    from mdlda.config import ConfigError
+    from pipelines.ablation import AblationPlan, parse_variant, variant_config
+
+    cfg = tiny_chain_config()
+    v = parse_variant("init=teacher, train.lr=0.01", cfg)
+    assert v.name == "student-init-teacher-train-lr-0.01"
+    changed = variant_config(cfg, v)
+    assert changed.student.init == "teacher" and changed.student.train.lr == 0.01
+    assert changed.teachers == cfg.teachers and changed.student.train.seed == cfg.student.train.seed
+    for bad, match in [
+        ("init", "expected key=value"),
+        ("init=sideways", "student variant"),
+        ("train.nope.x=1", "not a key"),
+        ("init=" + cfg.student.init, "does not change"),
+        ("", "no key=value"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            parse_variant(bad, cfg)
+    with pytest.raises(ValueError, match="must differ"):
+        AblationPlan([1], [v, v])
+    with pytest.raises(ValueError, match="distinct"):
+        AblationPlan([1, 1])
+
+
 @pytest.mark.slow
 def test_ablation_of_the_tiny_chain(ray_local, demo_root, tmp_path, monkeypatch):
     """One seed through the chain's own stages (the statistics over seeds are tested above): every row is
@@ -104,7 +131,8 @@ def test_ablation_of_the_tiny_chain(ray_local, demo_root, tmp_path, monkeypatch)
     from mlflow.tracking import MlflowClient
     from tiny_chain import tiny_chain_config
 
-    from pipelines.ablation import ORDER, run_ablation
+    from pipelines.ablation import AblationPlan, parse_variant, run_ablation
+    from pipelines.ablation_report import ORDER
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = tiny_chain_config()
@@ -115,10 +143,16 @@ def test_ablation_of_the_tiny_chain(ray_local, demo_root, tmp_path, monkeypatch)
     )
     student = cfg.student.model_copy(update={"train": cfg.student.train.model_copy(update=one_epoch)})
     cfg = cfg.model_copy(update={"teachers": teachers, "student": student})
-    res = run_ablation(cfg, demo_root, tmp_path / "w", seeds=[7])
+    variant = parse_variant("weighting=spread", cfg)
+    res = run_ablation(cfg, demo_root, tmp_path / "w", AblationPlan([7], [variant]))
 
     per_seed = pd.read_csv(res.out_dir / "per_seed.csv")
-    assert set(per_seed.model) == set(ORDER) and len(per_seed) == len(ORDER) * 2
+    rows = [*ORDER, "student-weighting-spread", "student-weighting-spread+AdaBN"]
+    assert set(per_seed.model) == set(rows) and len(per_seed) == len(rows) * 2
+    # the variant is its own student (own stage run and version), paired to the seed's student in the report
+    assert "## Student variants" in (res.out_dir / "ablation.md").read_text()
+    sr = per_seed.set_index(["model", "split"]).r_mean
+    assert (sr.loc["student-weighting-spread"] != sr.loc["student"]).any()
     assert per_seed.r_mean.notna().all() and per_seed.rmse_mean.gt(0).all()
     assert per_seed.in_scale.between(0, 1).all()
     piano = per_seed[per_seed.split == "piano_test"].set_index("model")

@@ -16,6 +16,12 @@ def ablation(
     seeds: int = typer.Option(3, min=1, help="Number of seeds (1..N) when --seed is not given."),
     seed: list[int] = typer.Option([], "--seed", help="An explicit seed (repeatable); overrides --seeds."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set teachers.num_samples=8."),
+    student_variant: list[str] = typer.Option(
+        [],
+        "--student-variant",
+        help="An extra student per seed, paired to the seed's student: keys under student: (repeatable), "
+        "e.g. --student-variant init=scratch.",
+    ),
     address: str | None = typer.Option(None, help="Ray address ('auto' for a running cluster); local Ray if unset."),
 ) -> None:
     """Train every model of the ablation for each seed (the chain's own stages, resumable) and report mean ± 95%
@@ -32,12 +38,17 @@ def ablation(
         if len(set(chosen)) != len(chosen):
             _fail(f"--seed values must be distinct, got {chosen}")
         from mdlda.manifest import ShardError
-        from pipelines.ablation import run_ablation
+        from pipelines.ablation import AblationPlan, parse_variant, run_ablation
+
+        try:
+            plan = AblationPlan(chosen, [parse_variant(v, cfg) for v in student_variant], address)
+        except (ConfigError, ValueError) as exc:
+            _fail(str(exc))
         from pipelines.select import SelectionError
 
         with _console(workdir, verbose=False), _guarded(workdir):  # Ray, Tune and MLflow in WORKDIR/logs
             try:
-                run_ablation(cfg, data, workdir, chosen, address=address, console=console)
+                run_ablation(cfg, data, workdir, plan, console=console)
             except (ShardError, SelectionError) as exc:
                 _fail(str(exc))
 
