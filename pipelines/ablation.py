@@ -211,8 +211,8 @@ def variant_students(chain: Chain, variants: list[StudentVariant]) -> dict[str, 
     from pipelines.student_stage import student_stage
 
     found = {}
+    pseudo = chain.shards(chain.pseudo_name)
     for v in variants:
-        pseudo = chain.shards(chain.pseudo_name)
         res = student_stage(variant_config(chain.cfg, v), pseudo, chain.data, chain.ctx, v.name)
         found[v.name] = res.info["uri"]
         chain.say(f"student variant {v.name}: {res.info['uri']}" + ("" if res.did_work else " (up to date)"))
