@@ -84,6 +84,15 @@ GROUPS = {
             "student, from the best teacher, lr / 4": {"mode": "distill", "init": "teacher", "lr": 5e-4},
         },
     ),
+    "calibrate": (
+        "supervised, raw outputs",
+        {
+            "supervised, raw outputs": {"calibrate": "none"},
+            "supervised, calibrated": {"calibrate": "affine"},
+            "DANN, raw outputs": {"mode": "dann", "calibrate": "none"},
+            "DANN, calibrated": {"mode": "dann", "calibrate": "affine"},
+        },
+    ),
     "student_mix": (
         "student, pooled",
         {

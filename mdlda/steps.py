@@ -297,17 +297,14 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(
+def validation_outputs(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
     device: torch.device | str = "cpu",
     precision: Precision | None = None,
-) -> dict[str, float]:
-    """Metrics of ``model`` (put in eval mode) over ``{"audio", "labels"}`` batches (ratings 1..10).
-
-    Returns ``{"loss": MSE on the 0..1 scale, **regression_metrics(...)}``: r and RMSE per feature and their
-    means (``"r_mean"``, ``"rmse_mean"``) on the rating scale.
-    """
+) -> tuple[Tensor, Tensor]:
+    """``(predictions, labels)``, both (N, 7) on the 0..1 scale, of ``model`` (put in eval mode) over
+    ``{"audio", "labels"}`` batches (ratings 1..10)."""
     model.eval()
     autocast = precision.autocast if precision is not None else nullcontext
     preds, labels = [], []
@@ -318,6 +315,21 @@ def evaluate(
         labels.append(b["labels"].cpu())
     if not preds:
         raise ValueError("the validation batches were empty")
-    pred, y = torch.cat(preds), torch.cat(labels)
+    return torch.cat(preds), torch.cat(labels)
+
+
+def validation_metrics(pred: Tensor, y: Tensor) -> dict[str, float]:
+    """``{"loss": MSE on the 0..1 scale, **regression_metrics(...)}``: r and RMSE per feature and their means
+    (``"r_mean"``, ``"rmse_mean"``) on the rating scale."""
     loss = F.mse_loss(pred, y).item()
     return {"loss": loss, **regression_metrics(y.numpy() * LABEL_SCALE, pred.numpy() * LABEL_SCALE)}
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    device: torch.device | str = "cpu",
+    precision: Precision | None = None,
+) -> dict[str, float]:
+    """:func:`validation_metrics` of :func:`validation_outputs`."""
+    return validation_metrics(*validation_outputs(model, batches, device, precision))

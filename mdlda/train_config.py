@@ -61,6 +61,9 @@ class TrainConfig(BaseModel):
     # which validation number picks the best epoch (and drives patience): "r_mean" (scale-free) or "loss" (the
     # MSE, which also sees an offset or a wrong output scale)
     select_on: Literal["r_mean", "loss"] = "r_mean"
+    # the kept epoch's outputs mapped onto the rating scale by an affine map fitted on its validation outputs
+    # (one shared slope <= 1, a shift per feature; every r unchanged): mdlda.calibration
+    calibrate: Literal["affine", "none"] = "affine"
     # read by the batch iterators of the trial and the student, not by fit; a training batch of one segment
     # would leave BatchNorm without a variance
     batch_size: Int = Field(8, ge=2, description="Training segments per batch (per domain).")

@@ -27,7 +27,8 @@ from mdlda.checkpoints import capture_rng_state, restore_rng_state, seed_everyth
 from mdlda.devices import DeviceMonitor, place
 from mdlda.domain_pair import DomainPair
 from mdlda.replicas import average_running_stats, world_size
-from mdlda.steps import Precision, evaluate, resolve_device, train_one_epoch
+from mdlda.calibration import fit_output_affine
+from mdlda.steps import Precision, resolve_device, train_one_epoch, validation_metrics, validation_outputs
 from mdlda.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -236,6 +237,8 @@ class _Fit:
             logger.info("resuming at epoch %d (best r_mean %.4f)", self.next_epoch, self.best_score)
         else:
             seed_everything(cfg.seed)
+            if hasattr(self.model, "reset_output_calibration"):  # a warm start from a calibrated model
+                self.model.reset_output_calibration()  # trains (and without `calibrate` ends) on raw outputs
         while self.next_epoch < cfg.max_epochs:
             if self.bad_epochs >= cfg.patience:  # only when resuming from a state that had already run out
                 return self._finish("early_stopped", self._patience_message())
@@ -261,7 +264,8 @@ class _Fit:
             if self.replicated:  # every rank validates (and decides) with the same BatchNorm statistics
                 average_running_stats(self.model)
             lr = self.optimizer.param_groups[0]["lr"]
-            valid = evaluate(self.model, valid_batches(), self.device, self.precision)
+            pred, labels = validation_outputs(self.model, valid_batches(), self.device, self.precision)
+            valid = validation_metrics(pred, labels)
             if not (math.isfinite(valid["loss"]) and math.isfinite(valid["r_mean"])):
                 return self._finish(
                     "nan",
@@ -275,6 +279,8 @@ class _Fit:
                 self.best_score, self.best_epoch, self.bad_epochs = valid["r_mean"], epoch, 0
                 self.best_criterion = criterion
                 self.best_model, self.best_head = _state_of(self.model), _state_of(self.head)
+                if self.calibrates:
+                    valid |= self._calibrate_best(pred, labels)
             else:
                 self.bad_epochs += 1
             self.next_epoch = epoch + 1
@@ -304,6 +310,20 @@ class _Fit:
             if self.bad_epochs >= cfg.patience:
                 return self._finish("early_stopped", self._patience_message())
         return self._finish("completed", f"reached max_epochs={cfg.max_epochs}")
+
+    @property
+    def calibrates(self) -> bool:
+        return self.config.calibrate == "affine" and hasattr(self.model, "set_output_calibration")
+
+    def _calibrate_best(self, pred: Tensor, labels: Tensor) -> dict[str, float]:
+        """Fit the output calibration on the kept epoch's validation outputs (:mod:`mdlda.calibration`) into the
+        kept weights; the training model stays raw. Returns the slope and the calibrated validation RMSE."""
+        slope, shift = fit_output_affine(pred.numpy(), labels.numpy())
+        assert self.best_model is not None
+        self.best_model["output_scale"] = torch.full_like(self.best_model["output_scale"], slope)
+        self.best_model["output_shift"] = torch.as_tensor(shift, dtype=self.best_model["output_shift"].dtype)
+        calibrated = validation_metrics(pred * slope + torch.as_tensor(shift, dtype=pred.dtype), labels)
+        return {"calibration_slope": slope, "calibrated_rmse_mean": calibrated["rmse_mean"]}
 
     def _patience_message(self) -> str:
         return (

@@ -4,8 +4,10 @@ A model is ``Frontend`` (audio -> standardised spectrogram) followed by a networ
 
 - ``forward_features(audio (B, N)) -> (B, embed_dim)``: the pooled embedding phi that DANN feeds to both the
   regression head and (through gradient reversal) the domain head, and that the discrepancy metric reads;
-- ``forward_head(features (B, embed_dim)) -> (B, num_outputs)``: the regressor, on the 0..1 label scale
-  (ratings / ``mdlda.params.LABEL_SCALE``; no squashing, the targets are 0.1..1.0);
+- ``forward_head(features (B, embed_dim)) -> (B, num_outputs)``: the regressor (a subclass's ``regress``), on the
+  0..1 label scale (ratings / ``mdlda.params.LABEL_SCALE``; no squashing, the targets are 0.1..1.0), followed by
+  the output calibration (``output_scale * raw + output_shift``, identity until
+  :func:`mdlda.training.fit` sets it: :mod:`mdlda.calibration`);
 - ``forward(audio) = forward_head(forward_features(audio))``.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Self
 
+import torch
 from torch import Tensor, nn
 
 from mdlda.frontend import Frontend, FrontendConfig
@@ -76,14 +79,31 @@ class AudioModel(nn.Module):
         super().__init__()
         self.config = config
         self.frontend = Frontend(config.frontend)
+        n = config.num_outputs
+        self.register_buffer("output_scale", torch.ones(n))
+        self.register_buffer("output_shift", torch.zeros(n))
+        self.register_load_state_dict_pre_hook(_identity_calibration_if_missing)
 
     def features_from_spectrogram(self, spec: Tensor) -> Tensor:
         """(B, 1, F, T) standardised spectrogram -> (B, embed_dim) pooled embedding."""
         raise NotImplementedError
 
-    def forward_head(self, features: Tensor) -> Tensor:
-        """(B, embed_dim) -> (B, num_outputs) on the 0..1 label scale."""
+    def regress(self, features: Tensor) -> Tensor:
+        """(B, embed_dim) -> (B, num_outputs) raw regression outputs on the 0..1 label scale."""
         raise NotImplementedError
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """(B, embed_dim) -> (B, num_outputs) calibrated outputs on the 0..1 label scale."""
+        return self.regress(features) * self.output_scale + self.output_shift
+
+    def set_output_calibration(self, slope: float, shift) -> None:
+        """Calibrated = ``slope * raw + shift`` (``shift``: one value per output, 0..1 label scale)."""
+        self.output_scale.fill_(float(slope))
+        self.output_shift.copy_(torch.as_tensor(shift, dtype=self.output_shift.dtype))
+
+    def reset_output_calibration(self) -> None:
+        """Back to the raw outputs (what training learns on)."""
+        self.set_output_calibration(1.0, torch.zeros_like(self.output_shift))
 
     def forward_features(self, audio: Tensor) -> Tensor:
         """(B, N) float or int16 audio -> (B, embed_dim) pooled embedding."""
@@ -93,6 +113,13 @@ class AudioModel(nn.Module):
     def forward(self, audio: Tensor) -> Tensor:
         """(B, N) audio -> (B, num_outputs) predicted mid-level features (ratings / 10)."""
         return self.forward_head(self.forward_features(audio))
+
+
+def _identity_calibration_if_missing(module, state_dict, prefix, *args) -> None:
+    """A state dict saved before models carried an output calibration loads with the identity map."""
+    if prefix + "output_scale" not in state_dict:
+        state_dict[prefix + "output_scale"] = torch.ones_like(module.output_scale)
+        state_dict[prefix + "output_shift"] = torch.zeros_like(module.output_shift)
 
 
 def init_weights(module: nn.Module) -> None:

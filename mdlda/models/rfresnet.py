@@ -193,7 +193,7 @@ class RFResNet(AudioModel):
     def features_from_spectrogram(self, spec: Tensor) -> Tensor:
         return self.forward_maps(spec).mean(dim=(2, 3))  # (B, 4w) global average pool
 
-    def forward_head(self, features: Tensor) -> Tensor:
+    def regress(self, features: Tensor) -> Tensor:
         return self.head(features)  # (B, 4w) -> (B, num_outputs)
 
     def layer_list(self) -> list[tuple[int, int, int]]:
