@@ -23,11 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from mdlda.adapt import dann_lambda
+from mdlda.calibration import fit_output_affine
 from mdlda.checkpoints import capture_rng_state, restore_rng_state, seed_everything, to_cpu
 from mdlda.devices import DeviceMonitor, place
 from mdlda.domain_pair import DomainPair
 from mdlda.replicas import average_running_stats, world_size
-from mdlda.calibration import fit_output_affine
 from mdlda.steps import Precision, resolve_device, train_one_epoch, validation_metrics, validation_outputs
 from mdlda.train_config import TrainConfig
 
