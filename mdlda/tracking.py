@@ -210,6 +210,9 @@ def log_model(
         name=name,
         input_example=example,
         signature=signature,
+        # MLflow would load the saved model back and run the example through it: it only ever warns, costs
+        # about as much as the logging itself, and the served model is checked for real (tests/test_serve.py)
+        validate_serving_input=False,
         serialization_format="pt2",
         pip_requirements=_pip_requirements(),
         registered_model_name=registered_model_name,
