@@ -9,8 +9,11 @@ often has more, and its RMSE ends above that of predicting the mean even where i
     calibrated = slope * raw + shift_f
 
 on that epoch's validation outputs: one ``slope`` shared by the 7 features (the least-squares slope of the
-pooled, per-feature-centred outputs), clipped to ``[MIN_SLOPE, 1]`` so it only ever shrinks towards the
-validation mean, and a ``shift_f`` per feature that makes the calibrated mean equal the labels' mean. A positive
+pooled, per-feature-centred outputs), clipped to ``[MIN_SLOPE, 1]`` so it only ever shrinks, and a ``shift_f``
+per feature that puts the calibrated mean of the validation outputs at the *training* labels' mean (the level
+``fit`` collects from the epoch's training batches). The validation split is small (16 clips in the demo, a tenth
+of the training set in the real data): its own label mean is a noisy level that added more squared error than
+the calibration removed, so only the slope and the model's own offset on it are read from it. A positive
 slope per feature leaves every feature's Pearson r (and the ranking of segments, teachers and epochs) exactly as
 it was; only the scale and the offset move. The map travels with the model as two buffers
 (:meth:`mdlda.models.base.AudioModel.set_output_calibration`), so the registered, served and pseudo-labelling
@@ -31,9 +34,11 @@ from numpy.typing import ArrayLike
 MIN_SLOPE = 0.05
 
 
-def fit_output_affine(pred: ArrayLike, labels: ArrayLike) -> tuple[float, np.ndarray]:
+def fit_output_affine(pred: ArrayLike, labels: ArrayLike, level: ArrayLike | None = None) -> tuple[float, np.ndarray]:
     """``(slope, shift (F,))`` with ``labels ~ slope * pred + shift`` (module docstring), on whatever scale the
-    arrays share. ``pred``, ``labels``: ``(N, F)``, N >= 2; fewer rows give the identity map."""
+    arrays share. ``pred``, ``labels``: ``(N, F)`` validation outputs and labels, N >= 2; fewer rows give the
+    identity map. ``level`` (F,): the mean the calibrated outputs are centred on (the training labels' mean);
+    None uses the validation labels' mean."""
     p, y = np.asarray(pred, dtype=np.float64), np.asarray(labels, dtype=np.float64)
     if p.shape != y.shape or p.ndim != 2:
         raise ValueError(f"pred and labels must be (N, F) arrays of one shape, got {p.shape} and {y.shape}")
@@ -43,4 +48,5 @@ def fit_output_affine(pred: ArrayLike, labels: ArrayLike) -> tuple[float, np.nda
     var = float((pc**2).sum())
     slope = float((pc * yc).sum()) / var if var > 0 else MIN_SLOPE
     slope = min(max(slope, MIN_SLOPE), 1.0)
-    return slope, y.mean(axis=0) - slope * p.mean(axis=0)
+    centre = y.mean(axis=0) if level is None else np.asarray(level, dtype=np.float64)
+    return slope, centre - slope * p.mean(axis=0)

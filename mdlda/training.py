@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -27,6 +28,7 @@ from mdlda.calibration import fit_output_affine
 from mdlda.checkpoints import capture_rng_state, restore_rng_state, seed_everything, to_cpu
 from mdlda.devices import DeviceMonitor, place
 from mdlda.domain_pair import DomainPair
+from mdlda.params import LABEL_SCALE
 from mdlda.replicas import average_running_stats, world_size
 from mdlda.steps import Precision, resolve_device, train_one_epoch, validation_metrics, validation_outputs
 from mdlda.train_config import TrainConfig
@@ -156,6 +158,27 @@ def fit(
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
+class _LabelMean:
+    """The mean of the source labels (``"labels"``, 1..10) of the batches that pass through :meth:`tap`, on the
+    model's 0..1 scale: one epoch's pass over the training set. Pseudo-labels (``"target_labels"``) do not count."""
+
+    def __init__(self) -> None:
+        self.sum: np.ndarray | None = None
+        self.rows = 0
+
+    def tap(self, batches: Iterable[Batch]) -> Iterable[Batch]:
+        for batch in batches:
+            y = batch.get("labels") if isinstance(batch, Mapping) else None
+            if y is not None:
+                y = np.asarray(y.detach().cpu() if isinstance(y, Tensor) else y, dtype=np.float64)
+                self.sum = y.sum(axis=0) + (0 if self.sum is None else self.sum)
+                self.rows += len(y)
+            yield batch
+
+    def mean(self) -> np.ndarray | None:
+        return None if self.sum is None else self.sum / self.rows / LABEL_SCALE
+
+
 def _state_of(module: nn.Module | None) -> dict[str, Tensor] | None:
     return None if module is None else to_cpu(module.state_dict())
 
@@ -247,9 +270,10 @@ class _Fit:
             adv_lambda = 0.0
             if self.head is not None:
                 adv_lambda = dann_lambda(epoch, cfg.lambda_schedule_epochs, cfg.adv_scale, cfg.lambda_gamma)
+            levels = _LabelMean()
             train = train_one_epoch(
                 self.net,
-                train_batches(epoch),
+                levels.tap(train_batches(epoch)),
                 cfg.mode,
                 self.optimizer,
                 self.precision,
@@ -280,7 +304,7 @@ class _Fit:
                 self.best_criterion = criterion
                 self.best_model, self.best_head = _state_of(self.model), _state_of(self.head)
                 if self.calibrates:
-                    valid |= self._calibrate_best(pred, labels)
+                    valid |= self._calibrate_best(pred, labels, levels.mean())
             else:
                 self.bad_epochs += 1
             self.next_epoch = epoch + 1
@@ -315,10 +339,11 @@ class _Fit:
     def calibrates(self) -> bool:
         return self.config.calibrate == "affine" and hasattr(self.model, "set_output_calibration")
 
-    def _calibrate_best(self, pred: Tensor, labels: Tensor) -> dict[str, float]:
-        """Fit the output calibration on the kept epoch's validation outputs (:mod:`mdlda.calibration`) into the
-        kept weights; the training model stays raw. Returns the slope and the calibrated validation RMSE."""
-        slope, shift = fit_output_affine(pred.numpy(), labels.numpy())
+    def _calibrate_best(self, pred: Tensor, labels: Tensor, level: np.ndarray | None) -> dict[str, float]:
+        """Fit the output calibration on the kept epoch's validation outputs, centred on the epoch's training
+        labels' mean (:mod:`mdlda.calibration`), into the kept weights; the training model stays raw. Returns
+        the slope and the calibrated validation RMSE."""
+        slope, shift = fit_output_affine(pred.numpy(), labels.numpy(), level)
         assert self.best_model is not None
         self.best_model["output_scale"] = torch.full_like(self.best_model["output_scale"], slope)
         self.best_model["output_shift"] = torch.as_tensor(shift, dtype=self.best_model["output_shift"].dtype)

@@ -29,6 +29,14 @@ def test_an_overspread_offset_model_is_shrunk_and_shifted_and_keeps_every_r():
     assert rmse(y, cal).mean() < rmse(y, np.broadcast_to(y.mean(axis=0), y.shape)).mean()
 
 
+def test_the_level_comes_from_the_training_labels_when_given():
+    pred, y = _overspread()
+    level = np.full(7, 6.0)
+    slope, shift = fit_output_affine(pred, y, level)
+    assert slope == fit_output_affine(pred, y)[0]  # the slope is the validation data's either way
+    np.testing.assert_allclose((slope * pred + shift).mean(axis=0), level, atol=1e-9)
+
+
 def test_the_slope_never_widens_and_never_reaches_zero():
     g = np.random.default_rng(1)
     y = g.normal(5, 2, (50, 7))
@@ -51,7 +59,7 @@ def _fit_rfresnet(calibrate: str):
     audio, labels = torch.randn(16, 22050 * 2, generator=g) * 0.1, torch.rand(16, 7, generator=g) * 9 + 1
     train, val = batches_of(audio[:8], labels[:8], size=4), batches_of(audio[8:], labels[8:], size=4)
     result = fit(model, lambda e: train, lambda: val, quick(max_epochs=3, calibrate=calibrate))
-    return model, result, (audio[8:], labels[8:])
+    return model, result, (audio[8:], labels[8:], labels[:8])
 
 
 def _scores(model, audio, labels):
@@ -62,7 +70,7 @@ def _scores(model, audio, labels):
 
 
 def test_fit_stores_the_kept_epochs_calibration_in_the_returned_weights():
-    raw_model, raw, (audio, labels) = _fit_rfresnet("none")
+    raw_model, raw, (audio, labels, train_labels) = _fit_rfresnet("none")
     model, result = _fit_rfresnet("affine")[:2]
     assert raw.best_epoch == result.best_epoch  # training itself is untouched
     assert torch.equal(raw_model.output_scale, torch.ones(7)) and not raw_model.output_shift.any()
@@ -75,12 +83,15 @@ def test_fit_stores_the_kept_epochs_calibration_in_the_returned_weights():
     np.testing.assert_allclose(r_cal, r_raw, atol=1e-4)
     assert rmse_cal < 0.8 * rmse_raw  # 3 epochs on noise: the raw outputs are offset, the shift takes it out
     assert best["valid_calibrated_rmse_mean"] == pytest.approx(rmse_cal, rel=1e-4)
+    model.eval()
+    with torch.no_grad():  # centred on the training labels' mean, not the validation labels'
+        np.testing.assert_allclose(model(audio).mean(0) * 10, train_labels.mean(0), atol=1e-4)
 
 
 def test_a_warm_start_from_a_calibrated_model_trains_on_raw_outputs():
     from mdlda.models import create_model
 
-    model, _, (audio, labels) = _fit_rfresnet("affine")
+    model, _, (audio, labels, _) = _fit_rfresnet("affine")
     assert model.output_shift.any()
     warm = create_model("rfresnet", width=4)
     warm.load_state_dict(model.state_dict())
