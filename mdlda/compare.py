@@ -16,6 +16,10 @@ Then, per performance and feature:
 - passages: runs of consecutive grid points where the difference is at least ``min_diff`` rating points with
   one sign, spanning their window centres +- half a hop, ranked by their area (sum of |difference| x hop).
 
+With the model's OOD statistics (:mod:`mdlda.ood`), each recording's windows are also scored for how unlike the
+training data they look: :func:`ood_table` gives, per performance, the windows above the threshold and the
+median and largest score.
+
 Pure library code: no Ray, no command line, nothing on import.
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -31,6 +36,9 @@ import pandas as pd
 from mdlda.align import Alignment, ChromaStream, align
 from mdlda.params import FEATURES, SAMPLE_RATE, SEGMENT_SECONDS
 from mdlda.predict import predict_recording
+
+if TYPE_CHECKING:
+    from mdlda.ood import OodStats
 
 # How a positive / negative difference reads ("B is ... than A"). High articulation is staccato (Mid-level set).
 WORDS = {
@@ -69,15 +77,23 @@ class Comparison:
     differences: pd.DataFrame  # performance, feature, mean_diff, ci_low, ci_high, windows, block
     passages: pd.DataFrame  # performance, feature, start_s, end_s, mean_diff, peak_diff, windows, area
     files: dict[str, Path] = field(default_factory=dict)
+    ood: pd.DataFrame | None = None  # performance, windows, flagged, median_score, max_score, threshold
 
 
 def analyse_recording(
-    model: Callable, path: str | Path, name: str, hop_s: float, batch_size: int = 8, min_seconds: float = 5.0
+    model: Callable,
+    path: str | Path,
+    name: str,
+    hop_s: float,
+    batch_size: int = 8,
+    min_seconds: float = 5.0,
+    ood: OodStats | None = None,
 ) -> Recording:
-    """Curves and chroma of one recording from a single streamed decode."""
+    """Curves (with ``ood_score`` / ``ood_flag`` when ``ood`` is given) and chroma of one recording from a single
+    streamed decode."""
     stream = ChromaStream()
     curves = predict_recording(
-        model, path, hop_s=hop_s, batch_size=batch_size, min_seconds=min_seconds, on_block=stream.feed
+        model, path, hop_s=hop_s, batch_size=batch_size, min_seconds=min_seconds, on_block=stream.feed, ood=ood
     )
     return Recording(name, str(path), curves, stream.frames(), stream.samples / SAMPLE_RATE)
 
@@ -183,6 +199,24 @@ def find_passages(
     )
 
 
+def ood_table(recordings: Sequence[Recording], stats: OodStats) -> pd.DataFrame:
+    """Per recording: its windows, how many score above the OOD threshold, the median and largest score."""
+    rows = []
+    for rec in recordings:
+        scores = rec.curves["ood_score"].to_numpy()
+        rows.append(
+            {
+                "performance": rec.name,
+                "windows": len(scores),
+                "flagged": int(stats.flag(scores).sum()),
+                "median_score": float(np.median(scores)),
+                "max_score": float(scores.max()),
+                "threshold": stats.threshold,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def unique_names(paths: Sequence[str | Path]) -> list[str]:
     """File stems, made unique (``take``, ``take-2``, ...) when two files share one."""
     names: list[str] = []
@@ -210,10 +244,12 @@ def compare(
     bars: np.ndarray | None = None,
     model_uri: str = "",
     on_done: Callable[[str], None] | None = None,
+    ood: OodStats | None = None,
 ) -> Comparison:
     """Compare ``paths[1:]`` with the reference ``paths[0]`` (see the module docstring); with ``out``, write the
     figure (PNG, SVG), the tables (CSV) and a Markdown summary there (:mod:`mdlda.compare_report`).
 
+    ``ood``: the model's OOD statistics; the result's ``ood`` table then scores every performance's windows.
     ``bars``: bar start times of the reference in seconds, if known (shown on the figure and in the summary).
     """
     if len(paths) < 2:
@@ -221,7 +257,7 @@ def compare(
     names = unique_names(paths)
     recordings = []
     for name, path in zip(names, paths, strict=True):
-        recordings.append(analyse_recording(model, path, name, hop_s, batch_size, min_seconds))
+        recordings.append(analyse_recording(model, path, name, hop_s, batch_size, min_seconds, ood))
         if on_done is not None:
             on_done(name)
     reference, others = recordings[0], recordings[1:]
@@ -233,6 +269,7 @@ def compare(
         alignments=alignments,
         differences=mean_differences(aligned, reference.name, hop_s, n_boot, seed),
         passages=find_passages(aligned, reference.name, hop_s, min_diff, top),
+        ood=ood_table(recordings, ood) if ood is not None else None,
     )
     if out is not None:
         from mdlda.compare_report import write_outputs

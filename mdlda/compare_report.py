@@ -7,6 +7,7 @@
 | ``alignment.csv`` | each performance's time map: performance, reference_s, performance_s |
 | ``differences.csv`` | per performance and feature: mean_diff, ci_low, ci_high, windows, block |
 | ``passages.csv`` | the ranked passages: performance, feature, start_s, end_s, mean_diff, peak_diff, windows, area |
+| ``ood.csv`` | with the model's OOD statistics: per performance, windows, flagged, median_score, max_score, threshold |
 | ``summary.md`` | the same in words: "B is more staccato than A in 0:35-1:10 (articulation +1.4)" |
 """
 
@@ -86,6 +87,22 @@ def summary_markdown(result, hop_s: float, model_uri: str = "", bars: np.ndarray
             text = f"{r.mean_diff:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
             cells.append(f"**{text}**" if r.ci_low > 0 or r.ci_high < 0 else text)
         lines.append(f"| {f.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    if result.ood is not None:
+        threshold = float(result.ood.threshold.iloc[0])
+        lines += [
+            "",
+            "## How much each performance looks like the training data",
+            "",
+            f"Distance of each window's embedding from the model's training data (docs/serving.md); above "
+            f"{threshold:.2f} a window looks unlike it and its ratings are not reliable.",
+            "",
+            "| performance | windows above the threshold | median distance | largest distance |",
+            "|---|---:|---:|---:|",
+        ]
+        for row in result.ood.itertuples(index=False):
+            lines.append(
+                f"| {row.performance} | {row.flagged} of {row.windows} | {row.median_score:.2f} | {row.max_score:.2f} |"
+            )
     lines += ["", "## Where they differ most", ""]
     if result.passages.empty:
         lines.append("No passage differs from the reference by the threshold or more in any feature.")
@@ -145,6 +162,9 @@ def write_outputs(
     pd.concat(maps, ignore_index=True).to_csv(files["alignment"], index=False, float_format="%.3f")
     result.differences.to_csv(files["differences"], index=False, float_format="%.4f")
     result.passages.to_csv(files["passages"], index=False, float_format="%.4f")
+    if result.ood is not None:
+        files["ood"] = out / "ood.csv"
+        result.ood.to_csv(files["ood"], index=False, float_format="%.4f")
     files["summary"].write_text(summary_markdown(result, hop_s, model_uri, bars))
     plot(result, files["png"], files["svg"], bars)
     return files

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from mdlda.audio import AudioError, stream_blocks
 from mdlda.params import FEATURES, SAMPLE_RATE, SEGMENT_SAMPLES
+
+if TYPE_CHECKING:
+    from mdlda.ood import OodStats
 
 
 def window_starts(n: int, hop: int) -> list[int]:
@@ -90,8 +94,12 @@ def predict_recording(
     min_seconds: float = 5.0,
     device: str = "cpu",
     on_block: Callable[[np.ndarray], None] | None = None,
+    ood: OodStats | None = None,
 ) -> pd.DataFrame:
-    """One row per window: file, start_s, end_s and the 7 features on the 1..10 scale.
+    """One row per window: file, start_s, end_s and the 7 features on the 1..10 scale; with ``ood`` (the model's
+    :class:`~mdlda.ood.OodStats`) also ``ood_score``, the window's distance from the training data, and
+    ``ood_flag``, True above the statistics' threshold. ``model`` then needs ``rate_and_embed`` (a
+    :class:`~mdlda.tracking.RatingModel`).
 
     The recording is decoded block by block and its windows predicted a batch at a time (:func:`stream_windows`):
     memory does not grow with the recording's length or with a small ``hop_s``. ``on_block`` sees every decoded
@@ -101,12 +109,17 @@ def predict_recording(
 
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1 window per forward pass, got {batch_size}")
-    starts, preds, batch, n = [], [], [], 0
+    starts, preds, scores, batch, n = [], [], [], [], 0
 
     def flush() -> None:
         with torch.no_grad():
             x = torch.from_numpy(np.stack(batch)).to(device)
-            preds.append(model(x).float().cpu().numpy())  # (b, 7)
+            if ood is None:
+                preds.append(model(x).float().cpu().numpy())  # (b, 7)
+            else:
+                ratings, feats = model.rate_and_embed(x)  # (b, 7), (b, D)
+                preds.append(ratings.float().cpu().numpy())
+                scores.append(ood.score(feats.float().cpu().numpy()))
         batch.clear()
 
     blocks = stream_blocks(path)
@@ -125,6 +138,9 @@ def predict_recording(
     frame.insert(0, "end_s", [min(s + SEGMENT_SAMPLES, n) / SAMPLE_RATE for s in starts])
     frame.insert(0, "start_s", [s / SAMPLE_RATE for s in starts])
     frame.insert(0, "file", str(path))
+    if ood is not None:
+        frame["ood_score"] = np.concatenate(scores)
+        frame["ood_flag"] = ood.flag(frame["ood_score"].to_numpy())
     return frame
 
 

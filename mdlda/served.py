@@ -10,6 +10,8 @@ Every model :func:`mdlda.tracking.log_model` logs has a ``<name>-checkpoint`` ar
 record and its ``MLmodel`` YAML, with ``yaml.safe_load``), and :func:`load_checkpoint` rebuilds the network with
 mdlda's own model code and ``torch.load(weights_only=True)``. A version without such a checkpoint, or whose
 ``model.pt`` holds more than tensors, is refused with a :class:`~mdlda.tracking.TrackingError` that says why.
+The checkpoint folder may also hold ``ood.json``, the embedding statistics of :mod:`mdlda.ood` (plain JSON):
+:func:`load_served_with_ood` returns them beside the model, None for a model registered before they existed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from mdlda.checkpoints import CONFIG_FILE, MODEL_FILE
+from mdlda.ood import OodStats
 from mdlda.tracking import RatingModel, TrackingError
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # an artifact folder name, no path separators
@@ -136,26 +139,49 @@ def resolve(uri: str) -> ModelRef:
     return ModelRef(uri=uri, run_id=run_id, checkpoint=checkpoint, version=version)
 
 
-def load_checkpoint(uri: str) -> nn.Module:
-    """The full model (with ``forward_features``, eval mode, CPU) behind ``uri``, from its weights-only
-    checkpoint; refuses a model without one or whose weights file holds anything but tensors."""
+def _load(uri: str) -> tuple[nn.Module, OodStats | None]:
+    """The full model (eval mode, CPU) and its OOD statistics (None if it has none), from one download of the
+    weights-only checkpoint folder."""
     import pickle
 
     import mlflow
 
+    from mdlda import ood
     from mdlda.checkpoints import load_model
 
     ref = resolve(uri)
     with tempfile.TemporaryDirectory(prefix="mdlda-ckpt-") as tmp:  # nothing left behind
         local = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=ref.checkpoint, dst_path=tmp)
         try:
-            return load_model(local).eval()
+            model = load_model(local).eval()
         except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met a non-tensor object
             raise _refuse(uri, f"its {ref.checkpoint}/{MODEL_FILE} is not a plain weights file ({exc})") from exc
         except (ValueError, TypeError, KeyError, RuntimeError) as exc:  # unknown model name, bad config, shapes
             raise TrackingError(
                 f"cannot rebuild {uri!r} from its checkpoint {ref.run_id}/{ref.checkpoint}: {exc}"
             ) from exc
+        try:
+            stats = ood.load(local)  # JSON numbers only
+        except ValueError as exc:
+            raise TrackingError(f"cannot read the OOD statistics of {uri!r}: {exc}") from exc
+    if stats is not None and len(stats.mean) != getattr(model, "embed_dim", len(stats.mean)):
+        raise TrackingError(
+            f"the OOD statistics of {uri!r} are for a {len(stats.mean)}-d embedding, the model's is {model.embed_dim}-d"
+        )
+    return model, stats
+
+
+def load_checkpoint(uri: str) -> nn.Module:
+    """The full model (with ``forward_features``, eval mode, CPU) behind ``uri``, from its weights-only
+    checkpoint; refuses a model without one or whose weights file holds anything but tensors."""
+    return _load(uri)[0]
+
+
+def load_served_with_ood(uri: str) -> tuple[RatingModel, OodStats | None]:
+    """The served form of ``uri`` and the statistics of its embedding on its training data (``ood.json`` in the
+    checkpoint, :mod:`mdlda.ood`); None for a model registered without them, which still predicts."""
+    model, stats = _load(uri)
+    return RatingModel(model).eval(), stats
 
 
 def load_served(uri: str) -> nn.Module:

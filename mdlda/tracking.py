@@ -13,13 +13,16 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from mdlda.params import FEATURES, LABEL_SCALE, SEGMENT_SAMPLES
+
+if TYPE_CHECKING:
+    from mdlda.ood import OodStats
 
 TEACHER_MODEL = "mdlda-teacher"
 BASELINE_MODEL = "mdlda-baseline"
@@ -157,6 +160,11 @@ class RatingModel(nn.Module):
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         return self.model(audio) * LABEL_SCALE  # (B, 7)
 
+    def rate_and_embed(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ratings (B, 7), embedding (B, D)) from one pass: what the OOD score (:mod:`mdlda.ood`) reads."""
+        feats = self.model.forward_features(audio)  # (B, D)
+        return self.model.forward_head(feats) * LABEL_SCALE, feats
+
 
 def output_schema():
     """The served models' output schema: one float column per feature, in :data:`~mdlda.params.FEATURES` order.
@@ -181,11 +189,14 @@ def log_model(
     name: str = "model",
     registered_model_name: str | None = None,
     tags: dict[str, Any] | None = None,
+    ood: OodStats | None = None,
 ):
     """Log ``model`` (wrapped in :class:`RatingModel`, eval mode, CPU) as a pt2 export with a signature: a
     (-1, 330750) float32 tensor in, the 7 named feature columns out (:func:`output_schema`).
 
-    The input example is a batch of 2 so the exported batch dimension stays dynamic.
+    The input example is a batch of 2 so the exported batch dimension stays dynamic. ``ood``: the statistics of
+    the model's embedding on its training data (:mod:`mdlda.ood`), written as ``ood.json`` into the checkpoint
+    folder, where ``mdlda predict`` and ``mdlda compare`` find them.
     """
     import mlflow
     from mlflow.models import ModelSignature, infer_signature
@@ -204,6 +215,10 @@ def log_model(
 
     with tempfile.TemporaryDirectory() as d:  # the plain state dict + config too: embeddings, fine-tuning
         save_model(model, d)
+        if ood is not None:
+            from mdlda import ood as ood_file
+
+            ood_file.save(ood, d)
         mlflow.log_artifacts(d, artifact_path=f"{name}-checkpoint")
     return mlflow.pytorch.log_model(
         served,
@@ -221,6 +236,7 @@ def log_model(
             "output_scale": "ratings on the 1..10 scale, not clipped (docs/serving.md)",
             "sample_rate": 22050,
             "checkpoint_artifact": f"{name}-checkpoint",
+            **({"ood_stats": f"{name}-checkpoint/ood.json (docs/serving.md)"} if ood is not None else {}),
         },
         tags=tags,
     )

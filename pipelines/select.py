@@ -16,6 +16,7 @@ import pandas as pd
 from mdlda.checkpoints import load_training_state
 from mdlda.config import TrialConfig
 from mdlda.tracking import TEACHER_MODEL, log_model
+from pipelines.ood_fit import training_ood
 from pipelines.trial import build_model
 
 TIE_RULE = (
@@ -157,9 +158,12 @@ def register_top_k(
     frontend_stats,
     registered_model: str = TEACHER_MODEL,
     extra_tags: dict[str, str] | None = None,
+    ood_shards: Path | None = None,
 ) -> list[dict]:
     """Log each chosen trial's best model into its trial run and register it; idempotent per (sweep, trial).
-    ``extra_tags`` (the lineage links) are set on every version, and on the trial runs so the UI shows them."""
+    ``extra_tags`` (the lineage links) are set on every version, and on the trial runs so the UI shows them.
+    ``ood_shards``: the source shards whose training split gives each model its OOD statistics
+    (:mod:`pipelines.ood_fit`, one read for all the models registered now)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -173,6 +177,12 @@ def register_top_k(
                 existing[v.tags.get("trial_id")] = v
     except Exception:  # the registered model does not exist yet
         existing = {}
+    new = {
+        row.trial_id: best_model_from_checkpoint(row.checkpoint, configs[row.trial_id], frontend_stats)
+        for row in chosen.itertuples(index=False)
+        if row.trial_id not in existing
+    }
+    stats = dict(zip(new, training_ood(list(new.values()), ood_shards), strict=True)) if new and ood_shards else {}
     out = []
     for row in chosen.itertuples(index=False):
         tags = {
@@ -185,7 +195,7 @@ def register_top_k(
         if row.trial_id in existing:
             v = existing[row.trial_id]
         else:
-            model = best_model_from_checkpoint(row.checkpoint, configs[row.trial_id], frontend_stats)
+            model = new[row.trial_id]
             run_id = _trial_run_id(client, experiment_id, row.trial_id, sweep_name)
             with mlflow.start_run(
                 run_id=run_id,
@@ -193,7 +203,7 @@ def register_top_k(
                 nested=True,
                 run_name=None if run_id else f"{sweep_name}-{row.trial_id}",
             ):
-                info = log_model(model, registered_model_name=registered_model)
+                info = log_model(model, registered_model_name=registered_model, ood=stats.get(row.trial_id))
             v = client.get_model_version(registered_model, str(info.registered_model_version))
         for key, value in tags.items():
             client.set_model_version_tag(registered_model, v.version, key, value)

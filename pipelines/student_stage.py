@@ -46,6 +46,7 @@ def student_stage(
 
 def _train_and_register(cfg: ChainConfig, pseudo: Path, inputs: ChainInputs, ctx: runs.StageContext, run, skey: str):
     from pipelines.data import load_stage_data
+    from pipelines.ood_fit import training_ood
     from pipelines.select import best_model_from_checkpoint
     from pipelines.student import initial_weights, student_trial_config, train_student
 
@@ -98,7 +99,8 @@ def _train_and_register(cfg: ChainConfig, pseudo: Path, inputs: ChainInputs, ctx
                 step=step,
             )
     model = best_model_from_checkpoint(res.checkpoint_dir, student_trial_config(cfg.student), fstats)
-    log_model(model, registered_model_name=STUDENT_MODEL if cfg.student.register_models else None)
+    (ood,) = training_ood([model], ctx.shards("midlevel"))  # what `mdlda predict` scores windows against
+    log_model(model, registered_model_name=STUDENT_MODEL if cfg.student.register_models else None, ood=ood)
     v = latest_version(STUDENT_MODEL, run.info.run_id)
     client.set_model_version_tag(STUDENT_MODEL, v.version, "student_key", skey)
     client.set_model_version_tag(STUDENT_MODEL, v.version, "chain", ctx.key)

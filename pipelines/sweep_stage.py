@@ -85,7 +85,9 @@ def select_and_register(
     if len(chosen):
         logger.info("%s: registering the top %d as %s", sweep.name, len(chosen), registered_model, extra={"show": True})
     where = SweepId(sweep.name, ctx.experiment, ctx.exp_id)
-    found = register_top_k(chosen, res.results, where, fstats, registered_model, extra_tags=links)
+    found = register_top_k(
+        chosen, res.results, where, fstats, registered_model, extra_tags=links, ood_shards=ctx.shards("midlevel")
+    )
     return Selection(table, chosen, found)
 
 

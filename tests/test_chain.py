@@ -96,6 +96,26 @@ def test_student_is_champion_and_predicts(chain):
     assert tuple(out.shape) == (3, 7) and torch.isfinite(out).all()
 
 
+def test_registered_models_carry_ood_statistics_that_flag_noise(chain):
+    """Teachers, baseline and student are registered with their embedding's statistics on the source training
+    split (ood.json in the weights-only checkpoint): `mdlda predict` scores windows with them."""
+    import torch
+
+    from mdlda.manifest import read_manifest
+    from mdlda.served import load_served_with_ood
+
+    first, _ = chain
+    _client(first)
+    n_train = read_manifest(os.path.join(first.workdir, "shards", "midlevel"))["counts"]["train"]
+    noise = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (2, 330_750)).astype(np.float32))
+    for uri in ("models:/mdlda-student@champion", first.teachers[0]["uri"], "models:/mdlda-baseline/1"):
+        model, stats = load_served_with_ood(uri)
+        assert stats is not None and stats.n == n_train and len(stats.mean) == model.model.embed_dim, uri
+        with torch.no_grad():
+            _, feats = model.rate_and_embed(noise)
+        assert stats.flag(stats.score(feats.numpy())).all(), uri
+
+
 def test_pseudolabels(chain):
     first, _ = chain
     out = os.path.join(first.workdir, "shards", "pseudolabels")

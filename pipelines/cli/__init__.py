@@ -293,14 +293,17 @@ def predict(
     out: str = typer.Option("-", help="Per-window predictions: a .csv or .json path, or - for CSV on stdout."),
     plot: Path | None = typer.Option(None, help="Write a PNG of the 7 feature curves over time."),
 ) -> None:
-    """Predict the 7 mid-level features (1..10) of audio files, per 15-s window and time-averaged."""
+    """Predict the 7 mid-level features (1..10) of audio files, per 15-s window and time-averaged; with each
+    window's distance from the training data (ood_score, ood_flag) when the model carries its statistics."""
     import sys
 
     import pandas as pd
 
     from mdlda.audio import AudioError
+    from mdlda.ood import warning
     from mdlda.predict import plot_curves, predict_recording, time_average
-    from mdlda.tracking import TrackingError, load_served, use_tracking
+    from mdlda.served import load_served_with_ood
+    from mdlda.tracking import TrackingError, use_tracking
 
     if batch_size < 1:  # checked before the model is loaded
         _fail(f"--batch-size must be at least 1 window per forward pass, got {batch_size}")
@@ -312,13 +315,18 @@ def predict(
             _fail(f"{path}: {what}")
     use_tracking(workdir)
     try:
-        served = load_served(model)
+        served, ood = load_served_with_ood(model)
     except TrackingError as exc:
         _fail(f"{exc}. Registered models are listed by `mlflow ui` or MlflowClient().search_registered_models().")
+    err = Console(stderr=True)
+    if ood is None:
+        err.print(f"note: {model} carries no training-data statistics, so no ood_score column (docs/serving.md)")
     frames = []
     for path in audio:
         try:
-            frames.append(predict_recording(served, path, hop_s=hop, batch_size=batch_size, min_seconds=min_seconds))
+            frames.append(
+                predict_recording(served, path, hop_s=hop, batch_size=batch_size, min_seconds=min_seconds, ood=ood)
+            )
         except (AudioError, ValueError) as exc:
             _fail(str(exc))
     frame = pd.concat(frames, ignore_index=True)
@@ -335,9 +343,11 @@ def predict(
         table.add_column(f.replace("_", " "), justify="right")
     for row in avg.itertuples(index=False):
         table.add_row(Path(row[0]).name, *[f"{v:.2f}" for v in row[1:]])
-    Console(stderr=True).print(table)
+    err.print(table)
+    if ood is not None and (text := warning(frame["ood_score"].to_numpy(), ood)):
+        err.print(f"[bold yellow]warning:[/] {text} (ood_flag column; docs/serving.md)", soft_wrap=True)
     if plot is not None:
-        Console(stderr=True).print(f"plot: {plot_curves(frame, plot)}")
+        err.print(f"plot: {plot_curves(frame, plot)}")
 
 
 @app.command()

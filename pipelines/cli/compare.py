@@ -109,13 +109,17 @@ def compare(
         )
     from mdlda.audio import AudioError
     from mdlda.compare import compare as run_compare
-    from mdlda.tracking import TrackingError, load_served, use_tracking
+    from mdlda.ood import warning_text
+    from mdlda.served import load_served_with_ood
+    from mdlda.tracking import TrackingError, use_tracking
 
     use_tracking(workdir, uri)
     try:
-        served = load_served(model)
+        served, ood = load_served_with_ood(model)
     except TrackingError as exc:
         _fail(f"{exc}. Registered models are listed by `mlflow ui` or MlflowClient().search_registered_models().")
+    if ood is None:
+        console.print(f"note: {model} carries no training-data statistics, so no OOD scores (docs/serving.md)")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(f"predicting + chroma: {audio[0].name}", total=len(audio))
@@ -126,11 +130,16 @@ def compare(
         try:
             result = run_compare(
                 served, audio, out, hop_s=hop, batch_size=batch_size, min_seconds=min_seconds, min_diff=min_diff,
-                top=passages, seed=seed, bars=bar_times, model_uri=model, on_done=done,
+                top=passages, seed=seed, bars=bar_times, model_uri=model, on_done=done, ood=ood,
             )  # fmt: skip
         except (AudioError, ValueError) as exc:
             _fail(str(exc))
     console.print(result.files["summary"].read_text(), markup=False, highlight=False, soft_wrap=True)
+    if result.ood is not None:
+        t = result.ood
+        text = warning_text(int(t.flagged.sum()), int(t.windows.sum()), float(t.max_score.max()), ood.threshold)
+        if text:
+            console.print(f"[bold yellow]warning:[/] {text} (ood.csv; docs/serving.md)", soft_wrap=True)
     for kind, path in result.files.items():
         console.print(f"{kind}: {path}", soft_wrap=True)
 
