@@ -28,6 +28,16 @@ def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the ranks (one all-reduce; every rank must call it); the values themselves on one."""
+    if world_size() == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out)
+    return out
+
+
+@torch.no_grad()
 def average_running_stats(model: nn.Module) -> None:
     """Replace every BatchNorm's running mean and variance by their mean over the ranks (one all-reduce)."""
     world = world_size()

@@ -29,7 +29,7 @@ from mdlda.checkpoints import capture_rng_state, restore_rng_state, seed_everyth
 from mdlda.devices import DeviceMonitor, place
 from mdlda.domain_pair import DomainPair
 from mdlda.params import LABEL_SCALE
-from mdlda.replicas import average_running_stats, world_size
+from mdlda.replicas import average_running_stats, sum_over_ranks, world_size
 from mdlda.steps import Precision, resolve_device, train_one_epoch, validation_metrics, validation_outputs
 from mdlda.train_config import TrainConfig
 
@@ -175,9 +175,6 @@ class _LabelMean:
                 self.rows += len(y)
             yield batch
 
-    def mean(self) -> np.ndarray | None:
-        return None if self.sum is None else self.sum / self.rows / LABEL_SCALE
-
 
 def _state_of(module: nn.Module | None) -> dict[str, Tensor] | None:
     return None if module is None else to_cpu(module.state_dict())
@@ -304,7 +301,7 @@ class _Fit:
                 self.best_criterion = criterion
                 self.best_model, self.best_head = _state_of(self.model), _state_of(self.head)
                 if self.calibrates:
-                    valid |= self._calibrate_best(pred, labels, levels.mean())
+                    valid |= self._calibrate_best(pred, labels, self._training_level(levels))
             else:
                 self.bad_epochs += 1
             self.next_epoch = epoch + 1
@@ -338,6 +335,14 @@ class _Fit:
     @property
     def calibrates(self) -> bool:
         return self.config.calibrate == "affine" and hasattr(self.model, "set_output_calibration")
+
+    def _training_level(self, levels: _LabelMean) -> np.ndarray | None:
+        """The training labels' mean over every rank's share (each rank reads part of the training set; the
+        replicas must end with one calibration), 0..1 scale; None without labels."""
+        sums = levels.sum if levels.sum is not None else np.zeros(len(self.model.output_shift))
+        both = torch.from_numpy(np.append(sums, levels.rows)).to(self.device)
+        both = sum_over_ranks(both).cpu().numpy()
+        return None if both[-1] == 0 else both[:-1] / both[-1] / LABEL_SCALE
 
     def _calibrate_best(self, pred: Tensor, labels: Tensor, level: np.ndarray | None) -> dict[str, float]:
         """Fit the output calibration on the kept epoch's validation outputs, centred on the epoch's training

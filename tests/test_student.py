@@ -75,7 +75,11 @@ def _global_batches():
 def _ddp_config():
     from mdlda.training import TrainConfig
 
-    return TrainConfig(mode="distill", max_epochs=1, lr=3e-3, device="cpu", bn_stats="source", pin_memory=False)
+    # each rank validates on its own batch here, so each would fit its own output calibration: off (the product's
+    # ranks validate on the same split and sum their training labels: one calibration)
+    return TrainConfig(
+        mode="distill", max_epochs=1, lr=3e-3, device="cpu", bn_stats="source", pin_memory=False, calibrate="none"
+    )
 
 
 def _grad_norms(norms: list):
