@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 ROW_BYTES = SEGMENT_BYTES + 64  # a training row in the object store: its PCM plus clip id and labels
 TRAIN_COLUMNS = ["clip_id", "audio", "labels"]
 SPREAD = "teacher_spread"
+RAW_LABELS = "labels_raw"  # pseudo-labels: the teachers' mean before their output calibration (StudentConfig.labels)
 
 
 @dataclass
@@ -104,8 +105,8 @@ def load_stage_data(
     tgt = None
     if target_shards is not None:
         cols = TRAIN_COLUMNS if target_labelled else ["clip_id", "audio"]
-        if target_labelled and _has_spread(target_shards):
-            cols = [*cols, SPREAD]  # pseudo-labels: the teachers' disagreement per segment (StudentConfig.weighting)
+        if target_labelled:  # pseudo-labels: the teachers' disagreement, their raw mean (StudentConfig)
+            cols = [*cols, *_pseudo_extras(target_shards)]
         tgt, tgt_manifest = read_shards(target_shards, splits=target_splits, columns=cols)
         counts["target"] = split_count(tgt_manifest, target_splits)
         manifests["target"] = tgt_manifest
@@ -133,17 +134,22 @@ def load_stage_data(
     return StageData(sets["source_train"], sets["source_valid"], sets["target"], counts, manifests, materialized, plan)
 
 
-def _has_spread(shards: str | Path) -> bool:
+def _pseudo_extras(shards: str | Path) -> list[str]:
+    """The optional pseudo-label columns a shard folder has (its manifest's options name them)."""
     from mdlda.manifest import read_manifest
 
-    return SPREAD in read_manifest(shards).get("options", {})
+    options = read_manifest(shards).get("options", {})
+    return [c for c in (SPREAD, RAW_LABELS) if c in options]
 
 
 def _target_part(t: dict) -> dict:
-    """The pseudo-labelled part of a batch: ``target_audio``, ``target_labels`` (+ ``target_spread``)."""
+    """The pseudo-labelled part of a batch: ``target_audio``, ``target_labels`` (+ ``target_spread``,
+    ``target_labels_raw``)."""
     out = {"target_audio": t["audio"], "target_labels": t["labels"]}
     if SPREAD in t:
         out["target_spread"] = np.asarray(t[SPREAD], dtype=np.float32)
+    if RAW_LABELS in t:
+        out["target_labels_raw"] = t[RAW_LABELS]
     return out
 
 
