@@ -63,20 +63,17 @@ class TeacherEnsemble:
         pcm = from_column(batch.column("audio"))  # (B, N) int16, a view of the shard bytes
         audio = torch.from_numpy(pcm.astype(np.float32) / PCM_SCALE).to(self.device)
         with torch.no_grad():
-            preds = np.stack([t(audio).float().cpu().numpy() for t in self.teachers])  # (k, B, 7) on 1..10
-        # each teacher's output before its calibration (calibrated = scale * raw + shift, mdlda/calibration.py)
-        raw = [(p - _np(t.output_shift)) / _np(t.output_scale) for p, t in zip(preds, self.teachers, strict=True)]
+            rated = [t(audio).float() for t in self.teachers]
+            # each teacher's output before its calibration (RatingModel.uncalibrated)
+            raw = np.stack([t.uncalibrated(r).cpu().numpy() for t, r in zip(self.teachers, rated, strict=True)])
+        preds = np.stack([r.cpu().numpy() for r in rated])  # (k, B, 7) on 1..10
         # the batch's own columns, audio bytes untouched, plus the mean prediction clipped to the rating scale
         table = batch.append_column("labels", labels_array(np.clip(preds.mean(axis=0), RATING_MIN, RATING_MAX)))
         table = table.append_column("teacher_spread", pa.array(preds.std(axis=0).mean(axis=1).astype(np.float32)))
-        table = table.append_column(RAW_LABELS, labels_array(np.clip(np.mean(raw, axis=0), RATING_MIN, RATING_MAX)))
+        table = table.append_column(RAW_LABELS, labels_array(np.clip(raw.mean(axis=0), RATING_MIN, RATING_MAX)))
         if self.progress is not None:
             self.progress.put(len(audio))
         return with_metadata(table)
-
-
-def _np(buffer) -> np.ndarray:
-    return buffer.float().cpu().numpy()
 
 
 def choose_segments(maestro_shards: str | Path, n: int, seed: int, splits: list[str] | None) -> list[str]:
