@@ -89,16 +89,30 @@ def trial_params(config: dict) -> dict[str, Any]:
     return TrialConfig.model_validate(config).params()
 
 
+@dataclass(frozen=True)
+class SweepPlace:
+    """Where a sweep runs and logs: its trials under ``storage``, their MLflow runs in ``experiment_name`` at
+    ``tracking_uri``, nested under the stage run ``parent_run_id`` when there is one."""
+
+    storage: str | Path
+    experiment_name: str
+    parent_run_id: str | None
+    tracking_uri: str
+
+
 def run_sweep(
     sweep: SweepConfig,
     data: StageData,
     frontend_stats: tuple[list[float], list[float]],
-    storage: str | Path,
-    experiment_name: str,
-    parent_run_id: str | None,
-    tracking_uri: str,
+    place: SweepPlace | str | Path,
+    *loose,
 ) -> SweepResult:
-    """Run (or resume, or read back) the sweep ``sweep.name`` under ``storage``."""
+    """Run (or resume, or read back) the sweep ``sweep.name`` under ``place.storage``. ``place`` may also be given
+    as the loose ``storage, experiment_name, parent_run_id, tracking_uri`` (the form bench/train.py calls)."""
+    if not isinstance(place, SweepPlace):
+        place = SweepPlace(place, *loose)
+    storage, experiment_name = place.storage, place.experiment_name
+    parent_run_id, tracking_uri = place.parent_run_id, place.tracking_uri
     storage = str(Path(storage).resolve()) if "://" not in str(storage) else str(storage)
     path = f"{storage.rstrip('/')}/{sweep.name}"
     trainable = tune.with_parameters(train_trial, data=data, frontend_stats=frontend_stats)
