@@ -11,7 +11,7 @@ host tensor (pinned when CUDA is there: what a ``.to(device, non_blocking=True)`
 - bare: ``pq.read_table`` of each shard file's ``audio`` and ``split`` columns, ``np.frombuffer`` over the PCM
   bytes (mdlda/pcm.py), the train rows gathered straight into the tensor; files in a seeded random order, one
   process, no Ray. The reference: reading the same bytes with nothing else around it.
-- shards: ``pipelines.data.train_batches`` over ``read_shards(...)`` (Ray Data streaming the Parquet files every
+- shards: ``pipelines.batches.train_batches`` over ``read_shards(...)`` (Ray Data streaming the Parquet files every
   epoch), with the global seeded shuffle (Ray Data's ``random_shuffle``) and, as ``shards, local shuffle``,
   without it (random block order + the 64-row local buffer, the previous behaviour).
 - materialised: the same over the dataset held in the object store in one-row blocks (what ``load_stage_data``
@@ -104,11 +104,11 @@ def bare(files: list[Path], out, batch: int, epochs: int) -> int:
 def ray_way(ds, out, batch: int, epochs: int, global_shuffle: bool) -> int:
     import torch
 
-    from pipelines.data import train_batches
+    from pipelines.batches import Sampling, train_batches
 
     n = 0
     for epoch in range(epochs):
-        for b in train_batches(ds, batch, seed=0, epoch=epoch, global_shuffle=global_shuffle):
+        for b in train_batches(ds, Sampling(batch, seed=0, global_shuffle=global_shuffle), epoch):
             k = len(b["audio"])
             out[:k].copy_(torch.from_numpy(b["audio"]))
             n += k

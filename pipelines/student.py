@@ -32,7 +32,8 @@ from mdlda.batches import pseudo_labels, spread_weighted
 from mdlda.checkpoints import load_training_state, save_training_state, seed_everything
 from mdlda.config import StudentConfig, TrialConfig
 from mdlda.replicas import replica_spread
-from pipelines.data import StageData, pooled_batches, train_batches, valid_batches
+from pipelines.batches import Sampling, pooled_batches, train_batches, valid_batches
+from pipelines.data import StageData
 from pipelines.progress import watched_queue
 from pipelines.trial import build_model
 
@@ -126,21 +127,12 @@ def student_loop(config: dict) -> None:
         weighting, labels = config.get("weighting", "uniform"), config.get("labels", "calibrated")
         return (spread_weighted(pseudo_labels(b, labels), weighting) for b in mixed(epoch))
 
+    sampling = Sampling(train_cfg.batch_size, train_cfg.seed + 1000 * rank, train_cfg.shuffle_buffer)
+
     def mixed(epoch: int):
-        seed = train_cfg.seed + 1000 * rank
         if config.get("mix", "pooled") == "pooled":
-            return pooled_batches(
-                source, target, train_cfg.batch_size, seed, epoch, sizes, train_cfg.shuffle_buffer, train_cfg.seed
-            )
-        return train_batches(
-            source,
-            train_cfg.batch_size,
-            seed,
-            epoch,
-            target,
-            target_labelled=True,
-            shuffle_buffer=train_cfg.shuffle_buffer,
-        )
+            return pooled_batches(source, target, sampling, epoch, sizes, order_seed=train_cfg.seed)
+        return train_batches(source, sampling, epoch, target, target_labelled=True)
 
     result = fit(
         model,
