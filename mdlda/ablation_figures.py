@@ -37,15 +37,14 @@ def _bars(ax, summary: pd.DataFrame, metric: str, models: list[str], legend: boo
 
 
 def figure(summary: pd.DataFrame, out, title: str = "") -> None:
-    """Mean r per model (non-piano vs piano test) and, beside it, RMSE with the predict-the-training-mean level
+    """Mean r per model (non-piano vs piano test) and, below it, RMSE with the predict-the-training-mean level
     as dashed lines (r cannot see an offset or a scale error; RMSE can); 95% intervals over seeds."""
     plt = _plt()
     r = summary[summary.metric == "r_mean"]
     models = list(dict.fromkeys(r.model))
     has_rmse = (summary.metric == "rmse_mean").any()
-    fig, axes = plt.subplots(
-        1, 2 if has_rmse else 1, figsize=(max(5.5, 1.15 * len(models)) * (2 if has_rmse else 1), 3.8)
-    )
+    panels = 2 if has_rmse else 1  # r above, RMSE below: the same models in the same columns
+    fig, axes = plt.subplots(panels, 1, figsize=(max(5.5, 0.95 * len(models)), 3.2 * panels), sharex=True)
     axes = np.atleast_1d(axes)
     _bars(axes[0], summary, "r_mean", models, legend=True)
     axes[0].set_ylabel("mean Pearson r (7 features)")
