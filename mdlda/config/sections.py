@@ -93,29 +93,23 @@ class PseudoLabelConfig(_Strict):
 
 
 class StudentConfig(_Strict):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)  # the docstrings are the descriptions
+
     model: str = "rfresnet"
     model_overrides: dict[str, Any] = Field(default_factory=dict)
     train: TrainConfig = Field(default_factory=TrainConfig, description="TrainConfig fields (mode: distill).")
-    mix: Literal["pooled", "paired"] = Field(
-        "paired",
-        description="pooled: one shuffled union of labelled and pseudo-labelled segments, each seen once an epoch "
-        "(domain-pure batches); paired: every source batch paired with an equal pseudo-labelled batch.",
-    )
-    weighting: Literal["uniform", "spread"] = Field(
-        "uniform",
-        description="uniform: every pseudo-labelled segment weighs 1; spread: exp(-s^2), s the teachers' spread "
-        "on it (std across teachers on the 1..10 scale, mean over features), so contested pseudo-labels count less.",
-    )
-    labels: Literal["calibrated", "raw"] = Field(
-        "calibrated",
-        description="Which teacher mean the pseudo-labels carry: calibrated (each teacher's registered output, "
-        "shrunk to its validation fit) or raw (the teachers' outputs before that calibration).",
-    )
-    init: Literal["scratch", "teacher"] = Field(
-        "scratch",
-        description="scratch: the student starts from a fresh initialisation; teacher: from the weights of the "
-        "best-ranked teacher that pseudo-labelled its segments (needs the same model and overrides).",
-    )
+    mix: Literal["pooled", "paired"] = "paired"
+    """pooled: one shuffled union of labelled and pseudo-labelled segments, each seen once an epoch (domain-pure
+    batches); paired: every source batch paired with an equal pseudo-labelled batch."""
+    weighting: Literal["uniform", "spread"] = "uniform"
+    """uniform: every pseudo-labelled segment weighs 1; spread: exp(-s^2), s the teachers' spread on it (std across
+    teachers on the 1..10 scale, mean over features), so contested pseudo-labels count less."""
+    labels: Literal["calibrated", "raw"] = "calibrated"
+    """Which teacher mean the pseudo-labels carry: calibrated (each teacher's registered output, shrunk to its
+    validation fit) or raw (the teachers' outputs before that calibration)."""
+    init: Literal["scratch", "teacher"] = "scratch"
+    """scratch: the student starts from a fresh initialisation; teacher: from the weights of the best-ranked teacher
+    that pseudo-labelled its segments (needs the same model and overrides)."""
     num_workers: Int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: Float = Field(1.0, gt=0)
