@@ -206,7 +206,9 @@ def clean_mlflow(monkeypatch):
 
 
 @pytest.mark.slow  # the whole command on a generated set
-def test_command_end_to_end_outputs_match_independent_recomputation(tmp_path, demo, monkeypatch, clean_mlflow):
+def test_command_end_to_end_outputs_match_independent_recomputation(
+    tmp_path, demo, monkeypatch, clean_mlflow, seed_store
+):
     import mlflow
     import torch
     from mlflow.tracking import MlflowClient
@@ -216,6 +218,7 @@ def test_command_end_to_end_outputs_match_independent_recomputation(tmp_path, de
     from mdlda.tracking import CHAMPION, STUDENT_MODEL, RatingModel, log_model, setup_tracking
 
     work = tmp_path / "work"
+    seed_store(work)
     setup_tracking(work, "models")
     torch.manual_seed(0)
     model = create_model("rfresnet", width=4)

@@ -57,11 +57,12 @@ def test_embedded_store_and_artifact_location(clean_env, tmp_path):
     assert os.environ["MLFLOW_TRACKING_URI"] == uri
 
 
-def test_champion_moves_only_to_a_better_student(clean_env, tmp_path):
+def test_champion_moves_only_to_a_better_student(clean_env, tmp_path, seed_store):
     from mlflow.tracking import MlflowClient
 
     from mdlda.tracking import CHAMPION, move_champion_if_better, setup_tracking
 
+    seed_store(tmp_path)
     exp_id = setup_tracking(tmp_path, "exp")
     client = MlflowClient()
     client.create_registered_model("m")
@@ -76,7 +77,7 @@ def test_champion_moves_only_to_a_better_student(clean_env, tmp_path):
 
 
 @pytest.mark.slow  # waits out SQLite's lock timeout
-def test_a_locked_sqlite_store_names_the_server_command(tmp_path, monkeypatch):
+def test_a_locked_sqlite_store_names_the_server_command(tmp_path, monkeypatch, seed_store):
     """Another writer holds the embedded store: the error says so and shows how to start the tracking server."""
     import sqlite3
 
@@ -85,6 +86,7 @@ def test_a_locked_sqlite_store_names_the_server_command(tmp_path, monkeypatch):
     from mdlda.tracking import TrackingError, setup_tracking, sqlite_guard
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    seed_store(tmp_path)
     exp = setup_tracking(tmp_path, "locked")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     other = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
