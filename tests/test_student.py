@@ -19,12 +19,19 @@ pytestmark = pytest.mark.slow
 TINY = {"width": 4}
 
 
+_LOADED: dict = {}
+
+
 def _inputs(first):
+    """The session chain's student inputs, loaded once for the module (read-only: 5-10 s of Ray Data work each)."""
     from pipelines.data import frontend_stats, load_stage_data
 
-    shards = Path(first.workdir) / "shards"
-    data = load_stage_data(shards / "midlevel", shards / "pseudolabels", target_labelled=True)
-    return data, frontend_stats(str(shards / "midlevel"), data.source_train, Path(first.workdir) / "cache")
+    if first.workdir not in _LOADED:
+        shards = Path(first.workdir) / "shards"
+        data = load_stage_data(shards / "midlevel", shards / "pseudolabels", target_labelled=True)
+        fstats = frontend_stats(str(shards / "midlevel"), data.source_train, Path(first.workdir) / "cache")
+        _LOADED[first.workdir] = (data, fstats)
+    return _LOADED[first.workdir]
 
 
 def _cfg(epochs: int = 3, **kw) -> StudentConfig:
