@@ -76,12 +76,18 @@ def test_champion_moves_only_to_a_better_student(clean_env, tmp_path, seed_store
     assert client.get_model_version_by_alias("m", CHAMPION).version == versions[2]
 
 
+def _half_a_second(conn, cursor, statement, parameters, context, executemany):
+    busy = "PRAGMA busy_timeout = "
+    return (f"{busy}500;" if statement.startswith(busy) else statement), parameters
+
+
 @pytest.mark.slow  # waits out SQLite's lock timeout
 def test_a_locked_sqlite_store_names_the_server_command(tmp_path, monkeypatch, seed_store):
     """Another writer holds the embedded store: the error says so and shows how to start the tracking server."""
     import sqlite3
 
     from mlflow.tracking import MlflowClient
+    from sqlalchemy import event
 
     from mdlda.tracking import TrackingError, setup_tracking, sqlite_guard
 
@@ -89,11 +95,14 @@ def test_a_locked_sqlite_store_names_the_server_command(tmp_path, monkeypatch, s
     seed_store(tmp_path)
     exp = setup_tracking(tmp_path, "locked")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # MLflow gives every SQLite session a 20 s busy timeout; the error is the same after half a second
+    event.listen(client._tracking_client.store.engine, "before_cursor_execute", _half_a_second, retval=True)
     other = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
     try:
         with pytest.raises(TrackingError) as info, sqlite_guard(tmp_path):
-            MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_run(exp)
+            client.create_run(exp)
     finally:
         other.execute("ROLLBACK")
         other.close()
