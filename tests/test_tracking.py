@@ -81,7 +81,6 @@ def _half_a_second(conn, cursor, statement, parameters, context, executemany):
     return (f"{busy}500;" if statement.startswith(busy) else statement), parameters
 
 
-@pytest.mark.slow  # waits out SQLite's lock timeout
 def test_a_locked_sqlite_store_names_the_server_command(tmp_path, monkeypatch, seed_store):
     """Another writer holds the embedded store: the error says so and shows how to start the tracking server."""
     import sqlite3
