@@ -205,9 +205,7 @@ def _kill_a_train_worker_after_two_checkpoints(run_dir: Path, stop: threading.Ev
 KILL_EPOCHS = 4
 
 
-def test_two_data_parallel_workers_train_in_sync_and_a_killed_worker_restarts_from_the_last_checkpoint(
-    chain, tmp_path
-):
+def test_two_workers_stay_in_sync_and_a_killed_one_restarts_from_the_last_checkpoint(chain, tmp_path):
     """Two data-parallel workers (one run serves both checks: a worker group's start-up is most of its cost), one
     of them SIGKILLed mid-run: the group restarts from the last checkpoint and the replicas stay identical."""
     from pipelines.student import train_student
