@@ -125,7 +125,7 @@ def test_student_variants_are_checked_when_parsed():
 
 
 @pytest.mark.slow
-def test_ablation_of_the_tiny_chain(ray_local, demo_root, tmp_path, monkeypatch):
+def test_ablation_of_the_tiny_chain(ray_local, demo_root, tmp_path, monkeypatch, seed_store):
     """One seed through the chain's own stages (the statistics over seeds are tested above): every row is
     measured, the written summary is the statistics of the written per-seed table, the seed's chain nests under
     the ablation's MLflow run, and an ablation student never takes the champion alias."""
@@ -146,6 +146,7 @@ def test_ablation_of_the_tiny_chain(ray_local, demo_root, tmp_path, monkeypatch)
     student = cfg.student.model_copy(update={"train": cfg.student.train.model_copy(update=one_epoch)})
     cfg = cfg.model_copy(update={"teachers": teachers, "student": student})
     variant = parse_variant("weighting=spread", cfg)
+    seed_store(tmp_path / "w")
     res = run_ablation(cfg, demo_root, tmp_path / "w", AblationPlan([7], [variant]))
 
     per_seed = pd.read_csv(res.out_dir / "per_seed.csv")

@@ -166,7 +166,7 @@ def test_a_detached_passage_shows_as_more_staccato_in_the_right_place(perf, tmp_
 
 # ------------------------------------------------------------------------------------------------ the command
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, seed_store):
     """A real SQLite MLflow store holding a tiny RF-ResNet as mdlda-student@champion (weights-only checkpoint)."""
     import os
 
@@ -179,6 +179,7 @@ def store(tmp_path_factory):
 
     saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
     work = tmp_path_factory.mktemp("work")
+    seed_store(work)
     setup_tracking(work, "models")
     torch.manual_seed(0)
     model = create_model("rfresnet", width=2).eval()

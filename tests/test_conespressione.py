@@ -206,23 +206,32 @@ def clean_mlflow(monkeypatch):
 
 
 @pytest.mark.slow  # the whole command on a generated set
-def test_command_end_to_end_outputs_match_independent_recomputation(tmp_path, demo, monkeypatch, clean_mlflow):
+def test_command_end_to_end_outputs_match_independent_recomputation(
+    tmp_path, demo, monkeypatch, clean_mlflow, seed_store
+):
     import mlflow
     import torch
     from mlflow.tracking import MlflowClient
 
+    from mdlda.checkpoints import save_model
     from mdlda.models import create_model
     from mdlda.predict import predict_recording, time_average
-    from mdlda.tracking import CHAMPION, STUDENT_MODEL, RatingModel, log_model, setup_tracking
+    from mdlda.tracking import CHAMPION, STUDENT_MODEL, RatingModel, setup_tracking
 
     work = tmp_path / "work"
+    seed_store(work)
     setup_tracking(work, "models")
     torch.manual_seed(0)
     model = create_model("rfresnet", width=4)
-    with mlflow.start_run():
-        log_model(model, registered_model_name=STUDENT_MODEL)
+    # registered as the weights-only checkpoint the command loads (log_model's pt2 export, seconds of CPU, is
+    # tested with the served path in test_served.py and test_serve.py)
+    ckpt = save_model(model, tmp_path / "ckpt")
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(ckpt), artifact_path="model-checkpoint")
     client = MlflowClient()
-    client.set_registered_model_alias(STUDENT_MODEL, CHAMPION, "1")
+    client.create_registered_model(STUDENT_MODEL)
+    v = client.create_model_version(STUDENT_MODEL, f"{run.info.artifact_uri}/model-checkpoint", run.info.run_id)
+    client.set_registered_model_alias(STUDENT_MODEL, CHAMPION, v.version)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the command finds the store through --workdir
 
     dims = pd.read_csv(demo["dims_csv"])
@@ -236,7 +245,7 @@ def test_command_end_to_end_outputs_match_independent_recomputation(tmp_path, de
     assert "1 item(s) skipped" in text and "99_Ghost_Nobody: no audio file" in text
     assert pd.read_csv(out / "skipped.csv")["item"].tolist() == ["99_Ghost_Nobody"]
 
-    # Features: the registered model's time-averaged prediction per performance (the module it was exported from
+    # Features: the registered model's time-averaged prediction per performance (the module it was saved from
     # gives the same numbers; loading the registry copy a second time would cost seconds).
     features = pd.read_csv(out / "features.csv")
     assert len(features) == 16 and set(features["model"]) == {"student"}

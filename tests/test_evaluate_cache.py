@@ -6,13 +6,13 @@ import pytest
 
 
 @pytest.fixture()
-def store(monkeypatch, tmp_path):
+def store(monkeypatch, tmp_path, seed_store):
     import mlflow
 
     from mdlda.tracking import setup_tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    setup_tracking(tmp_path / "wd", "cache")
+    setup_tracking(seed_store(tmp_path / "wd").parent, "cache")
     yield tmp_path / "wd"
     mlflow.set_tracking_uri(None)
 

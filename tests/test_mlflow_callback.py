@@ -50,14 +50,14 @@ def _log(cls, store, trials: int, epochs: int) -> dict:
     return out
 
 
-def test_batched_logger_records_every_metric_at_every_step_like_rays_own(tmp_path, monkeypatch):
+def test_batched_logger_records_every_metric_at_every_step_like_rays_own(tmp_path, monkeypatch, seed_store):
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     from pipelines.mlflow_callback import BatchedMLflowLoggerCallback
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    stock = _log(MLflowLoggerCallback, tmp_path / "stock.db", trials=2, epochs=4)
-    batched = _log(BatchedMLflowLoggerCallback, tmp_path / "batched.db", trials=2, epochs=4)
+    stock = _log(MLflowLoggerCallback, seed_store(tmp_path / "stock.db"), trials=2, epochs=4)
+    batched = _log(BatchedMLflowLoggerCallback, seed_store(tmp_path / "batched.db"), trials=2, epochs=4)
     assert batched == stock
     history = batched[("trainable_t1", "valid_r_mean")]
     assert [s for s, _ in history] == [1, 2, 3, 4] and history[-1][1] == pytest.approx(0.3)

@@ -88,7 +88,7 @@ def _tone(freq: float, seconds: float = 15.0, amp: float = 0.3) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, seed_store):
     """A real SQLite MLflow store: a tiny RF-ResNet registered twice from weights-only checkpoints, ``with`` its
     OOD statistics (fitted on tones) and ``without`` (a model registered before they existed)."""
     import os
@@ -102,6 +102,7 @@ def store(tmp_path_factory):
 
     saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
     work = tmp_path_factory.mktemp("work")
+    seed_store(work)
     setup_tracking(work, "models")
     torch.manual_seed(0)
     model = create_model("rfresnet", width=4).eval()  # width 2 (an 8-d embedding) hardly tells noise from tones

@@ -85,14 +85,14 @@ def _post_json(url: str, payload: dict, timeout: float = 600.0) -> dict:
 
 
 @pytest.fixture()
-def store(monkeypatch, tmp_path):
+def store(monkeypatch, tmp_path, seed_store):
     """A fresh embedded store in tmp_path/wd (the workdir, returned), the active one for the test."""
     import mlflow
 
     from mdlda.tracking import setup_tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    setup_tracking(tmp_path / "wd", "serve")
+    setup_tracking(seed_store(tmp_path / "wd").parent, "serve")
     yield tmp_path / "wd"
     mlflow.end_run()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

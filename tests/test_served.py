@@ -11,14 +11,14 @@ from torch import nn
 
 
 @pytest.fixture()
-def store(monkeypatch, tmp_path):
+def store(monkeypatch, tmp_path, seed_store):
     """A fresh embedded store in tmp_path/wd (the workdir, returned), the active one for the test."""
     import mlflow
 
     from mdlda.tracking import setup_tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    setup_tracking(tmp_path / "wd", "served")
+    setup_tracking(seed_store(tmp_path / "wd").parent, "served")
     yield tmp_path / "wd"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(None)

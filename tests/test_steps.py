@@ -175,8 +175,14 @@ def test_supervised_and_distill_steps_work_through_a_forward_only_wrapper():
         "target_labels": TARGET[1][:4],
     }
     for mode, step in (("supervised", supervised_step), ("distill", distill_step)):
-        out = step(ForwardOnly(TinyModel()), prepare_batch(raw, mode, "cpu"))
-        assert np.isfinite(out.losses["loss"])
+        torch.manual_seed(0)
+        model = TinyModel()
+        plain = step(model, prepare_batch(raw, mode, "cpu"))
+        wrapped = step(ForwardOnly(model), prepare_batch(raw, mode, "cpu"))  # the same weights, through forward()
+        assert np.isfinite(wrapped.losses["loss"])
+        assert wrapped.losses.keys() == plain.losses.keys(), mode
+        for k, v in plain.losses.items():  # the wrapper changes how the model is called, not what is computed
+            assert wrapped.losses[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (mode, k)
 
 
 def test_supervised_step_is_mse_on_the_0_1_scale():

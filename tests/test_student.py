@@ -19,29 +19,24 @@ pytestmark = pytest.mark.slow
 TINY = {"width": 4}
 
 
+_LOADED: dict = {}
+
+
 def _inputs(first):
+    """The session chain's student inputs, loaded once for the module (read-only: 5-10 s of Ray Data work each)."""
     from pipelines.data import frontend_stats, load_stage_data
 
-    shards = Path(first.workdir) / "shards"
-    data = load_stage_data(shards / "midlevel", shards / "pseudolabels", target_labelled=True)
-    return data, frontend_stats(str(shards / "midlevel"), data.source_train, Path(first.workdir) / "cache")
+    if first.workdir not in _LOADED:
+        shards = Path(first.workdir) / "shards"
+        data = load_stage_data(shards / "midlevel", shards / "pseudolabels", target_labelled=True)
+        fstats = frontend_stats(str(shards / "midlevel"), data.source_train, Path(first.workdir) / "cache")
+        _LOADED[first.workdir] = (data, fstats)
+    return _LOADED[first.workdir]
 
 
 def _cfg(epochs: int = 3, **kw) -> StudentConfig:
     train = {"max_epochs": epochs, "patience": epochs, "lr_milestones": [2], "lr": 2.0e-3, "batch_size": 4}
     return StudentConfig(model_overrides=TINY, train=train | {"device": "cpu"}, **kw)
-
-
-def test_two_data_parallel_workers_train_in_sync(chain, tmp_path):
-    from pipelines.student import train_student
-
-    first, _ = chain
-    data, fstats = _inputs(first)
-    res = train_student(_cfg(num_workers=2, cpus_per_worker=0.5), data, fstats, tmp_path, "two-workers")
-    # every epoch checked that the replicas' weights and BN statistics are identical (the loop raises otherwise)
-    assert list(res.history.epoch) == [0, 1, 2] and res.result.metrics["world_size"] == 2
-    assert res.result.metrics["replica_spread"] == 0.0
-    assert res.best_score == res.history.valid_r_mean.max()
 
 
 # ------------------------------------------------------------------ DDP (2 gloo workers) vs one process
@@ -210,7 +205,9 @@ def _kill_a_train_worker_after_two_checkpoints(run_dir: Path, stop: threading.Ev
 KILL_EPOCHS = 4
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint(chain, tmp_path):
+def test_two_workers_stay_in_sync_and_a_killed_one_restarts_from_the_last_checkpoint(chain, tmp_path):
+    """Two data-parallel workers (one run serves both checks: a worker group's start-up is most of its cost), one
+    of them SIGKILLed mid-run: the group restarts from the last checkpoint and the replicas stay identical."""
     from pipelines.student import train_student
 
     first, _ = chain
@@ -223,11 +220,15 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(chain, tmp_path):
     )
     killer.start()
     try:
-        res = train_student(_cfg(KILL_EPOCHS, max_failures=1), data, fstats, tmp_path, "killed-worker")
+        cfg = _cfg(KILL_EPOCHS, max_failures=1, num_workers=2, cpus_per_worker=0.5)
+        res = train_student(cfg, data, fstats, tmp_path, "killed-worker")
     finally:
         stop.set()
     assert killed, "no Ray Train worker process was found to kill"
     assert res.result.error is None
+    # every epoch checked that the replicas' weights and BN statistics are identical (the loop raises otherwise)
+    assert res.result.metrics["world_size"] == 2 and res.result.metrics["replica_spread"] == 0.0
+    assert res.best_score == res.history.valid_r_mean.max()
     # no epoch lost or repeated across the restart, and the restarted worker group resumed from a checkpoint
     assert list(res.history.epoch) == list(range(KILL_EPOCHS)), res.history
     assert res.result.metrics["start_epoch"] >= 1, (killed, res.result.metrics)

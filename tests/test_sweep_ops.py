@@ -16,6 +16,26 @@ from mdlda.config import ChainConfig
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shards_loaded_once():
+    """Every Chain object here reads the session chain's shards with the chain's data settings: they are loaded
+    once for the module (loading them is the chain tests' subject; each load costs 5-10 s of Ray Data work)."""
+    import pipelines.chain as chain_module
+
+    real, loaded = chain_module.load_inputs, {}
+
+    def once(cfg, workdir, say=lambda msg: None):
+        key = (str(workdir), cfg.data.model_dump_json(), cfg.materialize_share, cfg.band_floor)
+        if key not in loaded:
+            loaded[key] = real(cfg, workdir, say)
+        return loaded[key]
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(chain_module, "load_inputs", once)
+    yield
+    patch.undo()
+
+
 def _use_store(result):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -226,11 +246,14 @@ def test_many_concurrent_trials_lose_no_metric_in_the_sqlite_store(chain):
 # ------------------------------------------------------------------------------------------ killed driver
 def test_a_killed_driver_resumes_the_sweep_without_redoing_finished_trials(chain, tmp_path):
     """`mdlda teachers` is SIGKILLed (with its whole process group) once a trial finished; running the same
-    command again finishes the sweep from its storage folder and leaves the finished trial as it was."""
+    command again finishes the sweep from its storage folder and leaves the finished trial as it was. The driver
+    joins the session's Ray (as a driver joins a cluster): no second local Ray to start on the 2 CPUs; Ray ends the
+    killed driver's trial workers."""
     import subprocess
     import sys
     from pathlib import Path
 
+    import ray
     import yaml
 
     from pipelines.sweep_stage import sweep_name
@@ -244,6 +267,7 @@ def test_a_killed_driver_resumes_the_sweep_without_redoing_finished_trials(chain
     obj = _chain_obj(first, cfg)
     path = Path(first.workdir) / "ray_results" / sweep_name(cfg.teachers, obj.data[2])
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "pipelines.cli", "teachers", "--config", str(config), "--workdir", first.workdir]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     done = None

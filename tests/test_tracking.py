@@ -57,11 +57,12 @@ def test_embedded_store_and_artifact_location(clean_env, tmp_path):
     assert os.environ["MLFLOW_TRACKING_URI"] == uri
 
 
-def test_champion_moves_only_to_a_better_student(clean_env, tmp_path):
+def test_champion_moves_only_to_a_better_student(clean_env, tmp_path, seed_store):
     from mlflow.tracking import MlflowClient
 
     from mdlda.tracking import CHAMPION, move_champion_if_better, setup_tracking
 
+    seed_store(tmp_path)
     exp_id = setup_tracking(tmp_path, "exp")
     client = MlflowClient()
     client.create_registered_model("m")
@@ -75,23 +76,32 @@ def test_champion_moves_only_to_a_better_student(clean_env, tmp_path):
     assert client.get_model_version_by_alias("m", CHAMPION).version == versions[2]
 
 
-@pytest.mark.slow  # waits out SQLite's lock timeout
-def test_a_locked_sqlite_store_names_the_server_command(tmp_path, monkeypatch):
+def _half_a_second(conn, cursor, statement, parameters, context, executemany):
+    busy = "PRAGMA busy_timeout = "
+    return (f"{busy}500;" if statement.startswith(busy) else statement), parameters
+
+
+def test_a_locked_sqlite_store_names_the_server_command(tmp_path, monkeypatch, seed_store):
     """Another writer holds the embedded store: the error says so and shows how to start the tracking server."""
     import sqlite3
 
     from mlflow.tracking import MlflowClient
+    from sqlalchemy import event
 
     from mdlda.tracking import TrackingError, setup_tracking, sqlite_guard
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    seed_store(tmp_path)
     exp = setup_tracking(tmp_path, "locked")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # MLflow gives every SQLite session a 20 s busy timeout; the error is the same after half a second
+    event.listen(client._tracking_client.store.engine, "before_cursor_execute", _half_a_second, retval=True)
     other = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
     try:
         with pytest.raises(TrackingError) as info, sqlite_guard(tmp_path):
-            MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_run(exp)
+            client.create_run(exp)
     finally:
         other.execute("ROLLBACK")
         other.close()
