@@ -60,15 +60,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--efficiency", type=float, default=0.25, help="share of the peak a training step reaches")
     p.add_argument("--gflop-per-sample", type=float, help="training FLOPs per segment (default: counted)")
     p.add_argument("--width", type=int, default=128, help="RF-ResNet width whose FLOPs are counted")
+    p.add_argument("--skip-ray-shuffle", action="store_true", help="leave out the previous Ray Data shuffle path")
     return p.parse_args()
 
 
 def tree_cpu() -> float:
-    """CPU seconds (user + system) of this process and its live descendants."""
+    """CPU seconds (user + system) of this process and its live descendants, plus those of every descendant that
+    exited and was reaped (its parent's ``children_user`` / ``children_system``: a Ray worker that exits between
+    two readings is counted by its raylet's)."""
     total = 0.0
     for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
         try:
-            total += sum(p.cpu_times()[:2])
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
         except psutil.Error:
             pass
     return total
@@ -82,22 +86,23 @@ def host_tensor(batch: int, samples: int):
 
 
 def bare(files: list[Path], out, batch: int, epochs: int) -> int:
-    """Read each file's PCM, gather its train rows into ``out`` batch by batch; segments delivered."""
+    """Read each file's PCM, copy its train rows into ``out`` batch by batch; segments delivered."""
     import pyarrow.parquet as pq
-    import torch
 
     from mdlda.pcm import from_column
 
+    host = out.numpy()
     n = 0
     for epoch in range(epochs):
         for f in np.random.default_rng(epoch).permutation(files):
             t = pq.read_table(f, columns=["audio", "split"])
-            pcm = torch.from_numpy(from_column(t.column("audio")))  # (rows, N) int16 over the file's bytes
-            rows = torch.from_numpy(np.flatnonzero(t.column("split").to_numpy(zero_copy_only=False) == "train"))
-            for i in range(0, len(rows), batch):
-                idx = rows[i : i + batch]
-                torch.index_select(pcm, 0, idx, out=out[: len(idx)])
-                n += len(idx)
+            train = t.column("split").to_numpy(zero_copy_only=False) == "train"
+            rows = [r for c in t.column("audio").chunks for r in from_column(c)]  # views of each row group's bytes
+            picked = [r for r, keep in zip(rows, train, strict=True) if keep]
+            for i in range(0, len(picked), batch):
+                for j, r in enumerate(picked[i : i + batch]):
+                    host[j] = r
+                n += len(picked[i : i + batch])
     return n
 
 
@@ -161,7 +166,8 @@ def main() -> None:
 
     from mdlda.manifest import DATA_DIR
     from mdlda.params import SEGMENT_SAMPLES
-    from pipelines.data import TRAIN_COLUMNS, _materialize
+    from pipelines.data import TRAIN_COLUMNS, _attach_index, _materialize
+    from pipelines.shard_reader import build_index
     from pipelines.shards import read_shards
 
     torch.set_num_threads(1)
@@ -182,15 +188,21 @@ def main() -> None:
     ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
     shards = make_shards(args, out)
     files = sorted((shards / DATA_DIR).glob("*.parquet"))
+    t0 = time.perf_counter()
     streamed, manifest = read_shards(shards, splits=["train"], columns=TRAIN_COLUMNS)
-    held = _materialize(streamed, rows_per_block=1)
+    streamed = _attach_index(streamed, build_index(shards, ["train"], TRAIN_COLUMNS))  # as load_stage_data does
+    index_s = time.perf_counter() - t0
+    lazy, _ = read_shards(shards, splits=["train"], columns=TRAIN_COLUMNS)  # no index: Ray Data runs it
+    held = _materialize(lazy, rows_per_block=1)
     buf, pinned = host_tensor(args.batch, SEGMENT_SAMPLES)
     ways = {
         "bare read -> host tensor": lambda: bare(files, buf, args.batch, args.epochs),
-        "shards (global shuffle)": lambda: ray_way(streamed, buf, args.batch, args.epochs, True),
-        "shards, local shuffle only": lambda: ray_way(streamed, buf, args.batch, args.epochs, False),
+        "shards (row-group permutation)": lambda: ray_way(streamed, buf, args.batch, args.epochs, True),
+        "shards via Ray Data random_shuffle": lambda: ray_way(lazy, buf, args.batch, args.epochs, True),
         "materialised (global shuffle)": lambda: ray_way(held, buf, args.batch, args.epochs, True),
     }
+    if args.skip_ray_shuffle:
+        del ways["shards via Ray Data random_shuffle"]
     for fn in ways.values():  # warm-up: workers started, files in the page cache
         fn()
     rounds: dict[str, list[dict]] = {k: [] for k in ways}
@@ -206,6 +218,7 @@ def main() -> None:
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "train_rows": manifest["counts"]["train"],
+        "index_build_s": index_s,
         "pinned": pinned,
         "rounds": rounds,
         "best": best,

@@ -20,6 +20,7 @@ import ray
 
 from mdlda.params import SEGMENT_BYTES
 from mdlda.pcm import numpy_batch
+from pipelines.shard_reader import ShardIndex, build_index, epoch_batches
 from pipelines.shards import read_shards, split_count
 
 logger = logging.getLogger(__name__)
@@ -116,9 +117,16 @@ def load_stage_data(
     plan = plan_materialize({k: n * ROW_BYTES for k, n in counts.items()}, free, materialize_share)
     plan["object_store_total_bytes"] = int(total)
     sets = {"source_train": src, "source_valid": val, "target": tgt}
+    where = {
+        "source_train": (source_shards, ["train"], TRAIN_COLUMNS),
+        "source_valid": (source_shards, ["valid"], TRAIN_COLUMNS),
+        "target": (target_shards, target_splits, cols if target_shards is not None else None),
+    }
     for name, decision in plan["sets"].items():
         if decision["materialized"]:
             sets[name] = _materialize(sets[name], rows_per_block)
+        else:  # streamed: the training iterators read its row groups themselves (pipelines/shard_reader.py)
+            sets[name] = _attach_index(sets[name], build_index(*where[name]))
         logger.info(
             "%s: %d rows, %.2f GB: %s (object store: %.2f GB free, budget %.0f%% = %.2f GB)",
             name,
@@ -131,6 +139,70 @@ def load_stage_data(
         )
     materialized = all(d["materialized"] for d in plan["sets"].values())
     return StageData(sets["source_train"], sets["source_valid"], sets["target"], counts, manifests, materialized, plan)
+
+
+INDEX_ATTR = "_mdlda_shard_index"
+
+
+class ShardDataset(ray.data.Dataset):
+    """A lazy Dataset over shard files that also carries the :class:`ShardIndex` of its rows, through pickling
+    too (a Tune trial receives it by ``tune.with_parameters``; a plain Dataset pickles without extra attributes).
+    Every Ray Data method still returns plain Datasets; :func:`_iter` reads a ShardDataset with
+    :func:`pipelines.shard_reader.epoch_batches` instead of running it."""
+
+    def __getstate__(self):
+        return {**super().__getstate__(), INDEX_ATTR: getattr(self, INDEX_ATTR, None)}
+
+    def __setstate__(self, state):
+        state = dict(state)
+        index = state.pop(INDEX_ATTR, None)
+        super().__setstate__(state)
+        setattr(self, INDEX_ATTR, index)
+
+
+def _attach_index(ds: ray.data.Dataset, index: ShardIndex) -> ShardDataset:
+    """The Dataset streamed from its shards, marked with the rows it holds: the training iterators read its row
+    groups themselves (a seeded row-group order, no Ray Data executor), while the Dataset stays what Ray Train's
+    ``datasets=`` and other Ray Data readers run."""
+    out = object.__new__(ShardDataset)
+    out.__setstate__({**ds.__getstate__(), INDEX_ATTR: index})
+    return out
+
+
+def _shard_index(ds) -> ShardIndex | None:
+    if isinstance(ds, ShardIndex):
+        return ds
+    return getattr(ds, INDEX_ATTR, None) if isinstance(ds, ShardDataset) else None
+
+
+def _rows(ds) -> int | None:
+    """Rows of a set when known without reading it (an index, or a materialised Dataset's metadata)."""
+    index = _shard_index(ds)
+    if index is not None:
+        return len(index)
+    if isinstance(ds, ray.data.dataset.MaterializedDataset):
+        return ds.count()
+    return None
+
+
+def _run_subset(target, n: int | None, seed: int):
+    """The target rows one run pairs with its source: a seeded random subset of ``n`` rows (the source set's size),
+    the same every epoch of the run and different per run seed, drawn without reading a row not taken (from the
+    shard index, or from a materialised set's one-row blocks). A set of at most ``n`` rows, a Ray Train
+    ``DataIterator`` or a lazy Dataset without an index: the whole set (its order is new every epoch)."""
+    total = _rows(target)
+    if n is None or total is None or total <= n:
+        return target
+    seed = (seed * 2_654_435_761 + 12_345) % 2**63
+    index = _shard_index(target)
+    if index is not None:
+        return index.sample(n, seed)
+    if target.num_blocks() < total:  # blocks of several rows: no per-row draw without reading them
+        return target
+    bundles = list(target.iter_internal_ref_bundles())
+    pick = np.sort(np.random.default_rng(seed).choice(len(bundles), size=n, replace=False))
+    refs = [ref for i in pick for ref in bundles[i].block_refs]
+    return ray.data.from_arrow_refs(refs)
 
 
 def _has_spread(shards: str | Path) -> bool:
@@ -172,7 +244,14 @@ def _iter(
     """Numpy batches of a Dataset or a Ray Train DataIterator (same API): ``audio`` as ``(B, N)`` int16 read
     straight from the shards' PCM bytes (:func:`mdlda.pcm.numpy_batch`), labels as (B, 7) float32.
 
-    With a seed, every pass reads the rows in a new seeded order (:func:`_order`); without one, in storage order."""
+    With a seed, every pass reads the rows in a new seeded order (:func:`_order`); without one, in storage order.
+    A set streamed from its shards with a row index (:func:`_attach_index`; or a bare :class:`ShardIndex`) is read
+    by :func:`pipelines.shard_reader.epoch_batches`: a seeded permutation of its row groups, one row each in
+    shards of this prepare (a uniform permutation of the rows), else mixed across ``shuffle_buffer`` rows."""
+    index = _shard_index(ds)
+    if index is not None:
+        yield from epoch_batches(index, batch_size, seed, shuffle_buffer, drop_last)
+        return
     buffer = 0
     if seed is not None:
         ds, buffer = _order(ds, seed, shuffle_buffer, global_shuffle)
@@ -216,9 +295,14 @@ def train_batches(
     """One epoch of training batches: ``{"audio", "labels"}`` plus, with a target set, an equal number of
     ``"target_audio"`` (and ``"target_labels"``, ``"target_spread"`` when the target is pseudo-labelled). The
     source decides the epoch length (last partial batch dropped, so BatchNorm never sees a batch of 1); the
-    target cycles. The source is shuffled globally each epoch, seeded by ``seed`` and ``epoch`` (:func:`_order`;
-    ``global_shuffle=False``: a random block order and the local buffer only)."""
-    tgt = _cycle(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer) if target is not None else None
+    target cycles over a seeded subset of the source set's size drawn per run (``seed``; :func:`_run_subset`).
+    The source is shuffled globally each epoch, seeded by ``seed`` and ``epoch``: from its shards by a seeded
+    permutation of its one-row row groups (:func:`_iter`), from memory by a seeded block order (:func:`_order`);
+    ``global_shuffle=False`` only matters for a lazy Dataset without a shard index: a random block order and the
+    local buffer instead of Ray Data's ``random_shuffle``)."""
+    tgt = None
+    if target is not None:  # a seeded subset of the target per run (:func:`_run_subset`), in a new order each epoch
+        tgt = _cycle(_run_subset(target, _rows(source), seed), batch_size, seed + 7919 * (epoch + 1), shuffle_buffer)
     order = seed + 104_729 * (epoch + 1)
     for b in _iter(source, batch_size, order, shuffle_buffer, drop_last=True, global_shuffle=global_shuffle):
         out = {"audio": b["audio"], "labels": b["labels"]}
