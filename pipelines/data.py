@@ -199,10 +199,9 @@ def _run_subset(target, n: int | None, seed: int):
         return index.sample(n, seed)
     if target.num_blocks() < total:  # blocks of several rows: no per-row draw without reading them
         return target
-    bundles = list(target.iter_internal_ref_bundles())
-    pick = np.sort(np.random.default_rng(seed).choice(len(bundles), size=n, replace=False))
-    refs = [ref for i in pick for ref in bundles[i].block_refs]
-    return ray.data.from_arrow_refs(refs)
+    blocks = [ref for bundle in target.iter_internal_ref_bundles() for ref in bundle.block_refs]  # one row each
+    pick = np.sort(np.random.default_rng(seed).choice(len(blocks), size=n, replace=False))
+    return ray.data.from_arrow_refs([blocks[i] for i in pick])
 
 
 def _has_spread(shards: str | Path) -> bool:
