@@ -1,62 +1,81 @@
-"""Training reads of streamed shard sets without Ray Data's executor: a row index from the Parquet metadata, and
-a seeded read plan over row groups, read in the consuming process.
+"""Training reads of streamed shard sets without Ray Data's executor: a row index from the Parquet files, and a
+seeded read plan over rows, read in the consuming process.
 
 Why: a set that does not fit in the object store is read every epoch. Through Ray Data that meant a read task
 per file, the split selected by a filter that copies every selected segment, every block copied into the object
 store and again into batches, and (for a global shuffle) all bytes through ``random_shuffle``'s map and reduce
 tasks, plus Ray Data's start-up every epoch (bench/datapath.py measures it; figures in bench/README.md).
 
-- :class:`ShardIndex`: one entry per selected row (file, row group, row within it), built from each file's
-  Parquet footer and, only for a row group whose ``split`` statistics (min != max) say it mixes splits, its
-  ``split`` column. No audio is read to build it, and a split is selected without copying anything.
-- :func:`epoch_batches`: the rows of an epoch in a seeded order: a seeded permutation of the row groups holding
-  the wanted rows, each read whole (``ParquetFile.read_row_group``, memory-mapped) by a background thread, the
-  rows of the row groups read so far mixed in a seeded buffer of ``buffer`` rows, and gathered into ``(B, N)``
-  int16 batches (the only copy of the PCM after the read).
-
-How global the shuffle is: prepare writes one row per row group (``WRITE_OPTIONS`` in pipelines/shards.py), so a
-permutation of the row groups *is* a uniform permutation of the rows, new every epoch, with no buffer needed.
-Shards written before that hold up to a file per row group (16 clips, or a MAESTRO performance): their rows
-then come out in a random row-group order, mixed only across the ``buffer`` rows around them (rerun
-``mdlda prepare --overwrite`` to get the per-row layout). A seeded subset of rows (the target set's per-run
-draw) reads only the row groups holding a drawn row: with one row per row group, no audio of a row not taken.
+- :func:`build_index` (:class:`ShardIndex`): one entry per selected row, from each file's footer and its small
+  columns (``split``, ``clip_id``, ``labels``, ...: a few bytes per row, read once and kept in the index). No
+  audio is read to build it, and a split is selected without copying any.
+- :func:`epoch_batches`: the rows of an epoch in a seeded order, as ``(B, N)`` int16 batches assembled by a
+  background thread. Prepare writes one row per row group (``WRITE_OPTIONS`` in pipelines/shards.py), and the
+  audio column uncompressed: a row group's audio chunk is then one page whose last ``SEGMENT_BYTES`` bytes are the
+  segment's PCM, so each segment is read with one ``preadv`` straight into its row of the batch (the only copy of
+  the PCM), at the offset the footer gives. The order is a seeded uniform permutation of all the set's rows, new
+  every epoch: a true global shuffle, and a seeded subset (the target set's per-run draw) reads only its rows.
+- Shards written before that layout (a row group per file: 16 clips, or a MAESTRO performance) are read a row
+  group at a time with pyarrow, in a seeded random row-group order, the rows mixed across a buffer of ``buffer``
+  rows: global across row groups, local within ``buffer`` rows (rerun ``mdlda prepare --overwrite`` for the
+  per-row layout); a subset then reads whole row groups around its rows.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mdlda.manifest import DATA_DIR
-from mdlda.pcm import numpy_batch
+from mdlda.params import SEGMENT_BYTES
+from mdlda.pcm import DTYPE, from_column, numpy_batch
+
+logger = logging.getLogger(__name__)
 
 SPLIT = "split"
+AUDIO = "audio"
+_HEADER_MAX = 1024  # bytes of page header and levels before the one value of a one-row audio chunk
 
 
 @dataclass(frozen=True)
 class ShardIndex:
-    """The selected rows of a shard folder, in storage order: ``file[i]``, ``row_group[i]``, ``row[i]`` (the row
-    within its row group). Small (three int32 per row) and picklable: it travels with the Dataset to trials."""
+    """The selected rows of a shard folder, in storage order: ``file[i]``, ``row_group[i]``, ``row[i]`` (the row in
+    its row group), ``offset[i]`` (byte offset of its PCM in the file, -1 when not addressable) and the requested
+    small columns' values (``small``). Picklable: it travels with the Dataset to trials."""
 
     files: tuple[str, ...]
     columns: tuple[str, ...]
     file: np.ndarray
     row_group: np.ndarray
     row: np.ndarray
+    offset: np.ndarray
+    small: dict[str, np.ndarray] = field(default_factory=dict)
+    width: int = SEGMENT_BYTES  # bytes of PCM per segment (the audio column's fixed size)
 
     def __len__(self) -> int:
         return len(self.file)
 
     def take(self, rows: np.ndarray) -> ShardIndex:
         """The index of a subset of rows (positions in this index), in the given order."""
-        return ShardIndex(self.files, self.columns, self.file[rows], self.row_group[rows], self.row[rows])
+        small = {k: v[rows] for k, v in self.small.items()}
+        return ShardIndex(
+            self.files,
+            self.columns,
+            self.file[rows],
+            self.row_group[rows],
+            self.row[rows],
+            self.offset[rows],
+            small,
+            self.width,
+        )
 
     def sample(self, n: int, seed: int) -> ShardIndex:
         """A seeded random subset of ``n`` rows (all when there are fewer), in storage order; reads nothing."""
@@ -66,90 +85,207 @@ class ShardIndex:
         return self.take(pick)
 
     @property
-    def rows_per_group(self) -> int:
-        """The most selected rows any row group holds (1: the row-group order is the row order)."""
-        if not len(self):
-            return 0
-        keys = self.file.astype(np.int64) << 32 | self.row_group.astype(np.int64)
-        return int(np.unique(keys, return_counts=True)[1].max())
+    def addressable(self) -> bool:
+        """Every row's PCM at a known byte offset (one row per row group, uncompressed): read row by row."""
+        return AUDIO not in self.columns or bool(len(self) and (self.offset >= 0).all())
+
+
+def _leaf(md: pq.FileMetaData, name: str) -> int:
+    for i in range(md.num_columns):
+        if md.schema.column(i).path == name:
+            return i
+    return -1
+
+
+def _pcm_offset(md: pq.FileMetaData, group: int, leaf: int, width: int) -> int:
+    """Byte offset of the PCM of a one-row row group's audio chunk, or -1 (several rows, compressed, encoded)."""
+    if leaf < 0 or md.row_group(group).num_rows != 1:
+        return -1
+    c = md.row_group(group).column(leaf)
+    extra = c.total_compressed_size - width
+    ok = (
+        c.physical_type == "FIXED_LEN_BYTE_ARRAY"
+        and c.compression == "UNCOMPRESSED"
+        and not c.has_dictionary_page
+        and c.num_values == 1
+        and 0 <= extra < _HEADER_MAX
+    )
+    return c.data_page_offset + extra if ok else -1
 
 
 def build_index(folder: str | Path, splits: Sequence[str] | None, columns: Sequence[str]) -> ShardIndex:
-    """The rows of ``splits`` (all rows when None) of the shard folder, from the Parquet footers and, only for row
-    groups whose statistics say they mix splits, the ``split`` column."""
+    """The rows of ``splits`` (all rows when None) of the shard folder: the footers and the small columns only."""
     files = sorted(str(f) for f in (Path(folder) / DATA_DIR).glob("*.parquet"))
-    wanted = None if splits is None else set(splits)
-    fi, rgi, ri = [], [], []
+    wanted = None if splits is None else list(splits)
+    small_cols = [c for c in columns if c != AUDIO]
+    parts: dict[str, list] = {k: [] for k in ("file", "row_group", "row", "offset")}
+    small: dict[str, list] = {c: [] for c in small_cols}
+    width = SEGMENT_BYTES
     for k, path in enumerate(files):
         pf = pq.ParquetFile(path)
         md = pf.metadata
-        col = md.schema.to_arrow_schema().get_field_index(SPLIT)
-        for g in range(md.num_row_groups):
-            n = md.row_group(g).num_rows
-            if n == 0:
-                continue
-            if wanted is None:
-                rows = np.arange(n)
-            else:
-                stats = md.row_group(g).column(col).statistics if col >= 0 else None
-                if stats is not None and stats.has_min_max and stats.min == stats.max:
-                    rows = np.arange(n) if _text(stats.min) in wanted else np.arange(0)
-                else:
-                    split = pf.read_row_group(g, columns=[SPLIT]).column(SPLIT).to_numpy(zero_copy_only=False)
-                    rows = np.flatnonzero(np.isin(split, list(wanted)))
-            fi.append(np.full(len(rows), k, dtype=np.int32))
-            rgi.append(np.full(len(rows), g, dtype=np.int32))
-            ri.append(rows.astype(np.int32))
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int32)  # noqa: E731
-    return ShardIndex(tuple(files), tuple(columns), cat(fi), cat(rgi), cat(ri))
+        if AUDIO in columns:
+            width = pf.schema_arrow.field(AUDIO).type.byte_width
+        if md.num_rows == 0:
+            continue
+        read = [*small_cols, *([SPLIT] if wanted is not None and SPLIT not in small_cols else [])]
+        table = pf.read(columns=read) if read else None
+        sizes = np.array([md.row_group(g).num_rows for g in range(md.num_row_groups)])
+        group = np.repeat(np.arange(md.num_row_groups), sizes)
+        row = np.arange(md.num_rows) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        keep = np.arange(md.num_rows)
+        if wanted is not None:
+            split = table.column(SPLIT).to_numpy(zero_copy_only=False)
+            keep = np.flatnonzero(np.isin(split, wanted))
+        if not len(keep):
+            continue
+        leaf = _leaf(md, AUDIO) if AUDIO in columns else -1
+        offsets = np.array([_pcm_offset(md, g, leaf, width) for g in range(md.num_row_groups)], dtype=np.int64)
+        parts["file"].append(np.full(len(keep), k, dtype=np.int32))
+        parts["row_group"].append(group[keep].astype(np.int32))
+        parts["row"].append(row[keep].astype(np.int32))
+        parts["offset"].append(offsets[group[keep]])
+        if small_cols:
+            cols = numpy_batch(table.select(small_cols).take(keep))
+            for c in small_cols:
+                small[c].append(cols[c])
+    cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype=dtype)  # noqa: E731
+    index = ShardIndex(
+        tuple(files),
+        tuple(columns),
+        cat(parts["file"], np.int32),
+        cat(parts["row_group"], np.int32),
+        cat(parts["row"], np.int32),
+        cat(parts["offset"], np.int64),
+        {c: np.concatenate(v) if v else np.zeros(0) for c, v in small.items()},
+        width,
+    )
+    return _checked(index)
 
 
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+def _checked(index: ShardIndex) -> ShardIndex:
+    """Compare the PCM at the first addressable row's offset with pyarrow's read of it; on a mismatch (a Parquet
+    writer laying pages out otherwise) no row is read by offset."""
+    at = np.flatnonzero(index.offset >= 0)
+    if AUDIO not in index.columns or not len(at):
+        return index
+    i = int(at[0])
+    want = from_column(pq.ParquetFile(index.files[index.file[i]]).read_row_group(int(index.row_group[i]), [AUDIO])[0])
+    got = np.empty(index.width // DTYPE.itemsize, dtype=DTYPE)
+    with open(index.files[index.file[i]], "rb") as f:
+        ok = os.preadv(f.fileno(), [got], int(index.offset[i])) == index.width and np.array_equal(got, want[0])
+    if ok:
+        return index
+    logger.warning("%s: the PCM is not where the footer puts it; reading whole row groups", index.files[index.file[i]])
+    keep = [getattr(index, k) for k in ("files", "columns", "file", "row_group", "row")]
+    return ShardIndex(*keep, np.full(len(index), -1, dtype=np.int64), index.small, index.width)
 
 
-def _plan(index: ShardIndex, seed: int | None) -> list[tuple[int, int, np.ndarray]]:
-    """The epoch's row groups, (file, row group, selected rows), in a seeded random order (storage order without
-    a seed)."""
+class _Fds:
+    """Open file descriptors of a pass (at most ``cap`` at once)."""
+
+    def __init__(self, files: tuple[str, ...], cap: int = 256):
+        self.files, self.cap, self.open = files, cap, {}
+
+    def get(self, k: int) -> int:
+        fd = self.open.get(k)
+        if fd is None:
+            if len(self.open) >= self.cap:
+                self.close()
+            fd = self.open[k] = os.open(self.files[k], os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.open.values():
+            os.close(fd)
+        self.open = {}
+
+
+def _read_rows(index: ShardIndex, rows: np.ndarray, fds: _Fds) -> dict[str, np.ndarray]:
+    """A batch of addressable rows: each segment's PCM read straight into its row of a new ``(B, N)`` array."""
+    out = {c: v[rows] for c, v in index.small.items()}
+    if AUDIO in index.columns:
+        pcm = np.empty((len(rows), index.width // DTYPE.itemsize), dtype=DTYPE)
+        for i, r in enumerate(rows):
+            got = os.preadv(fds.get(int(index.file[r])), [pcm[i]], int(index.offset[r]))
+            if got != index.width:
+                raise OSError(f"{index.files[index.file[r]]}: short read of a segment ({got} of {index.width} bytes)")
+        out[AUDIO] = pcm
+    return {c: out[c] for c in index.columns}
+
+
+def _row_batches(index: ShardIndex, batch_size: int, seed: int | None, drop_last: bool):
+    order = np.arange(len(index)) if seed is None else np.random.default_rng(seed % 2**63).permutation(len(index))
+    fds = _Fds(index.files)
+    try:
+        for s in range(0, len(order), batch_size):
+            rows = order[s : s + batch_size]
+            if len(rows) < batch_size and drop_last:
+                return
+            yield _read_rows(index, rows, fds)
+    finally:
+        fds.close()
+
+
+def _group_batches(index: ShardIndex, batch_size: int, seed: int | None, buffer: int, drop_last: bool):
+    """Older shards: whole row groups in a seeded order, rows mixed across ``buffer`` rows."""
     keys = index.file.astype(np.int64) << 32 | index.row_group.astype(np.int64)
-    uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    groups = np.argsort(inverse, kind="stable")
-    bounds = np.cumsum(np.bincount(inverse, minlength=len(uniq)))
-    units = [
-        (int(index.file[first[u]]), int(index.row_group[first[u]]), index.row[groups[bounds[u] - c : bounds[u]]])
-        for u, c in enumerate(np.bincount(inverse, minlength=len(uniq)))
-    ]
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    units = [np.flatnonzero(inverse == u) for u in range(len(uniq))]
     if seed is not None:
         units = [units[i] for i in np.random.default_rng(seed % 2**63).permutation(len(units))]
-    return units
-
-
-class _Files:
-    """Open Parquet files (memory-mapped), kept while a pass reads them."""
-
-    def __init__(self, files: tuple[str, ...]):
-        self.files, self.open = files, {}
-
-    def read(self, k: int, group: int, columns: tuple[str, ...]) -> pa.Table:
-        pf = self.open.get(k)
-        if pf is None:
-            pf = self.open[k] = pq.ParquetFile(self.files[k], memory_map=True)
-        return pf.read_row_group(group, columns=list(columns), use_threads=False)
+    rng = np.random.default_rng(None if seed is None else (seed + 1) % 2**63)
+    buffer = max(buffer, batch_size) if seed is not None else 0
+    files: dict[int, pq.ParquetFile] = {}
+    pool: list[tuple[np.ndarray | None, int]] = []  # (a row group's PCM, position in the index)
+    units_iter = iter(units)
+    done = False
+    while True:
+        while not done and len(pool) < buffer + batch_size:
+            unit = next(units_iter, None)
+            if unit is None:
+                done = True
+                break
+            k, g = int(index.file[unit[0]]), int(index.row_group[unit[0]])
+            pcm = None
+            if AUDIO in index.columns:
+                pf = files.get(k) or files.setdefault(k, pq.ParquetFile(index.files[k], memory_map=True))
+                pcm = from_column(pf.read_row_group(g, columns=[AUDIO], use_threads=False).column(AUDIO))
+            pool.extend((pcm, int(p)) for p in unit)
+        if not pool or (len(pool) < batch_size and drop_last):
+            return
+        n = min(batch_size, len(pool))
+        if seed is not None:
+            pick = rng.choice(len(pool), size=n, replace=False)
+            chosen = [pool[i] for i in pick]
+            for i in sorted(pick, reverse=True):  # swap-remove, highest positions first
+                pool[i] = pool[-1]
+                pool.pop()
+        else:
+            chosen, pool = pool[:n], pool[n:]
+        positions = np.array([p for _, p in chosen])
+        out = {c: v[positions] for c, v in index.small.items()}
+        if AUDIO in index.columns:
+            out[AUDIO] = np.stack([pcm[index.row[p]] for pcm, p in chosen])
+        yield {c: out[c] for c in index.columns}
 
 
 _DONE = object()
 
 
-def _produce(units, files: _Files, columns, out: queue.Queue, stop: threading.Event) -> None:
+def _produce(batches, out: queue.Queue, stop: threading.Event) -> None:
     try:
-        for k, g, rows in units:
+        for b in batches:
             if stop.is_set():
                 return
-            cols = numpy_batch(files.read(k, g, columns))
-            out.put((cols, rows))
+            out.put(b)
         out.put(_DONE)
     except BaseException as exc:  # noqa: BLE001 (handed to the consumer, raised there)
         out.put(exc)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 def epoch_batches(
@@ -158,48 +294,28 @@ def epoch_batches(
     seed: int | None,
     buffer: int = 0,
     drop_last: bool = False,
-    prefetch: int = 16,
+    prefetch: int = 4,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the index's rows as numpy batches (``audio`` ``(B, N)`` int16, ``labels`` ``(B, k)`` float32,
-    the other columns as arrays; :func:`mdlda.pcm.numpy_batch`'s types), in a seeded order (see the module
-    docstring); without a seed, in storage order. ``buffer``: rows mixed across row groups (only used when a row
-    group holds more than one selected row). Row groups are read ``prefetch`` ahead by a background thread."""
-    units = _plan(index, seed)
-    rng = np.random.default_rng(None if seed is None else (seed + 1) % 2**63)
-    mix = seed is not None and index.rows_per_group > 1
-    buffer = max(buffer, batch_size) if mix else 0
+    the other columns as arrays, as :func:`mdlda.pcm.numpy_batch` gives them), in a seeded order (module
+    docstring); without a seed, in storage order. ``buffer``: rows mixed across row groups in shards of the older
+    layout. Batches are assembled ``prefetch`` ahead by a background thread."""
+    if index.addressable:
+        batches = _row_batches(index, batch_size, seed, drop_last)
+    else:
+        batches = _group_batches(index, batch_size, seed, buffer, drop_last)
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
-    files = _Files(index.files)
-    thread = threading.Thread(target=_produce, args=(units, files, index.columns, q, stop), daemon=True)
+    thread = threading.Thread(target=_produce, args=(batches, q, stop), daemon=True, name="shard-reader")
     thread.start()
-    pool: list[tuple[dict, int]] = []  # (a row group's columns, row in it)
-    done = False
     try:
         while True:
-            while not done and len(pool) < buffer + batch_size:
-                item = q.get()
-                if item is _DONE:
-                    done = True
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    cols, rows = item
-                    pool.extend((cols, int(r)) for r in rows)
-            if not pool:
+            item = q.get()
+            if item is _DONE:
                 return
-            n = min(batch_size, len(pool))
-            if n < batch_size and drop_last:
-                return
-            if mix:
-                pick = rng.choice(len(pool), size=n, replace=False)
-                chosen = [pool[i] for i in pick]
-                for i in sorted(pick, reverse=True):  # O(n) per removal on a small pool
-                    pool[i] = pool[-1]
-                    pool.pop()
-            else:
-                chosen, pool = pool[:n], pool[n:]
-            yield _gather(chosen)
+            if isinstance(item, BaseException):
+                raise item
+            yield item
     finally:
         stop.set()
         while thread.is_alive():  # unblock the producer if it waits on a full queue
@@ -207,17 +323,3 @@ def epoch_batches(
                 q.get_nowait()
             except queue.Empty:
                 thread.join(0.01)
-
-
-def _gather(rows: list[tuple[dict, int]]) -> dict[str, np.ndarray]:
-    """Rows of several row groups -> one batch; the PCM copied once, into a new ``(B, N)`` array."""
-    out = {}
-    for name, first in rows[0][0].items():
-        if first.ndim == 2:
-            arr = np.empty((len(rows), first.shape[1]), dtype=first.dtype)
-            for i, (cols, r) in enumerate(rows):
-                arr[i] = cols[name][r]
-            out[name] = arr
-        else:
-            out[name] = np.array([cols[name][r] for cols, r in rows], dtype=first.dtype)
-    return out

@@ -64,7 +64,7 @@ def test_the_split_is_selected_from_the_footers_exactly(tmp_path):
 def test_an_epoch_is_a_seeded_uniform_permutation_new_every_epoch(tmp_path):
     _shards(tmp_path)
     index = build_index(tmp_path, ["train"], ["clip_id", "audio", "labels"])
-    assert index.rows_per_group == 1  # prepare's layout: one row per row group
+    assert index.addressable  # prepare's layout: one row per row group, each segment read at its offset
     epoch = lambda seed: _ids(epoch_batches(index, 8, seed, drop_last=False))  # noqa: E731
     first = epoch(11)
     assert sorted(first) == sorted(set(first)) and len(first) == len(index)  # every row once
@@ -102,18 +102,18 @@ def test_a_seeded_subset_has_its_size_differs_per_seed_and_reads_only_its_rows(t
     assert len(a) == 10 and a.row_group.tolist() == index.sample(10, seed=1).row_group.tolist()
     assert set(zip(a.file, a.row_group, strict=True)) != set(zip(b.file, b.row_group, strict=True))
     assert index.sample(10_000, seed=1) is index  # fewer rows than asked: all of them
-    read: list[tuple[int, int]] = []
-    real = shard_reader._Files.read
-    monkeypatch.setattr(shard_reader._Files, "read", lambda self, k, g, c: read.append((k, g)) or real(self, k, g, c))
+    read: list[int] = []
+    real = shard_reader.os.preadv
+    monkeypatch.setattr(shard_reader.os, "preadv", lambda fd, bufs, at: read.append(at) or real(fd, bufs, at))
     got = _ids(epoch_batches(a, 4, seed=5))
     assert len(got) == 10 and len(set(got)) == 10
-    assert sorted(read) == sorted(zip(a.file.tolist(), a.row_group.tolist(), strict=True))  # nothing else read
+    assert sorted(read) == sorted(a.offset.tolist())  # the drawn rows' PCM, nothing else
 
 
 def test_older_shards_with_many_rows_per_row_group_are_mixed_across_the_buffer(tmp_path):
     truth = _shards(tmp_path, row_group_size=20)  # one row group per file, as before this layout
     index = build_index(tmp_path, ["train"], ["audio"])
-    assert index.rows_per_group > 1
+    assert not index.addressable
     first = _ids(epoch_batches(index, 4, seed=3, buffer=16))
     assert sorted(first) == sorted(truth["train"])
     assert first == _ids(epoch_batches(index, 4, seed=3, buffer=16))
