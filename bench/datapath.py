@@ -9,18 +9,24 @@ way below delivers the ``train`` split, ``--epochs`` epochs, as ``(B, 330750)`` 
 host tensor (pinned when CUDA is there: what a ``.to(device, non_blocking=True)`` reads from):
 
 - bare: ``pq.read_table`` of each shard file's ``audio`` and ``split`` columns, ``np.frombuffer`` over the PCM
-  bytes (mdlda/pcm.py), the train rows gathered straight into the tensor; files in a seeded random order, one
-  process, no Ray. The reference: reading the same bytes with nothing else around it.
-- shards: ``pipelines.data.train_batches`` over ``read_shards(...)`` (Ray Data streaming the Parquet files every
-  epoch), with the global seeded shuffle (Ray Data's ``random_shuffle``) and, as ``shards, local shuffle``,
-  without it (random block order + the 64-row local buffer, the previous behaviour).
+  bytes (mdlda/pcm.py), the train rows copied straight into the tensor; files in a seeded random order, one
+  process, no Ray. The reference the targets are stated against: reading the same bytes with pyarrow and nothing
+  else around it.
+- bare preadv: the floor under any reader of these files: each train segment's PCM read with one ``preadv``
+  straight into the tensor at the offset its one-row row group's footer gives.
+- shards: ``pipelines.data.train_batches`` over the streamed set as ``load_stage_data`` makes it (a Dataset
+  carrying its row index, pipelines/shard_reader.py): a seeded permutation of all rows every epoch, each segment
+  read by one ``preadv`` into its batch by a background thread, no Ray Data executor.
+- shards via Ray Data random_shuffle: the previous path, the same Dataset without the index: Ray Data streams the
+  Parquet files every epoch through its seeded ``random_shuffle``.
 - materialised: the same over the dataset held in the object store in one-row blocks (what ``load_stage_data``
   does when it fits), where the global shuffle is a seeded random block order.
 
-CPU time is that of this process and all its children (Ray's workers and daemons: ``ray.init`` here starts a
-private 2-CPU Ray), so "seg/s per core" = segments / CPU seconds. The ways are run in interleaved rounds
-(bare, shards, shards local, materialised, then again) so other load on the machine hits all of them; the
-fastest round of each (by CPU) is reported, with every round's figure.
+CPU time is that of this process and all its descendants (Ray's workers and daemons: ``ray.init`` here starts a
+private 2-CPU Ray), live ones and those that exited in between (their reaped CPU, as their parents' children
+times), so "seg/s per core" = segments / CPU seconds. The ways are run in interleaved rounds (bare, bare preadv,
+shards, Ray Data shuffle, materialised, then again) so other load on the machine hits all of them; the fastest
+round of each (by CPU) is reported, with every round's figure.
 
 GPU demand: a GPU of ``--gpu-tflops`` peak at ``--efficiency`` trains peak x efficiency / FLOPs-per-sample
 segments/s; the FLOPs per training sample (forward + backward) are counted with ``FlopCounterMode`` on the
@@ -103,6 +109,32 @@ def bare(files: list[Path], out, batch: int, epochs: int) -> int:
                 for j, r in enumerate(picked[i : i + batch]):
                     host[j] = r
                 n += len(picked[i : i + batch])
+    return n
+
+
+def bare_pread(files: list[Path], out, batch: int, epochs: int) -> int:
+    """The floor under any reader of these files: each train segment's PCM read with one ``preadv`` straight into
+    the host tensor, at the offset its one-row row group's footer gives (as pipelines/shard_reader.py does, without
+    its shuffle, batch arrays and thread); segments delivered."""
+    import pyarrow.parquet as pq
+
+    from pipelines.shard_reader import AUDIO, _leaf, _pcm_offset
+
+    host, n, width = out.numpy(), 0, out.shape[1] * 2
+    for epoch in range(epochs):
+        for f in np.random.default_rng(epoch).permutation(files):
+            pf = pq.ParquetFile(f)
+            md, leaf = pf.metadata, _leaf(pf.metadata, AUDIO)
+            train = pf.read(columns=["split"]).column("split").to_numpy(zero_copy_only=False) == "train"
+            offsets = [_pcm_offset(md, int(g), leaf, width) for g in np.flatnonzero(train)]  # one row per row group
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                for i in range(0, len(offsets), batch):
+                    for j, at in enumerate(offsets[i : i + batch]):
+                        assert os.preadv(fd, [host[j]], at) == width
+                    n += len(offsets[i : i + batch])
+            finally:
+                os.close(fd)
     return n
 
 
@@ -197,6 +229,7 @@ def main() -> None:
     buf, pinned = host_tensor(args.batch, SEGMENT_SAMPLES)
     ways = {
         "bare read -> host tensor": lambda: bare(files, buf, args.batch, args.epochs),
+        "bare preadv -> host tensor": lambda: bare_pread(files, buf, args.batch, args.epochs),
         "shards (row-group permutation)": lambda: ray_way(streamed, buf, args.batch, args.epochs, True),
         "shards via Ray Data random_shuffle": lambda: ray_way(lazy, buf, args.batch, args.epochs, True),
         "materialised (global shuffle)": lambda: ray_way(held, buf, args.batch, args.epochs, True),
@@ -233,18 +266,19 @@ def main() -> None:
         f"{'pinned' if pinned else 'not pinned (no CUDA here)'}; load average before {load_before[0]:.1f}, "
         f"after {res['load_after'][0]:.1f}\n"
     )
-    print(f"{'delivered as training batches':32}{'seg/s/core':>11}{'vs bare':>8}{'seg/s':>8}{'cores':>6}  rounds")
+    print(f"row index of the streamed set built in {index_s:.2f} s (footers and small columns of every file)\n")
+    print(f"{'delivered as training batches':38}{'seg/s/core':>11}{'vs bare':>8}{'seg/s':>8}{'cores':>6}  rounds")
     for name, b in best.items():
         every = "/".join(f"{r['per_core']:.0f}" for r in rounds[name])
         print(
-            f"{name:32}{b['per_core']:>11.0f}{b['per_core'] / ref:>7.2f}x{b['per_s']:>8.0f}{b['cores']:>6.2f}  {every}"
+            f"{name:38}{b['per_core']:>11.0f}{b['per_core'] / ref:>7.2f}x{b['per_s']:>8.0f}{b['cores']:>6.2f}  {every}"
         )
     print("\ntargets: shards and materialised >= 0.8x of bare; >= 2,000 seg/s per core from shards")
     print(
         f"\nGPU demand: {gflop:.1f} GFLOP per training segment (RF-ResNet width {args.width}, fwd + bwd); a "
         f"{args.gpu_tflops:.0f}-TFLOP/s GPU at {args.efficiency:.0%} trains {demand:,.0f} segments/s"
     )
-    for name in list(best)[1:]:
+    for name in list(best)[2:]:
         print(f"  CPUs per GPU to keep up, {name}: {demand / best[name]['per_core']:.1f}")
     print(f"\nresults: {out / 'results.json'}")
 
