@@ -1,10 +1,14 @@
 """The datasets a training stage reads, and the batch iterators the shared training loop consumes.
 
-Source (labelled Mid-level) and target (MAESTRO) segments stream from the Parquet shards through Ray Data.
-A set that fits in the object store's free memory is materialized once, in one-row blocks (a sweep of many trials
-then never re-reads Parquet, and a seeded random block order is a global shuffle); every batch iterator pairs
-each labelled source batch with an equal-sized target batch for DANN/distillation. ``audio`` arrives as
-``(B, N)`` int16 viewed from the shards' raw PCM bytes (mdlda/pcm.py).
+Source (labelled Mid-level) and target (MAESTRO) segments come from the Parquet shards. A set that fits in the
+object store's free memory is materialized once through Ray Data, in one-row blocks (a sweep of many trials then
+never re-reads Parquet, and a seeded random block order is a global shuffle). A set that does not fit stays a
+lazy Ray Dataset (what Ray Train's ``datasets=`` and other Ray Data readers run) carrying the row index of its
+split (:class:`ShardDataset`); the batch iterators here read it themselves every epoch, a seeded permutation of
+all its rows, one ``preadv`` per segment into its batch, no Ray Data executor (pipelines/shard_reader.py).
+Every batch iterator pairs each labelled source batch with an equal-sized target batch for DANN/distillation, the
+target being a seeded subset of the source set's size per run (:func:`_run_subset`). ``audio`` arrives as
+``(B, N)`` int16 PCM (mdlda/pcm.py).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import ray
 
 from mdlda.params import SEGMENT_BYTES
 from mdlda.pcm import numpy_batch
-from pipelines.shard_reader import ShardIndex, build_index, epoch_batches
+from pipelines.shard_reader import ShardIndex, background, build_index, epoch_batches
 from pipelines.shards import read_shards, split_count
 
 logger = logging.getLogger(__name__)
@@ -222,9 +226,11 @@ def _order(ds, seed: int, shuffle_buffer: int, global_shuffle: bool) -> tuple[ob
     """The epoch's row order: (dataset to iterate, local shuffle buffer to use).
 
     - A materialised Dataset of one-row blocks (:func:`_materialize`): a seeded random block order, which is a
-      global shuffle of the rows and moves no data (always: it costs nothing).
-    - A Dataset streamed from its shards, with ``global_shuffle``: Ray Data's seeded ``random_shuffle`` (an
-      all-to-all pass over the set every epoch; the source set's, never MAESTRO's as a cycling target).
+      global shuffle of the rows and moves no data (always: it costs nothing; :func:`_iter` reads such a Dataset
+      with :func:`_held_batches`, the same order without Ray Data's executor).
+    - A lazy Dataset without a shard index (a set streamed from its shards has one and never gets here:
+      :func:`_iter`), with ``global_shuffle``: Ray Data's seeded ``random_shuffle`` (an all-to-all pass over the
+      set every epoch; the source set's, never MAESTRO's as a cycling target).
     - Otherwise (blocks of several rows, ``global_shuffle`` off, or a Ray Train ``DataIterator``, whose order is
       its trainer's dataset's): a seeded random block order where possible, and the local shuffle buffer."""
     if not isinstance(ds, ray.data.Dataset):
@@ -251,6 +257,9 @@ def _iter(
     if index is not None:
         yield from epoch_batches(index, batch_size, seed, shuffle_buffer, drop_last)
         return
+    if _one_row_blocks(ds):
+        yield from background(_held_batches(ds, batch_size, seed, drop_last))
+        return
     buffer = 0
     if seed is not None:
         ds, buffer = _order(ds, seed, shuffle_buffer, global_shuffle)
@@ -259,6 +268,29 @@ def _iter(
         batch_size=batch_size, batch_format="pyarrow", drop_last=drop_last, prefetch_batches=4, **kwargs
     ):
         yield numpy_batch(table)
+
+
+def _one_row_blocks(ds) -> bool:
+    return isinstance(ds, ray.data.dataset.MaterializedDataset) and ds.num_blocks() >= ds.count()
+
+
+def _held_batches(ds, batch_size: int, seed: int | None, drop_last: bool) -> Iterator[dict]:
+    """A Dataset held in the object store in one-row blocks (:func:`_materialize`): its blocks in a seeded random
+    order (storage order without a seed), fetched a batch at a time (``ray.get``: views of the object store) and
+    joined into the batch (the one copy), without starting Ray Data's executor every epoch."""
+    import pyarrow as pa
+    from ray.data.block import BlockAccessor
+
+    refs = [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    order = np.arange(len(refs)) if seed is None else np.random.default_rng(seed % 2**32).permutation(len(refs))
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        if len(chunk) < batch_size and drop_last:
+            return
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in ray.get([refs[i] for i in chunk])]
+        tables = [t for t in tables if t.num_rows]
+        if tables:
+            yield numpy_batch(pa.concat_tables(tables))
 
 
 def _cycle(ds, batch_size: int, seed: int, shuffle_buffer: int) -> Iterator[dict]:

@@ -304,6 +304,12 @@ def epoch_batches(
         batches = _row_batches(index, batch_size, seed, drop_last)
     else:
         batches = _group_batches(index, batch_size, seed, buffer, drop_last)
+    return background(batches, prefetch)
+
+
+def background(batches: Iterator, prefetch: int = 4) -> Iterator:
+    """``batches`` produced by a background thread, up to ``prefetch`` ahead (the reads and copies release the
+    GIL, so they overlap the consumer's work); closing the result stops the thread."""
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     thread = threading.Thread(target=_produce, args=(batches, q, stop), daemon=True, name="shard-reader")
