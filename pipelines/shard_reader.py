@@ -113,52 +113,59 @@ def _pcm_offset(md: pq.FileMetaData, group: int, leaf: int, width: int) -> int:
     return c.data_page_offset + extra if ok else -1
 
 
-def build_index(folder: str | Path, splits: Sequence[str] | None, columns: Sequence[str]) -> ShardIndex:
-    """The rows of ``splits`` (all rows when None) of the shard folder: the footers and the small columns only."""
+def _file_rows(path: str, wanted: list[str] | None, columns: Sequence[str]) -> dict | None:
+    """One file's selected rows: row group, row in it, PCM offset, the small columns; None when it has none."""
+    small_cols = [c for c in columns if c != AUDIO]
+    pf = pq.ParquetFile(path)
+    md = pf.metadata
+    width = pf.schema_arrow.field(AUDIO).type.byte_width if AUDIO in columns else SEGMENT_BYTES
+    if md.num_rows == 0:
+        return None
+    read = [*small_cols, *([SPLIT] if wanted is not None and SPLIT not in small_cols else [])]
+    table = pf.read(columns=read, use_threads=False) if read else None
+    sizes = np.array([md.row_group(g).num_rows for g in range(md.num_row_groups)])
+    group = np.repeat(np.arange(md.num_row_groups), sizes)
+    row = np.arange(md.num_rows) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    keep = np.arange(md.num_rows)
+    if wanted is not None:
+        keep = np.flatnonzero(np.isin(table.column(SPLIT).to_numpy(zero_copy_only=False), wanted))
+    if not len(keep):
+        return None
+    leaf = _leaf(md, AUDIO) if AUDIO in columns else -1
+    offsets = np.array([_pcm_offset(md, g, leaf, width) for g in range(md.num_row_groups)], dtype=np.int64)
+    small = numpy_batch(table.select(small_cols).take(keep)) if small_cols else {}
+    return {
+        "row_group": group[keep].astype(np.int32),
+        "row": row[keep].astype(np.int32),
+        "offset": offsets[group[keep]],
+        "small": small,
+        "width": width,
+    }
+
+
+def build_index(
+    folder: str | Path, splits: Sequence[str] | None, columns: Sequence[str], threads: int = 4
+) -> ShardIndex:
+    """The rows of ``splits`` (all rows when None) of the shard folder: the footers and the small columns only
+    (``threads`` files at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     files = sorted(str(f) for f in (Path(folder) / DATA_DIR).glob("*.parquet"))
     wanted = None if splits is None else list(splits)
+    with ThreadPoolExecutor(threads) as pool:
+        per_file = list(pool.map(lambda f: _file_rows(f, wanted, columns), files))
+    got = [(k, r) for k, r in enumerate(per_file) if r is not None]
+    cat = lambda key, dtype: np.concatenate([r[key] for _, r in got]) if got else np.zeros(0, dtype=dtype)  # noqa: E731
     small_cols = [c for c in columns if c != AUDIO]
-    parts: dict[str, list] = {k: [] for k in ("file", "row_group", "row", "offset")}
-    small: dict[str, list] = {c: [] for c in small_cols}
-    width = SEGMENT_BYTES
-    for k, path in enumerate(files):
-        pf = pq.ParquetFile(path)
-        md = pf.metadata
-        if AUDIO in columns:
-            width = pf.schema_arrow.field(AUDIO).type.byte_width
-        if md.num_rows == 0:
-            continue
-        read = [*small_cols, *([SPLIT] if wanted is not None and SPLIT not in small_cols else [])]
-        table = pf.read(columns=read) if read else None
-        sizes = np.array([md.row_group(g).num_rows for g in range(md.num_row_groups)])
-        group = np.repeat(np.arange(md.num_row_groups), sizes)
-        row = np.arange(md.num_rows) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        keep = np.arange(md.num_rows)
-        if wanted is not None:
-            split = table.column(SPLIT).to_numpy(zero_copy_only=False)
-            keep = np.flatnonzero(np.isin(split, wanted))
-        if not len(keep):
-            continue
-        leaf = _leaf(md, AUDIO) if AUDIO in columns else -1
-        offsets = np.array([_pcm_offset(md, g, leaf, width) for g in range(md.num_row_groups)], dtype=np.int64)
-        parts["file"].append(np.full(len(keep), k, dtype=np.int32))
-        parts["row_group"].append(group[keep].astype(np.int32))
-        parts["row"].append(row[keep].astype(np.int32))
-        parts["offset"].append(offsets[group[keep]])
-        if small_cols:
-            cols = numpy_batch(table.select(small_cols).take(keep))
-            for c in small_cols:
-                small[c].append(cols[c])
-    cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype=dtype)  # noqa: E731
     index = ShardIndex(
         tuple(files),
         tuple(columns),
-        cat(parts["file"], np.int32),
-        cat(parts["row_group"], np.int32),
-        cat(parts["row"], np.int32),
-        cat(parts["offset"], np.int64),
-        {c: np.concatenate(v) if v else np.zeros(0) for c, v in small.items()},
-        width,
+        np.concatenate([np.full(len(r["row"]), k, dtype=np.int32) for k, r in got]) if got else np.zeros(0, np.int32),
+        cat("row_group", np.int32),
+        cat("row", np.int32),
+        cat("offset", np.int64),
+        {c: np.concatenate([r["small"][c] for _, r in got]) if got else np.zeros(0) for c in small_cols},
+        got[0][1]["width"] if got else SEGMENT_BYTES,
     )
     return _checked(index)
 

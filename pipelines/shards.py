@@ -48,7 +48,7 @@ def split_files(folder: Path, splits: Sequence[str]) -> tuple[list[str], list[st
     wanted = set(splits)
     for f in sorted((folder / DATA_DIR).glob("*.parquet")):
         md = pq.read_metadata(f)
-        idx = md.schema.to_arrow_schema().get_field_index("split")
+        idx = next((i for i in range(md.num_columns) if md.schema.column(i).path == "split"), -1)
         seen: set[str] = set()
         for g in range(md.num_row_groups):
             stats = md.row_group(g).column(idx).statistics if idx >= 0 else None

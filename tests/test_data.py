@@ -252,6 +252,7 @@ def test_stage_data_streams_exactly_each_split_from_the_footers(midlevel_shards)
     import pyarrow.parquet as pq
 
     from mdlda.manifest import DATA_DIR
+    from mdlda.pcm import from_column
     from pipelines.data import _shard_index, load_stage_data, train_batches, valid_batches
     from pipelines.shards import read_shards
 
@@ -261,6 +262,11 @@ def test_stage_data_streams_exactly_each_split_from_the_footers(midlevel_shards)
     data = load_stage_data(midlevel_shards.out, materialize_share=0.0)
     assert len(_shard_index(data.source_train)) == data.counts["source_train"] == len(truth["train"])
     assert len(_shard_index(data.source_valid)) == data.counts["source_valid"] == len(truth["valid"])
+    assert _shard_index(data.source_train).addressable  # prepare's layout: each segment read at its offset
+    first = next(iter(_iter_all(data.source_train)))
+    for clip, pcm in zip(first["clip_id"], first["audio"], strict=True):  # the bytes pyarrow reads for that row
+        t = pq.read_table(Path(midlevel_shards.out) / DATA_DIR, columns=["audio"], filters=[("clip_id", "=", clip)])
+        assert np.array_equal(from_column(t.column("audio"))[0], pcm)
     ids = lambda batches: sorted(str(c) for b in batches for c in b["clip_id"])  # noqa: E731
     assert ids(_iter_all(data.source_train)) == truth["train"]
     assert ids(_iter_all(data.source_valid)) == truth["valid"]
