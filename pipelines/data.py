@@ -168,8 +168,8 @@ def _attach_index(ds: ray.data.Dataset, index: ShardIndex) -> ShardDataset:
     """The Dataset streamed from its shards, marked with the rows it holds: the training iterators read its row
     groups themselves (a seeded row-group order, no Ray Data executor), while the Dataset stays what Ray Train's
     ``datasets=`` and other Ray Data readers run."""
-    out = object.__new__(ShardDataset)
-    out.__setstate__({**ds.__getstate__(), INDEX_ATTR: index})
+    out = ray.data.Dataset.copy(ds, _as=ShardDataset)
+    setattr(out, INDEX_ATTR, index)
     return out
 
 
