@@ -205,7 +205,7 @@ def test_streamed_shards_are_permuted_globally_each_epoch_without_ray_datas_shuf
     import ray
     from ray import cloudpickle as pickle  # what Ray pickles with (tune.with_parameters, ray.put)
 
-    from pipelines.data import _shard_index
+    from pipelines.data import _shard_index, train_batches
 
     ds = _streamed(_shard_files(tmp_path / "data", 120))
     monkeypatch.setattr(ray.data.Dataset, "random_shuffle", lambda *a, **k: pytest.fail("random_shuffle ran"))
@@ -215,6 +215,10 @@ def test_streamed_shards_are_permuted_globally_each_epoch_without_ray_datas_shuf
     assert _block_spread(first, block=20) > 90  # a file's 20 rows spread over most of the 120 places
     again = pickle.loads(pickle.dumps(ds))
     assert len(_shard_index(again)) == 120 and _epoch(again, 0) == first
+    in_a_task = ray.remote(  # a Ray worker gets the Dataset, index and all, as a Tune trial does
+        lambda d: [int(x) for b in train_batches(d, 8, 0, 0, shuffle_buffer=4) for x in b["audio"][:, 0]]
+    )
+    assert ray.get(in_a_task.remote(ds)) == first
     assert sorted(r["clip_id"] for r in again.take_all()) == sorted(f"c{i}" for i in range(120))  # still a Dataset
 
 
