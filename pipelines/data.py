@@ -184,6 +184,8 @@ def _rows(ds) -> int | None:
     index = _shard_index(ds)
     if index is not None:
         return len(index)
+    if isinstance(ds, _Blocks):
+        return len(ds.refs)
     if isinstance(ds, ray.data.dataset.MaterializedDataset):
         return ds.count()
     return None
@@ -203,9 +205,9 @@ def _run_subset(target, n: int | None, seed: int):
         return index.sample(n, seed)
     if target.num_blocks() < total:  # blocks of several rows: no per-row draw without reading them
         return target
-    blocks = [ref for bundle in target.iter_internal_ref_bundles() for ref in bundle.block_refs]  # one row each
+    blocks = _block_refs(target)  # one row each
     pick = np.sort(np.random.default_rng(seed).choice(len(blocks), size=n, replace=False))
-    return ray.data.from_arrow_refs([blocks[i] for i in pick])
+    return _Blocks(tuple(blocks[i] for i in pick))
 
 
 def _has_spread(shards: str | Path) -> bool:
@@ -257,8 +259,9 @@ def _iter(
     if index is not None:
         yield from epoch_batches(index, batch_size, seed, shuffle_buffer, drop_last)
         return
-    if _one_row_blocks(ds):
-        yield from background(_held_batches(ds, batch_size, seed, drop_last))
+    if isinstance(ds, _Blocks) or _one_row_blocks(ds):
+        refs = ds.refs if isinstance(ds, _Blocks) else _block_refs(ds)
+        yield from background(_held_batches(refs, batch_size, seed, drop_last))
         return
     buffer = 0
     if seed is not None:
@@ -270,18 +273,28 @@ def _iter(
         yield numpy_batch(table)
 
 
+@dataclass(frozen=True)
+class _Blocks:
+    """Some one-row blocks of a held set, by reference: a run's subset of the target (:func:`_run_subset`)."""
+
+    refs: tuple
+
+
 def _one_row_blocks(ds) -> bool:
     return isinstance(ds, ray.data.dataset.MaterializedDataset) and ds.num_blocks() >= ds.count()
 
 
-def _held_batches(ds, batch_size: int, seed: int | None, drop_last: bool) -> Iterator[dict]:
-    """A Dataset held in the object store in one-row blocks (:func:`_materialize`): its blocks in a seeded random
-    order (storage order without a seed), fetched a batch at a time (``ray.get``: views of the object store) and
-    joined into the batch (the one copy), without starting Ray Data's executor every epoch."""
+def _block_refs(ds: ray.data.Dataset) -> list:
+    return [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+
+
+def _held_batches(refs: list | tuple, batch_size: int, seed: int | None, drop_last: bool) -> Iterator[dict]:
+    """One-row blocks held in the object store (:func:`_materialize`): in a seeded random order (storage order
+    without a seed), fetched a batch at a time (``ray.get``: views of the object store) and joined into the batch
+    (the one copy), without starting Ray Data's executor every epoch."""
     import pyarrow as pa
     from ray.data.block import BlockAccessor
 
-    refs = [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
     order = np.arange(len(refs)) if seed is None else np.random.default_rng(seed % 2**32).permutation(len(refs))
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
