@@ -129,7 +129,7 @@ def load_stage_data(
     for name, decision in plan["sets"].items():
         if decision["materialized"]:
             sets[name] = _materialize(sets[name], rows_per_block)
-        else:  # streamed: the training iterators read its row groups themselves (pipelines/shard_reader.py)
+        else:  # streamed: the training iterators read its rows themselves (pipelines/shard_reader.py)
             sets[name] = _attach_index(sets[name], build_index(*where[name]))
         logger.info(
             "%s: %d rows, %.2f GB: %s (object store: %.2f GB free, budget %.0f%% = %.2f GB)",
@@ -165,9 +165,9 @@ class ShardDataset(ray.data.Dataset):
 
 
 def _attach_index(ds: ray.data.Dataset, index: ShardIndex) -> ShardDataset:
-    """The Dataset streamed from its shards, marked with the rows it holds: the training iterators read its row
-    groups themselves (a seeded row-group order, no Ray Data executor), while the Dataset stays what Ray Train's
-    ``datasets=`` and other Ray Data readers run."""
+    """The Dataset streamed from its shards, marked with the rows it holds: the training iterators read its rows
+    themselves (pipelines/shard_reader.py: a seeded permutation, no Ray Data executor), while the Dataset stays
+    what Ray Train's ``datasets=`` and other Ray Data readers run."""
     out = ray.data.Dataset.copy(ds, _as=ShardDataset)
     setattr(out, INDEX_ATTR, index)
     return out
@@ -253,8 +253,9 @@ def _iter(
 
     With a seed, every pass reads the rows in a new seeded order (:func:`_order`); without one, in storage order.
     A set streamed from its shards with a row index (:func:`_attach_index`; or a bare :class:`ShardIndex`) is read
-    by :func:`pipelines.shard_reader.epoch_batches`: a seeded permutation of its row groups, one row each in
-    shards of this prepare (a uniform permutation of the rows), else mixed across ``shuffle_buffer`` rows."""
+    by :func:`pipelines.shard_reader.epoch_batches`: a seeded uniform permutation of its rows (shards of the
+    one-row-per-row-group layout; older ones: a seeded row-group order mixed across ``shuffle_buffer`` rows). A set
+    held in one-row blocks is read by :func:`_held_batches` (a seeded block order)."""
     index = _shard_index(ds)
     if index is not None:
         yield from epoch_batches(index, batch_size, seed, shuffle_buffer, drop_last)
