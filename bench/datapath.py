@@ -230,7 +230,7 @@ def main() -> None:
     ways = {
         "bare read -> host tensor": lambda: bare(files, buf, args.batch, args.epochs),
         "bare preadv -> host tensor": lambda: bare_pread(files, buf, args.batch, args.epochs),
-        "shards (row-group permutation)": lambda: ray_way(streamed, buf, args.batch, args.epochs, True),
+        "shards (seeded row permutation)": lambda: ray_way(streamed, buf, args.batch, args.epochs, True),
         "shards via Ray Data random_shuffle": lambda: ray_way(lazy, buf, args.batch, args.epochs, True),
         "materialised (global shuffle)": lambda: ray_way(held, buf, args.batch, args.epochs, True),
     }
