@@ -14,7 +14,7 @@ host tensor (pinned when CUDA is there: what a ``.to(device, non_blocking=True)`
   else around it.
 - bare preadv: the floor under any reader of these files: each train segment's PCM read with one ``preadv``
   straight into the tensor at the offset its one-row row group's footer gives.
-- shards: ``pipelines.data.train_batches`` over the streamed set as ``load_stage_data`` makes it (a Dataset
+- shards: ``pipelines.batches.train_batches`` over the streamed set as ``load_stage_data`` makes it (a Dataset
   carrying its row index, pipelines/shard_reader.py): a seeded permutation of all rows every epoch, each segment
   read by one ``preadv`` into its batch by a background thread, no Ray Data executor.
 - shards via Ray Data random_shuffle: the previous path, the same Dataset without the index: Ray Data streams the
@@ -118,7 +118,7 @@ def bare_pread(files: list[Path], out, batch: int, epochs: int) -> int:
     its shuffle, batch arrays and thread); segments delivered."""
     import pyarrow.parquet as pq
 
-    from pipelines.shard_reader import AUDIO, _leaf, _pcm_offset
+    from pipelines.shard_index import AUDIO, _leaf, _pcm_offset
 
     host, n, width = out.numpy(), 0, out.shape[1] * 2
     for epoch in range(epochs):
@@ -141,11 +141,11 @@ def bare_pread(files: list[Path], out, batch: int, epochs: int) -> int:
 def ray_way(ds, out, batch: int, epochs: int, global_shuffle: bool) -> int:
     import torch
 
-    from pipelines.data import train_batches
+    from pipelines.batches import Sampling, train_batches
 
     n = 0
     for epoch in range(epochs):
-        for b in train_batches(ds, batch, seed=0, epoch=epoch, global_shuffle=global_shuffle):
+        for b in train_batches(ds, Sampling(batch, seed=0, global_shuffle=global_shuffle), epoch):
             k = len(b["audio"])
             out[:k].copy_(torch.from_numpy(b["audio"]))
             n += k
@@ -198,8 +198,9 @@ def main() -> None:
 
     from mdlda.manifest import DATA_DIR
     from mdlda.params import SEGMENT_SAMPLES
-    from pipelines.data import TRAIN_COLUMNS, _attach_index, _materialize
-    from pipelines.shard_reader import build_index
+    from pipelines.data import TRAIN_COLUMNS, _materialize
+    from pipelines.shard_dataset import _attach_index
+    from pipelines.shard_index import build_index
     from pipelines.shards import read_shards
 
     torch.set_num_threads(1)

@@ -202,7 +202,7 @@ def steady(runs: list[dict], key: str, samples: int) -> float:
 
 def sweep_run(args, data, stats, out: Path) -> dict:
     from mdlda.tracking import setup_tracking, tracking_uri
-    from pipelines.teachers import run_sweep
+    from pipelines.teachers import SweepPlace, run_sweep
 
     setup_tracking(out / "mlflow", "bench")
     sweep = SweepConfig(
@@ -219,7 +219,7 @@ def sweep_run(args, data, stats, out: Path) -> dict:
     )
     cpus = ray.cluster_resources()["CPU"]
     t0 = time.perf_counter()
-    res = run_sweep(sweep, data, stats, out / "ray_results", "bench", None, tracking_uri(out / "mlflow"))
+    res = run_sweep(sweep, data, stats, SweepPlace(out / "ray_results", "bench", None, tracking_uri(out / "mlflow")))
     wall = time.perf_counter() - t0
     ok = [r for r in res.results if r.error is None and r.metrics]
     busy = sum(r.metrics["time_total_s"] for r in ok)

@@ -109,41 +109,6 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(summary: pd.DataFrame, out, title: str = "") -> None:
-    """The paper's Fig. 2 with error bars: mean r per model (non-piano vs piano test), 95% intervals over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    r = summary[summary.metric == "r_mean"]
-    models = list(dict.fromkeys(r.model))
-    splits = [("test", "non-piano test", "#4c72b0"), ("piano_test", "piano test", "#dd8452")]
-    x = np.arange(len(models))
-    width = 0.38
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.15 * len(models)), 3.6))
-    for i, (split, label, colour) in enumerate(splits):
-        sub = r[r.split == split].set_index("model").reindex(models)
-        ax.bar(
-            x + (i - 0.5) * width,
-            sub["mean"],
-            width,
-            yerr=sub["ci"].fillna(0.0),
-            capsize=3,
-            color=colour,
-            label=label,
-        )
-    n = int(r.n_seeds.max()) if len(r) else 0
-    ax.set_xticks(x, models, rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("mean Pearson r (7 features)")
-    ax.axhline(0, color="k", lw=0.6)
-    ax.set_title(title or f"mean ± 95% interval over {n} seeds", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
 # label-free signals, lower is better, compared with the piano test r they are meant to stand in for;
 # the non-piano test r (what selection on source validation sees) is the reference a probe has to beat
 PROBES = {

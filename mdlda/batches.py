@@ -116,3 +116,24 @@ def prepare_batch(
 def batch_size(batch: Mapping[str, Tensor]) -> int:
     """Segments in a prepared batch that go through the model (source + target)."""
     return sum(batch[k].shape[0] for k in ("audio", "target_audio") if k in batch)
+
+
+def pseudo_labels(batch: dict, labels: str) -> dict:
+    """``labels="raw"``: the pseudo-labelled segments learn the teachers' mean before their output calibration."""
+    raw = batch.pop("target_labels_raw", None)
+    if labels == "raw" and "target_audio" in batch:
+        if raw is None:
+            raise ValueError("student labels 'raw' need the pseudo-label shards' labels_raw column: rerun pseudolabel")
+        batch["target_labels"] = raw
+    return batch
+
+
+def spread_weighted(batch: dict, weighting: str) -> dict:
+    """``weighting="spread"``: each pseudo-labelled segment weighs exp(-s^2), s its teacher spread (1..10 scale)."""
+    spread = batch.pop("target_spread", None)
+    if weighting == "spread":
+        if spread is None and "target_audio" in batch:
+            raise ValueError("weighting 'spread' needs the pseudo-label shards' teacher_spread column")
+        if spread is not None:
+            batch["target_weights"] = np.exp(-np.square(spread, dtype=np.float32))
+    return batch

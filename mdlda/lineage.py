@@ -48,7 +48,7 @@ class Link:
 
 def resolve_version(client: MlflowClient, uri: str):
     """``models:/name@alias`` or ``models:/name/version`` -> the ModelVersion."""
-    from mdlda.served import parse_model_uri
+    from mdlda.served import parse_model_uri, registry_version
 
     try:
         parsed = parse_model_uri(uri)
@@ -57,9 +57,7 @@ def resolve_version(client: MlflowClient, uri: str):
     if parsed.model_id is not None:  # a logged model is no registered version: it carries no lineage tags
         raise LineageError(f"{uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION (a registered version)")
     try:
-        if parsed.alias:
-            return client.get_model_version_by_alias(parsed.name, parsed.alias)
-        return client.get_model_version(parsed.name, parsed.version)
+        return registry_version(client, parsed)
     except MlflowException as exc:
         raise LineageError(f"{uri}: not in the registry ({exc.message.splitlines()[0]})") from exc
 

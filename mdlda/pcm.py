@@ -2,10 +2,10 @@
 
 A segment is ``SEGMENT_SAMPLES`` samples = ``SEGMENT_BYTES`` bytes (661,500 for 15 s at 22.05 kHz). Writing is
 a view of the ``(B, N)`` int16 array's memory as an Arrow ``fixed_size_binary`` column; reading is
-``np.frombuffer`` over the column's one data buffer, reshaped to ``(B, N)``: no copy either way. The old layout
-(Ray's tensor column, an Arrow ``large_list<int16>``) stored a repetition and a definition level per sample in
-Parquet and cost many times the CPU per read (bench/parquet_write.py; figures in bench/README.md); shards in it
-are refused (:func:`check_schema`) with the command that rewrites them.
+``np.frombuffer`` over the column's one data buffer, reshaped to ``(B, N)``: no copy either way. Ray's tensor
+column (an Arrow ``large_list<int16>``) is not used because Parquet stores a repetition and a definition level per
+sample of it, which every read has to decode; shards in that layout are refused (:func:`check_schema`) with the
+command that rewrites them.
 
 The audio parameters are also in every Parquet file's schema metadata (key :data:`SCHEMA_KEY`), so a file read
 without its manifest still says what its bytes are.

@@ -23,6 +23,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def bars_r(table: pd.DataFrame, out: Path) -> Path:
     """Grouped bars: mean Pearson r per model, non-piano vs piano test."""
     plt = _plt()
@@ -38,10 +45,7 @@ def bars_r(table: pd.DataFrame, out: Path) -> Path:
     ax.set_ylabel("mean Pearson r (7 features)")
     ax.axhline(0, color="k", lw=0.6)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def bars_discrepancy(disc: pd.DataFrame, out: Path) -> Path:
@@ -51,10 +55,7 @@ def bars_discrepancy(disc: pd.DataFrame, out: Path) -> Path:
     ax.bar(disc.model, disc.discrepancy, color="#8172b2")
     ax.set_ylabel("D(non-piano, piano)")
     ax.tick_params(axis="x", rotation=30, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def heat_table(table: pd.DataFrame, out: Path) -> Path:
@@ -69,7 +70,4 @@ def heat_table(table: pd.DataFrame, out: Path) -> Path:
     for (i, j), v in np.ndenumerate(vals):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
     fig.colorbar(im, ax=ax, fraction=0.03, label="Pearson r")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)

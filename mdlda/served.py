@@ -68,14 +68,20 @@ def parse_model_uri(uri: str):
     return parsed
 
 
+def registry_version(client, parsed):
+    """The ModelVersion behind a parsed ``NAME@ALIAS`` or ``NAME/VERSION`` (an ``MlflowException`` when the
+    registry holds none)."""
+    if parsed.alias:
+        return client.get_model_version_by_alias(parsed.name, parsed.alias)
+    return client.get_model_version(parsed.name, parsed.version)
+
+
 def _registry_version(client, uri: str, parsed):
-    """The ModelVersion behind a parsed ``NAME@ALIAS`` or ``NAME/VERSION``."""
+    """:func:`registry_version`, its error as a :class:`TrackingError` naming ``uri``."""
     from mlflow.exceptions import MlflowException
 
     try:
-        if parsed.alias:
-            return client.get_model_version_by_alias(parsed.name, parsed.alias)
-        return client.get_model_version(parsed.name, parsed.version)
+        return registry_version(client, parsed)
     except MlflowException as exc:
         raise TrackingError(f"cannot load model {uri!r}: {exc.message}") from exc
 

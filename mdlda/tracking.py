@@ -160,6 +160,12 @@ class RatingModel(nn.Module):
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         return self.model(audio) * LABEL_SCALE  # (B, 7)
 
+    def uncalibrated(self, ratings: torch.Tensor) -> torch.Tensor:
+        """``ratings`` (B, 7) of this model mapped back through its output calibration (mdlda/calibration.py):
+        what its head gave before the calibration, on the 1..10 scale."""
+        m = self.model
+        return (ratings / LABEL_SCALE - m.output_shift) / m.output_scale * LABEL_SCALE
+
     def rate_and_embed(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ratings (B, 7), embedding (B, D)) from one pass: what the OOD score (:mod:`mdlda.ood`) reads."""
         feats = self.model.forward_features(audio)  # (B, D)

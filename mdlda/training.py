@@ -16,102 +16,37 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, TypedDict, Unpack
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mdlda.adapt import dann_lambda
-from mdlda.calibration import fit_output_affine
-from mdlda.checkpoints import capture_rng_state, restore_rng_state, seed_everything, to_cpu
+from mdlda.checkpoints import capture_rng_state, seed_everything
 from mdlda.devices import DeviceMonitor, place
 from mdlda.domain_pair import DomainPair
-from mdlda.params import LABEL_SCALE
-from mdlda.replicas import average_running_stats, sum_over_ranks, world_size
-from mdlda.steps import Precision, resolve_device, train_one_epoch, validation_metrics, validation_outputs
+from mdlda.epoch import EpochTrainer, train_one_epoch, validation_metrics, validation_outputs
+from mdlda.fit_calibration import LabelMean, calibrate_kept, training_level
+from mdlda.fit_results import EpochResult, FitResult
+from mdlda.fit_state import STATE_FORMAT, FitState, state_of
+from mdlda.precision import Precision, resolve_device
+from mdlda.replicas import average_running_stats, world_size
 from mdlda.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EpochResult", "FitResult", "TrainConfig", "fit"]
+__all__ = ["STATE_FORMAT", "EpochResult", "FitHooks", "FitResult", "TrainConfig", "fit"]
 
 Batch = Mapping[str, Any]
-STATE_FORMAT = 1
 
 
-@dataclass
-class EpochResult:
-    """What :func:`fit` hands to ``on_epoch`` after every epoch.
+class FitHooks(TypedDict, total=False):
+    """How a caller reaches into :func:`fit`'s loop (every one optional; see :func:`fit`)."""
 
-    ``train``: each step loss averaged over the epoch's batches. ``valid``: ``"loss"`` (MSE, 0..1 scale) and
-    :func:`mdlda.metrics.regression_metrics` (``"r_mean"`` is the early-stopping score). ``lr``: the rate used
-    in this epoch. ``seconds``: training + validation time; ``samples_per_s``: segments (source + target)
-    through the model per training second; ``data_wait_fraction``: time spent waiting for the next training
-    batch / training time. :meth:`state` is the resumable state; it can only be taken inside the callback.
-    """
-
-    epoch: int
-    train: dict[str, float]
-    valid: dict[str, float]
-    lr: float
-    seconds: float
-    train_seconds: float
-    samples_per_s: float
-    data_wait_fraction: float
-    is_best: bool
-    best_epoch: int | None
-    best_score: float
-    get_state: Callable[[], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
-    device: dict[str, float] = field(default_factory=dict)  # GPU utilisation and memory on CUDA (device_metrics)
-    final: bool = False  # the loop ends after this epoch by itself (max_epochs or patience), not by a scheduler
-
-    def state(self) -> dict[str, Any]:
-        """The full training state after this epoch (CPU tensors; ``checkpoints.save_training_state``)."""
-        if self.get_state is None:
-            raise RuntimeError("the training state can only be taken inside the on_epoch callback")
-        return self.get_state()
-
-    def summary(self) -> str:
-        best = " (best)" if self.is_best else ""
-        return (
-            f"train loss {self.train['loss']:.4f}, valid r_mean {self.valid['r_mean']:.4f}{best}, {self.seconds:.1f} s"
-        )
-
-    def metrics(self) -> dict[str, float]:
-        """Flat ``{name: number}`` for MLflow / Tune: ``train_loss``, ``valid_r_mean``, ``lr``, ..."""
-        return {
-            "epoch": self.epoch,
-            **{f"train_{k}": v for k, v in self.train.items()},
-            **{f"valid_{k}": v for k, v in self.valid.items()},
-            "lr": self.lr,
-            "seconds": self.seconds,
-            "train_seconds": self.train_seconds,
-            "samples_per_s": self.samples_per_s,
-            "data_wait_fraction": self.data_wait_fraction,
-            "is_best": float(self.is_best),
-            "best_score": self.best_score,
-            "trained_out": float(self.final),
-            **self.device,
-        }
-
-
-@dataclass
-class FitResult:
-    """How a :func:`fit` ended. ``status``: "completed" (max_epochs), "early_stopped" (patience), "stopped"
-    (``on_epoch`` returned True) or "nan" (a NaN/inf loss; ``message`` says where and why). When fit returns,
-    the model holds the best epoch's weights (``best_state_dict``, CPU copies) if any epoch was validated.
-    ``history``: :meth:`EpochResult.metrics` of every epoch, including those before a resume."""
-
-    status: Literal["completed", "early_stopped", "stopped", "nan"]
-    message: str
-    epochs_run: int
-    best_epoch: int | None
-    best_score: float
-    best_state_dict: dict[str, Tensor] | None
-    best_domain_head_state_dict: dict[str, Tensor] | None
-    history: list[dict[str, float]]
+    on_epoch: Callable[[EpochResult], bool | None] | None
+    state: Mapping[str, Any] | None
+    after_backward: Callable[[list[Tensor]], None] | None
+    wrap: Callable[[nn.Module], nn.Module] | None
 
 
 def fit(
@@ -120,10 +55,7 @@ def fit(
     valid_batches: Callable[[], Iterable[Batch]],
     config: TrainConfig,
     domain_head: nn.Module | None = None,
-    on_epoch: Callable[[EpochResult], bool | None] | None = None,
-    state: Mapping[str, Any] | None = None,
-    after_backward: Callable[[list[Tensor]], None] | None = None,
-    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    **hooks: Unpack[FitHooks],
 ) -> FitResult:
     """Train ``model`` (and ``domain_head`` in "dann" mode) and keep the weights of the best validation epoch.
 
@@ -152,39 +84,18 @@ def fit(
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        fitter = _Fit(model, domain_head, config, after_backward, wrap)
-        return fitter.run(train_batches, valid_batches, on_epoch, state)
+        fitter = _Fit(model, domain_head, config, hooks)
+        return fitter.run(train_batches, valid_batches, hooks.get("on_epoch"), hooks.get("state"))
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
-class _LabelMean:
-    """The mean of the source labels (``"labels"``, 1..10) of the batches that pass through :meth:`tap`, on the
-    model's 0..1 scale: one epoch's pass over the training set. Pseudo-labels (``"target_labels"``) do not count."""
+class _Fit(FitState):
+    """The loop; its state between epochs and the snapshot a run resumes from are :class:`FitState`'s."""
 
-    def __init__(self) -> None:
-        self.sum: np.ndarray | None = None
-        self.rows = 0
-
-    def tap(self, batches: Iterable[Batch]) -> Iterable[Batch]:
-        for batch in batches:
-            y = batch.get("labels") if isinstance(batch, Mapping) else None
-            if y is not None:
-                y = np.asarray(y.detach().cpu() if isinstance(y, Tensor) else y, dtype=np.float64)
-                self.sum = y.sum(axis=0) + (0 if self.sum is None else self.sum)
-                self.rows += len(y)
-            yield batch
-
-
-def _state_of(module: nn.Module | None) -> dict[str, Tensor] | None:
-    return None if module is None else to_cpu(module.state_dict())
-
-
-class _Fit:
-    """The loop and its state; :meth:`snapshot` and :meth:`restore` mirror each other line by line."""
-
-    def __init__(self, model: nn.Module, head: nn.Module | None, config: TrainConfig, after_backward, wrap) -> None:
-        self.model, self.head, self.config, self.after_backward = model, head, config, after_backward
+    def __init__(self, model: nn.Module, head: nn.Module | None, config: TrainConfig, hooks: FitHooks) -> None:
+        self.model, self.head, self.config = model, head, config
+        wrap = hooks.get("wrap")
         self.device = resolve_device(config.device)
         params = place(model, head, self.device, config.channels_last, config.compile)
         # a supervised batch has one domain: its pass always updates the running statistics
@@ -197,58 +108,17 @@ class _Fit:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(config.lr_milestones), gamma=config.lr_gamma
         )
-        self.next_epoch, self.bad_epochs = 0, 0
-        self.best_score, self.best_epoch = -math.inf, None
-        self.best_criterion = -math.inf  # the select_on number at the best epoch, larger is better
-        self.best_model: dict[str, Tensor] | None = None
-        self.best_head: dict[str, Tensor] | None = None
-        self.history: list[dict[str, float]] = []
-        self.rng: dict[str, Any] = {}
-
-    def snapshot(self) -> dict[str, Any]:
-        scaler = self.precision.scaler
-        return {
-            "format": STATE_FORMAT,
-            "config": self.config.to_dict(),
-            "next_epoch": self.next_epoch,
-            "model": _state_of(self.model),
-            "domain_head": _state_of(self.head),
-            "optimizer": to_cpu(self.optimizer.state_dict()),
-            "scheduler": to_cpu(self.scheduler.state_dict()),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "best_score": self.best_score,
-            "best_criterion": self.best_criterion,
-            "best_epoch": self.best_epoch,
-            "bad_epochs": self.bad_epochs,
-            "best_model": self.best_model,
-            "best_domain_head": self.best_head,
-            "history": [dict(h) for h in self.history],
-            "rng": self.rng,
-        }
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"training state format {state.get('format')!r}; this code reads {STATE_FORMAT}")
-        saved, now = state["config"], self.config.to_dict()
-        if saved.get("mode") != now["mode"]:
-            raise ValueError(f"cannot resume a {saved.get('mode')!r} run in mode {now['mode']!r}")
-        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
-        if changed:
-            logger.warning("resuming with a changed config: %s", ", ".join(changed))
-        self.model.load_state_dict(state["model"])
-        if self.head is not None:
-            self.head.load_state_dict(state["domain_head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.precision.scaler is not None and state.get("scaler"):
-            self.precision.scaler.load_state_dict(state["scaler"])
-        self.next_epoch, self.bad_epochs = int(state["next_epoch"]), int(state["bad_epochs"])
-        self.best_score, self.best_epoch = float(state["best_score"]), state["best_epoch"]
-        self.best_criterion = float(state.get("best_criterion", state["best_score"]))  # older states: r_mean
-        self.best_model, self.best_head = state["best_model"], state["best_domain_head"]
-        self.history = [dict(h) for h in state["history"]]
-        self.rng = state["rng"]
-        restore_rng_state(state["rng"])
+        self.trainer = EpochTrainer(
+            self.net,
+            config.mode,
+            self.optimizer,
+            self.precision,
+            self.device,
+            grad_clip_norm=config.grad_clip_norm,
+            after_backward=hooks.get("after_backward"),
+            pin_memory=config.pin_memory,
+        )
+        self.init_state()
 
     def run(self, train_batches, valid_batches, on_epoch, state) -> FitResult:
         cfg = self.config
@@ -261,25 +131,14 @@ class _Fit:
                 self.model.reset_output_calibration()  # trains (and without `calibrate` ends) on raw outputs
         while self.next_epoch < cfg.max_epochs:
             if self.bad_epochs >= cfg.patience:  # only when resuming from a state that had already run out
-                return self._finish("early_stopped", self._patience_message())
+                return self._finish("early_stopped", self.patience_message())
             epoch = self.next_epoch
             t0 = time.perf_counter()
             adv_lambda = 0.0
             if self.head is not None:
                 adv_lambda = dann_lambda(epoch, cfg.lambda_schedule_epochs, cfg.adv_scale, cfg.lambda_gamma)
-            levels = _LabelMean()
-            train = train_one_epoch(
-                self.net,
-                levels.tap(train_batches(epoch)),
-                cfg.mode,
-                self.optimizer,
-                self.precision,
-                self.device,
-                adv_lambda=adv_lambda,
-                grad_clip_norm=cfg.grad_clip_norm,
-                after_backward=self.after_backward,
-                pin_memory=cfg.pin_memory,
-            )
+            levels = LabelMean()
+            train = train_one_epoch(self.trainer, levels.tap(train_batches(epoch)), adv_lambda)
             if train.error is not None:
                 return self._finish("nan", f"epoch {epoch}, {train.error}")
             if self.replicated:  # every rank validates (and decides) with the same BatchNorm statistics
@@ -299,9 +158,10 @@ class _Fit:
             if is_best:
                 self.best_score, self.best_epoch, self.bad_epochs = valid["r_mean"], epoch, 0
                 self.best_criterion = criterion
-                self.best_model, self.best_head = _state_of(self.model), _state_of(self.head)
+                self.best_model, self.best_head = state_of(self.model), state_of(self.head)
                 if self.calibrates:
-                    valid |= self._calibrate_best(pred, labels, self._training_level(levels))
+                    level = training_level(levels, len(self.model.output_shift), self.device)
+                    valid |= calibrate_kept(self.best_model, pred, labels, level)
             else:
                 self.bad_epochs += 1
             self.next_epoch = epoch + 1
@@ -329,37 +189,12 @@ class _Fit:
             if stop:
                 return self._finish("stopped", f"on_epoch asked to stop after epoch {epoch}")
             if self.bad_epochs >= cfg.patience:
-                return self._finish("early_stopped", self._patience_message())
+                return self._finish("early_stopped", self.patience_message())
         return self._finish("completed", f"reached max_epochs={cfg.max_epochs}")
 
     @property
     def calibrates(self) -> bool:
         return self.config.calibrate == "affine" and hasattr(self.model, "set_output_calibration")
-
-    def _training_level(self, levels: _LabelMean) -> np.ndarray | None:
-        """The training labels' mean over every rank's share (each rank reads part of the training set; the
-        replicas must end with one calibration), 0..1 scale; None without labels."""
-        sums = levels.sum if levels.sum is not None else np.zeros(len(self.model.output_shift))
-        both = torch.from_numpy(np.append(sums, levels.rows)).to(self.device)
-        both = sum_over_ranks(both).cpu().numpy()
-        return None if both[-1] == 0 else both[:-1] / both[-1] / LABEL_SCALE
-
-    def _calibrate_best(self, pred: Tensor, labels: Tensor, level: np.ndarray | None) -> dict[str, float]:
-        """Fit the output calibration on the kept epoch's validation outputs, centred on the epoch's training
-        labels' mean (:mod:`mdlda.calibration`), into the kept weights; the training model stays raw. Returns
-        the slope and the calibrated validation RMSE."""
-        slope, shift = fit_output_affine(pred.numpy(), labels.numpy(), level)
-        assert self.best_model is not None
-        self.best_model["output_scale"] = torch.full_like(self.best_model["output_scale"], slope)
-        self.best_model["output_shift"] = torch.as_tensor(shift, dtype=self.best_model["output_shift"].dtype)
-        calibrated = validation_metrics(pred * slope + torch.as_tensor(shift, dtype=pred.dtype), labels)
-        return {"calibration_slope": slope, "calibrated_rmse_mean": calibrated["rmse_mean"]}
-
-    def _patience_message(self) -> str:
-        return (
-            f"no better validation {self.config.select_on} for {self.config.patience} epochs; best r_mean "
-            f"{self.best_score:.4f} at epoch {self.best_epoch}"
-        )
 
     def _finish(self, status: str, message: str) -> FitResult:
         (logger.error if status == "nan" else logger.info)("training ended (%s): %s", status, message)

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from mdlda import ablation as stats
+from mdlda import ablation_figures as figures
 
 BASELINE = "baseline"
 STUDENT = "student"
@@ -64,7 +65,8 @@ def write_ablation(
     singles.to_csv(out / "models.csv", index=False)  # every single model of every seed, teachers one by one
     agreement.to_csv(out / "probe_agreement.csv", index=False)
     n = per_seed.seed.nunique()
-    stats.figure(summary, out / "ablation.png", f"mean Pearson r ± 95% interval over {n} seeds")
+    figures.figure(summary, out / "ablation.png", f"mean Pearson r and RMSE ± 95% interval over {n} seeds")
+    figures.probe_figure(singles, agreement, out / "probe.png")
     text = _report(per_seed, summary, head, teachers, agreement) + _variants_md(per_seed, variants)
     (out / "ablation.md").write_text(text)
     client = MlflowClient()

@@ -3,8 +3,9 @@
 Ray Data batch inference: an actor pool whose actors each hold the k registered teachers (loaded from the
 MLflow registry through their weights-only checkpoints, on the GPU when there is one). Output: shards in the
 source shards' schema (README, "Data contract"; labels = the teacher mean on the 1..10 scale) plus
-``teacher_spread`` (std across teachers, averaged over the 7 features) and a manifest that names the teacher
-versions, so a rerun with the same teachers and seed does nothing.
+``teacher_spread`` (std across teachers, averaged over the 7 features), ``labels_raw`` (the teacher mean before
+each teacher's output calibration: ``StudentConfig.labels`` chooses which the student learns) and a manifest
+that names the teacher versions, so a rerun with the same teachers and seed does nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mdlda.config import ChainConfig, PseudoLabelConfig, config_digest
 from mdlda.manifest import DATA_DIR, MANIFEST, build_manifest, read_manifest, row_digest, write_manifest
 from mdlda.params import NUM_FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN, audio_params
 from mdlda.pcm import from_column, with_metadata
+from pipelines.data import RAW_LABELS
 from pipelines.shards import WRITE_OPTIONS, labels_array, read_shards
 
 if TYPE_CHECKING:
@@ -61,10 +63,14 @@ class TeacherEnsemble:
         pcm = from_column(batch.column("audio"))  # (B, N) int16, a view of the shard bytes
         audio = torch.from_numpy(pcm.astype(np.float32) / PCM_SCALE).to(self.device)
         with torch.no_grad():
-            preds = np.stack([t(audio).float().cpu().numpy() for t in self.teachers])  # (k, B, 7) on 1..10
+            rated = [t(audio).float() for t in self.teachers]
+            # each teacher's output before its calibration (RatingModel.uncalibrated)
+            raw = np.stack([t.uncalibrated(r).cpu().numpy() for t, r in zip(self.teachers, rated, strict=True)])
+        preds = np.stack([r.cpu().numpy() for r in rated])  # (k, B, 7) on 1..10
         # the batch's own columns, audio bytes untouched, plus the mean prediction clipped to the rating scale
         table = batch.append_column("labels", labels_array(np.clip(preds.mean(axis=0), RATING_MIN, RATING_MAX)))
         table = table.append_column("teacher_spread", pa.array(preds.std(axis=0).mean(axis=1).astype(np.float32)))
+        table = table.append_column(RAW_LABELS, labels_array(np.clip(raw.mean(axis=0), RATING_MIN, RATING_MAX)))
         if self.progress is not None:
             self.progress.put(len(audio))
         return with_metadata(table)
@@ -105,6 +111,7 @@ def pseudolabel(
             "teachers": teacher_uris,
             "n": n,
             "maestro": src_manifest["content_digest"],
+            "columns": ["labels", "teacher_spread", RAW_LABELS],  # a folder written without a column is rewritten
         }
     )
     if (out / MANIFEST).exists():
@@ -157,6 +164,7 @@ def pseudolabel(
             "splits": cfg.splits,
             "source_content_digest": src_manifest["content_digest"],
             "teacher_spread": _spread_summary(meta.teacher_spread.to_numpy()),
+            RAW_LABELS: "the teachers' mean output before their output calibration, clipped to 1..10",
         },
         decoder=src_manifest.get("decoder", {}),
     )

@@ -151,19 +151,25 @@ class SweepId:
         return f"{self.experiment}/{self.name}"
 
 
+@dataclass(frozen=True)
+class Registration:
+    """How the chosen trials are registered: as versions of ``registered_model``; ``extra_tags`` (the lineage
+    links) are set on every version, and on the trial runs so the UI shows them; ``ood_shards``: the source shards
+    whose training split gives each model its OOD statistics (:mod:`pipelines.ood_fit`, one read for all the
+    models registered now)."""
+
+    registered_model: str = TEACHER_MODEL
+    extra_tags: dict[str, str] | None = None
+    ood_shards: Path | None = None
+
+
 def register_top_k(
-    chosen: pd.DataFrame,
-    results,
-    sweep: SweepId,
-    frontend_stats,
-    registered_model: str = TEACHER_MODEL,
-    extra_tags: dict[str, str] | None = None,
-    ood_shards: Path | None = None,
+    chosen: pd.DataFrame, results, sweep: SweepId, frontend_stats, registration: Registration = Registration()
 ) -> list[dict]:
-    """Log each chosen trial's best model into its trial run and register it; idempotent per (sweep, trial).
-    ``extra_tags`` (the lineage links) are set on every version, and on the trial runs so the UI shows them.
-    ``ood_shards``: the source shards whose training split gives each model its OOD statistics
-    (:mod:`pipelines.ood_fit`, one read for all the models registered now)."""
+    """Log each chosen trial's best model into its trial run and register it (:class:`Registration`); idempotent
+    per (sweep, trial)."""
+    registered_model, extra_tags = registration.registered_model, registration.extra_tags
+    ood_shards = registration.ood_shards
     import mlflow
     from mlflow.tracking import MlflowClient
 

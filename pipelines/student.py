@@ -22,17 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 import torch
 from ray.train import DataConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from mdlda.batches import pseudo_labels, spread_weighted
 from mdlda.checkpoints import load_training_state, save_training_state, seed_everything
 from mdlda.config import StudentConfig, TrialConfig
 from mdlda.replicas import replica_spread
-from pipelines.data import StageData, pooled_batches, train_batches, valid_batches
+from pipelines.batches import Sampling, pooled_batches, train_batches, valid_batches
+from pipelines.data import StageData
 from pipelines.progress import watched_queue
 from pipelines.trial import build_model
 
@@ -73,17 +74,6 @@ def data_parallel(pair: torch.nn.Module, sync_batchnorm: bool = False) -> torch.
         else:
             logger.warning("sync_batchnorm needs CUDA (torch's SyncBatchNorm is GPU-only): per-rank BatchNorm")
     return prepare_model(pair, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
-
-
-def spread_weighted(batch: dict, weighting: str) -> dict:
-    """``weighting="spread"``: each pseudo-labelled segment weighs exp(-s^2), s its teacher spread (1..10 scale)."""
-    spread = batch.pop("target_spread", None)
-    if weighting == "spread":
-        if spread is None and "target_audio" in batch:
-            raise ValueError("weighting 'spread' needs the pseudo-label shards' teacher_spread column")
-        if spread is not None:
-            batch["target_weights"] = np.exp(-np.square(spread, dtype=np.float32))
-    return batch
 
 
 def student_loop(config: dict) -> None:
@@ -134,23 +124,15 @@ def student_loop(config: dict) -> None:
     sizes = (config["sizes"][0] // world, config["sizes"][1] // world)  # this rank's share of each set
 
     def batches(epoch: int):
-        return (spread_weighted(b, config.get("weighting", "uniform")) for b in mixed(epoch))
+        weighting, labels = config.get("weighting", "uniform"), config.get("labels", "calibrated")
+        return (spread_weighted(pseudo_labels(b, labels), weighting) for b in mixed(epoch))
+
+    sampling = Sampling(train_cfg.batch_size, train_cfg.seed + 1000 * rank, train_cfg.shuffle_buffer)
 
     def mixed(epoch: int):
-        seed = train_cfg.seed + 1000 * rank
         if config.get("mix", "pooled") == "pooled":
-            return pooled_batches(
-                source, target, train_cfg.batch_size, seed, epoch, sizes, train_cfg.shuffle_buffer, train_cfg.seed
-            )
-        return train_batches(
-            source,
-            train_cfg.batch_size,
-            seed,
-            epoch,
-            target,
-            target_labelled=True,
-            shuffle_buffer=train_cfg.shuffle_buffer,
-        )
+            return pooled_batches(source, target, sampling, epoch, sizes, order_seed=train_cfg.seed)
+        return train_batches(source, sampling, epoch, target, target_labelled=True)
 
     result = fit(
         model,
@@ -265,6 +247,7 @@ def train_student(
             "use_gpu": cfg.use_gpu,
             "mix": cfg.mix,
             "weighting": cfg.weighting,
+            "labels": cfg.labels,
             "init_state": init_state,
             "sync_batchnorm": cfg.sync_batchnorm,
             "sizes": (data.counts["source_train"], data.counts["target"]),

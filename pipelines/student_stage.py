@@ -62,6 +62,7 @@ def _train_and_register(cfg: ChainConfig, pseudo: Path, inputs: ChainInputs, ctx
             "use_gpu": cfg.student.use_gpu,
             "mix": cfg.student.mix,
             "weighting": cfg.student.weighting,
+            "labels": cfg.student.labels,
             "init": cfg.student.init,
             **{f"train.{k}": v for k, v in student_trial_config(cfg.student).params().items()},
         }

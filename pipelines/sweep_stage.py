@@ -18,8 +18,16 @@ from mdlda.config import SweepConfig, config_digest, identity
 from mdlda.tracking import BASELINE_MODEL, TEACHER_MODEL
 from pipelines import runs
 from pipelines.prepare_stage import ChainInputs
-from pipelines.select import TIE_RULE, SweepId, rank_trials, register_top_k, select_top_k
-from pipelines.teachers import RerunResult, SweepResult, rerun_trial, run_sweep, summarize, sweep_finished
+from pipelines.select import TIE_RULE, Registration, SweepId, rank_trials, register_top_k, select_top_k
+from pipelines.teachers import (
+    RerunResult,
+    SweepPlace,
+    SweepResult,
+    rerun_trial,
+    run_sweep,
+    summarize,
+    sweep_finished,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +93,8 @@ def select_and_register(
     if len(chosen):
         logger.info("%s: registering the top %d as %s", sweep.name, len(chosen), registered_model, extra={"show": True})
     where = SweepId(sweep.name, ctx.experiment, ctx.exp_id)
-    found = register_top_k(
-        chosen, res.results, where, fstats, registered_model, extra_tags=links, ood_shards=ctx.shards("midlevel")
-    )
+    registration = Registration(registered_model, extra_tags=links, ood_shards=ctx.shards("midlevel"))
+    found = register_top_k(chosen, res.results, where, fstats, registration)
     return Selection(table, chosen, found)
 
 
@@ -113,7 +120,8 @@ def sweep_stage(sweep: SweepConfig, baseline: bool, inputs: ChainInputs, ctx: ru
         )
         links.update({"lineage.sweep_run": run.info.run_id, "lineage.sweep": name})
         sweep = sweep.model_copy(update={"name": name})
-        res = run_sweep(sweep, data, fstats, ctx.workdir / "ray_results", ctx.experiment, run.info.run_id, ctx.uri)
+        place = SweepPlace(ctx.workdir / "ray_results", ctx.experiment, run.info.run_id, ctx.uri)
+        res = run_sweep(sweep, data, fstats, place)
         info = summarize(res.results)
         mlflow.log_metrics({f"trials_{k}": v for k, v in info.items() if isinstance(v, int | float) and v is not None})
         # budgets are tags, not params: a rerun of the same sweep may be given another budget

@@ -22,6 +22,7 @@ from pipelines.budget import BudgetedVariantGenerator, set_budget
 from pipelines.data import StageData
 from pipelines.mlflow_callback import BatchedMLflowLoggerCallback
 from pipelines.progress import SweepProgress
+from pipelines.rerun import RERUN_TOLERANCE, RerunResult, recorded_trial, rerun_trial  # noqa: F401  (re-exported)
 from pipelines.spaces import grid_size, to_tune
 from pipelines.trial import train_trial
 
@@ -89,16 +90,26 @@ def trial_params(config: dict) -> dict[str, Any]:
     return TrialConfig.model_validate(config).params()
 
 
+@dataclass(frozen=True)
+class SweepPlace:
+    """Where a sweep runs and logs: its trials under ``storage``, their MLflow runs in ``experiment_name`` at
+    ``tracking_uri``, nested under the stage run ``parent_run_id`` when there is one."""
+
+    storage: str | Path
+    experiment_name: str
+    parent_run_id: str | None
+    tracking_uri: str
+
+
 def run_sweep(
     sweep: SweepConfig,
     data: StageData,
     frontend_stats: tuple[list[float], list[float]],
-    storage: str | Path,
-    experiment_name: str,
-    parent_run_id: str | None,
-    tracking_uri: str,
+    place: SweepPlace,
 ) -> SweepResult:
-    """Run (or resume, or read back) the sweep ``sweep.name`` under ``storage``."""
+    """Run (or resume, or read back) the sweep ``sweep.name`` under ``place.storage``."""
+    storage, experiment_name = place.storage, place.experiment_name
+    parent_run_id, tracking_uri = place.parent_run_id, place.tracking_uri
     storage = str(Path(storage).resolve()) if "://" not in str(storage) else str(storage)
     path = f"{storage.rstrip('/')}/{sweep.name}"
     trainable = tune.with_parameters(train_trial, data=data, frontend_stats=frontend_stats)
@@ -204,92 +215,3 @@ def summarize(results) -> dict[str, Any]:
         "lost": lost,
         "best_valid_r_mean": max(scores) if scores else None,
     }
-
-
-# Reruns on the same kind of machine repeat a trial's per-epoch validation scores within this tolerance: on CPU the
-# data order, initialisation and augmentation are seeded and one thread per trial keeps the arithmetic in the same
-# order; GPUs (cuDNN autotuning, atomics) and a different thread count can move scores by more.
-RERUN_TOLERANCE = 1e-3
-
-
-@dataclass
-class RerunResult:
-    trial_id: str
-    config: dict
-    comparison: Any  # pandas DataFrame: epoch, logged, rerun, abs_diff
-    max_abs_diff: float
-    path: str
-
-    @property
-    def matches(self) -> bool:
-        return self.max_abs_diff <= RERUN_TOLERANCE
-
-
-def recorded_trial(path: str | Path, trial_id: str):
-    """(config, per-epoch metrics) of one trial of the sweep stored at ``path``."""
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        analysis = ExperimentAnalysis(str(path))
-    except Exception as exc:
-        raise FileNotFoundError(f"{path}: no sweep stored there ({exc})") from exc
-    for trial in analysis.trials:
-        if trial.trial_id == trial_id or str(trial).endswith(trial_id):
-            frame = analysis.trial_dataframes.get(trial.trial_id)
-            if frame is None or frame.empty:
-                raise ValueError(f"trial {trial_id} of {path} reported no epochs: nothing to compare a rerun with")
-            return dict(trial.config), frame
-    known = ", ".join(sorted(t.trial_id for t in analysis.trials))
-    raise KeyError(f"no trial {trial_id!r} in {path} (trials: {known})")
-
-
-def rerun_trial(
-    sweep: SweepConfig,
-    trial_id: str,
-    data: StageData,
-    frontend_stats,
-    storage: str | Path,
-    callbacks: list | None = None,
-) -> RerunResult:
-    """Train one trial of the sweep ``sweep.name`` stored under ``storage`` again from its recorded config, for as
-    many epochs as it reported, and compare its per-epoch ``sweep.metric`` with the logged one."""
-    import time
-
-    import numpy as np
-    import pandas as pd
-
-    metric = sweep.metric
-    config, logged = recorded_trial(Path(storage) / sweep.name, trial_id)
-    epochs = int(len(logged))
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, data=data, frontend_stats=frontend_stats),
-        {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial},
-    )
-    name = f"rerun-{trial_id}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tuner = tune.Tuner(
-        trainable,
-        param_space=config,
-        tune_config=tune.TuneConfig(num_samples=1),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=str(Path(storage).resolve()) if "://" not in str(storage) else str(storage),
-            stop={"training_iteration": epochs},  # ASHA may have stopped the original early
-            callbacks=callbacks or [],
-            verbose=0,
-        ),
-    )
-    result = tuner.fit()[0]
-    if result.error is not None:
-        raise RuntimeError(f"the rerun of {trial_id} failed: {result.error}")
-    again = result.metrics_dataframe
-    n = min(len(again), epochs)
-    comparison = pd.DataFrame(
-        {
-            "epoch": logged["epoch"].to_numpy()[:n] if "epoch" in logged else np.arange(n),
-            "logged": logged[metric].to_numpy(dtype=float)[:n],
-            "rerun": again[metric].to_numpy(dtype=float)[:n],
-        }
-    )
-    comparison["abs_diff"] = (comparison.logged - comparison.rerun).abs()
-    worst = float(comparison.abs_diff.max()) if n == epochs else float("inf")
-    return RerunResult(trial_id, config, comparison, worst, result.path)

@@ -18,7 +18,8 @@ from mdlda.checkpoints import load_training_state, save_training_state, seed_eve
 from mdlda.config import TrialConfig
 from mdlda.models import create_model
 from mdlda.training import fit
-from pipelines.data import StageData, train_batches, valid_batches
+from pipelines.batches import Sampling, train_batches, valid_batches
+from pipelines.data import StageData
 
 
 class TrialDiverged(RuntimeError):
@@ -54,16 +55,10 @@ def train_trial(config: dict[str, Any], data: StageData, frontend_stats: tuple[l
             save_training_state(res.state(), d)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
+    sampling = Sampling(train_cfg.batch_size, train_cfg.seed, train_cfg.shuffle_buffer)
     result = fit(
         model,
-        lambda epoch: train_batches(
-            data.source_train,
-            train_cfg.batch_size,
-            train_cfg.seed,
-            epoch,
-            target,
-            shuffle_buffer=train_cfg.shuffle_buffer,
-        ),
+        lambda epoch: train_batches(data.source_train, sampling, epoch, target),
         lambda: valid_batches(data.source_valid, train_cfg.valid_batch_size),
         train_cfg,
         domain_head=head,

@@ -56,7 +56,9 @@ def test_headline_markdown_and_figure(tmp_path):
     assert head.loc[1, "piano Δr vs baseline"].startswith("+0.073 ± ")
     md = stats.markdown(head)
     assert md.count("\n") == 4 and "| student |" in md
-    stats.figure(summary, tmp_path / "f.png")
+    from mdlda.ablation_figures import figure
+
+    figure(summary, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 5000
 
 

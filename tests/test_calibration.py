@@ -108,3 +108,20 @@ def test_weights_saved_before_the_calibration_existed_load_as_the_identity():
     model.set_output_calibration(0.5, torch.ones(7))
     model.load_state_dict(old)
     assert torch.equal(model.output_scale, torch.ones(7)) and not model.output_shift.any()
+
+
+def test_the_served_model_maps_its_ratings_back_to_the_raw_head():
+    """What the pseudo-labels' ``labels_raw`` column holds: a teacher's ratings before its calibration."""
+    from mdlda.models import create_model
+    from mdlda.tracking import RatingModel
+
+    seed_everything(0)
+    model = create_model("rfresnet", width=4).eval()
+    audio = torch.randn(3, 22050 * 2, generator=torch.Generator().manual_seed(1)) * 0.1
+    served = RatingModel(model)
+    with torch.no_grad():
+        raw = served(audio)
+        model.set_output_calibration(0.4, torch.linspace(-0.1, 0.2, 7))
+        rated = served(audio)
+        assert not torch.allclose(rated, raw, atol=1e-3)  # the calibration moved the ratings
+        assert torch.allclose(served.uncalibrated(rated), raw, atol=1e-4)

@@ -119,10 +119,12 @@ def test_registered_models_carry_ood_statistics_that_flag_noise(chain):
 def test_pseudolabels(chain):
     first, _ = chain
     out = os.path.join(first.workdir, "shards", "pseudolabels")
-    table = pq.read_table(os.path.join(out, DATA_DIR), columns=["clip_id", "labels", "teacher_spread"]).to_pandas()
+    cols = ["clip_id", "labels", "teacher_spread", "labels_raw"]
+    table = pq.read_table(os.path.join(out, DATA_DIR), columns=cols).to_pandas()
     assert len(table) == 4 and table.clip_id.is_unique
-    labels = np.stack(table.labels.to_numpy())
-    assert labels.shape == (4, 7) and labels.min() >= 1.0 and labels.max() <= 10.0
+    for name in ("labels", "labels_raw"):  # the calibrated and the raw teacher mean, both clipped to the scale
+        labels = np.stack(table[name].to_numpy())
+        assert labels.shape == (4, 7) and labels.min() >= 1.0 and labels.max() <= 10.0, name
     assert (table.teacher_spread >= 0).all()
 
 

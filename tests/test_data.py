@@ -46,9 +46,9 @@ def test_materialisation_takes_sets_in_order_while_they_fit_the_share_of_free_me
 
 @pytest.mark.slow
 def test_pairs_every_source_batch_with_an_equal_target_batch(ray_local):
-    from pipelines.data import train_batches
+    from pipelines.batches import Sampling, train_batches
 
-    batches = list(train_batches(_ds(10), 4, seed=0, epoch=0, target=_ds(3, labelled=False, offset=100)))
+    batches = list(train_batches(_ds(10), Sampling(4, seed=0), epoch=0, target=_ds(3, labelled=False, offset=100)))
     assert len(batches) == 2  # 10 source rows, batch 4: the partial batch is dropped
     for b in batches:
         assert b["audio"].shape == (4, 16) and b["target_audio"].shape == (4, 16)
@@ -59,10 +59,10 @@ def test_pairs_every_source_batch_with_an_equal_target_batch(ray_local):
 
 @pytest.mark.slow
 def test_epochs_shuffle_differently_and_reproducibly(ray_local):
-    from pipelines.data import train_batches
+    from pipelines.batches import Sampling, train_batches
 
     src = _ds(32)
-    order = lambda epoch: [int(x) for b in train_batches(src, 8, 0, epoch) for x in b["audio"][:, 0]]  # noqa: E731
+    order = lambda epoch: [int(x) for b in train_batches(src, Sampling(8, 0), epoch) for x in b["audio"][:, 0]]  # noqa: E731
     assert order(0) == order(0)
     assert order(0) != order(1)
     assert sorted(order(0)) == list(range(32))
@@ -70,9 +70,9 @@ def test_epochs_shuffle_differently_and_reproducibly(ray_local):
 
 @pytest.mark.slow
 def test_pseudo_labelled_target_brings_its_labels(ray_local):
-    from pipelines.data import train_batches
+    from pipelines.batches import Sampling, train_batches
 
-    b = next(iter(train_batches(_ds(8), 4, 0, 0, target=_ds(8, offset=50), target_labelled=True)))
+    b = next(iter(train_batches(_ds(8), Sampling(4, 0), 0, target=_ds(8, offset=50), target_labelled=True)))
     assert b["target_labels"].shape == (4, 7)
     assert np.allclose(b["target_labels"][:, 0], 1 + b["target_audio"][:, 0] % 10)
 
@@ -81,19 +81,19 @@ def test_pseudo_labelled_target_brings_its_labels(ray_local):
 def test_empty_target_is_a_clear_error(ray_local):
     import ray
 
-    from pipelines.data import train_batches
+    from pipelines.batches import Sampling, train_batches
 
     empty = ray.data.from_arrow(_table(1, labelled=False)).filter(lambda r: False).materialize()
     with pytest.raises(ValueError, match="target set is empty"):
-        list(train_batches(_ds(8), 4, 0, 0, target=empty))
+        list(train_batches(_ds(8), Sampling(4, 0), 0, target=empty))
 
 
 @pytest.mark.slow
 def test_pooled_mix_sees_every_segment_once_in_domain_pure_batches(ray_local):
-    from pipelines.data import pooled_batches
+    from pipelines.batches import Sampling, pooled_batches
 
     src, tgt = _ds(20), _ds(9, offset=100)
-    epoch = list(pooled_batches(src, tgt, 4, seed=3, epoch=0, sizes=(20, 9)))
+    epoch = list(pooled_batches(src, tgt, Sampling(4, seed=3), epoch=0, sizes=(20, 9)))
     source = [b for b in epoch if "audio" in b]
     target = [b for b in epoch if "target_audio" in b]
     assert all(("audio" in b) != ("target_audio" in b) for b in epoch)  # never both domains in one batch
@@ -101,26 +101,28 @@ def test_pooled_mix_sees_every_segment_once_in_domain_pure_batches(ray_local):
     # 9 target rows, batch 4: 4 + 4 + 1, and the 1-row batch is dropped (BatchNorm needs 2)
     assert [len(b["target_audio"]) for b in target] == [4, 4]
     assert all(np.allclose(b["target_labels"][:, 0], 1 + b["target_audio"][:, 0] % 10) for b in target)
-    kinds = lambda e: ["s" if "audio" in b else "t" for b in pooled_batches(src, tgt, 4, 3, e, (20, 9))]  # noqa: E731
+    kinds = lambda e: ["s" if "audio" in b else "t" for b in pooled_batches(src, tgt, Sampling(4, 3), e, (20, 9))]  # noqa: E731
     assert kinds(0) == kinds(0) and kinds(0) != kinds(1)  # a seeded interleaving, new every epoch
 
 
 @pytest.mark.slow
 def test_the_teacher_spread_rides_along_with_the_pseudo_labels(ray_local):
-    from pipelines.data import pooled_batches, train_batches
+    from pipelines.batches import Sampling, pooled_batches, train_batches
 
     tgt = _ds(8, spread=True)
-    paired = next(iter(train_batches(_ds(8), 4, 0, 0, target=tgt, target_labelled=True)))
-    pooled = [b for b in pooled_batches(_ds(8), tgt, 4, 0, 0, (8, 8)) if "target_audio" in b]
+    paired = next(iter(train_batches(_ds(8), Sampling(4, 0), 0, target=tgt, target_labelled=True)))
+    pooled = [b for b in pooled_batches(_ds(8), tgt, Sampling(4, 0), 0, (8, 8)) if "target_audio" in b]
     for b in [paired, *pooled]:
         assert np.allclose(b["target_spread"], b["target_audio"][:, 0] / 10)
-    assert "target_spread" not in next(iter(train_batches(_ds(8), 4, 0, 0, target=_ds(8), target_labelled=True)))
+    assert "target_spread" not in next(
+        iter(train_batches(_ds(8), Sampling(4, 0), 0, target=_ds(8), target_labelled=True))
+    )
 
 
 def _epoch(ds, epoch: int, global_shuffle: bool = True) -> list[int]:
-    from pipelines.data import train_batches
+    from pipelines.batches import Sampling, train_batches
 
-    batches = train_batches(ds, 8, 0, epoch, shuffle_buffer=4, global_shuffle=global_shuffle)
+    batches = train_batches(ds, Sampling(8, 0, shuffle_buffer=4, global_shuffle=global_shuffle), epoch)
     return [int(x) for b in batches for x in b["audio"][:, 0]]
 
 
@@ -189,8 +191,8 @@ def _streamed(folder, columns=("clip_id", "audio", "labels")):
     """A Dataset over shard files with its row index, as load_stage_data streams a set that does not fit."""
     import ray
 
-    from pipelines.data import _attach_index
-    from pipelines.shard_reader import ShardIndex, build_index
+    from pipelines.shard_dataset import _attach_index
+    from pipelines.shard_index import ShardIndex, build_index
 
     index = build_index(folder.parent, ["train"], list(columns)) if folder.name == "data" else None
     assert isinstance(index, ShardIndex)
@@ -205,7 +207,8 @@ def test_streamed_shards_are_permuted_globally_each_epoch_without_ray_datas_shuf
     import ray
     from ray import cloudpickle as pickle  # what Ray pickles with (tune.with_parameters, ray.put)
 
-    from pipelines.data import _shard_index, train_batches
+    from pipelines.batches import Sampling, train_batches
+    from pipelines.shard_dataset import _shard_index
 
     ds = _streamed(_shard_files(tmp_path / "data", 120))
     monkeypatch.setattr(ray.data.Dataset, "random_shuffle", lambda *a, **k: pytest.fail("random_shuffle ran"))
@@ -216,7 +219,7 @@ def test_streamed_shards_are_permuted_globally_each_epoch_without_ray_datas_shuf
     again = pickle.loads(pickle.dumps(ds))
     assert len(_shard_index(again)) == 120 and _epoch(again, 0) == first
     in_a_task = ray.remote(  # a Ray worker gets the Dataset, index and all, as a Tune trial does
-        lambda d: [int(x) for b in train_batches(d, 8, 0, 0, shuffle_buffer=4) for x in b["audio"][:, 0]]
+        lambda d: [int(x) for b in train_batches(d, Sampling(8, 0, shuffle_buffer=4), 0) for x in b["audio"][:, 0]]
     )
     assert ray.get(in_a_task.remote(ds)) == first
     assert sorted(r["clip_id"] for r in again.take_all()) == sorted(f"c{i}" for i in range(120))  # still a Dataset
@@ -228,7 +231,8 @@ def test_the_target_is_a_seeded_subset_of_the_source_size_per_run(ray_local, tmp
     for another run seed, streamed (row index) or held in memory (one-row blocks)."""
     import ray
 
-    from pipelines.data import _materialize, train_batches
+    from pipelines.batches import Sampling, train_batches
+    from pipelines.data import _materialize
 
     src = _ds(40)
     streamed = _streamed(_shard_files(tmp_path / "data", 200, offset=1000, labelled=False), ("clip_id", "audio"))
@@ -236,7 +240,11 @@ def test_the_target_is_a_seeded_subset_of_the_source_size_per_run(ray_local, tmp
     for tgt in (streamed, held):
 
         def seen(seed: int, epoch: int, tgt=tgt) -> list[int]:
-            return [int(x) for b in train_batches(src, 8, seed, epoch, target=tgt) for x in b["target_audio"][:, 0]]
+            return [
+                int(x)
+                for b in train_batches(src, Sampling(8, seed), epoch, target=tgt)
+                for x in b["target_audio"][:, 0]
+            ]
 
         run = seen(1, 0)
         assert len(run) == 40 and len(set(run)) == 40  # a subset of the source's size, each row once per epoch
@@ -257,7 +265,9 @@ def test_stage_data_streams_exactly_each_split_from_the_footers(midlevel_shards)
 
     from mdlda.manifest import DATA_DIR
     from mdlda.pcm import from_column
-    from pipelines.data import _shard_index, load_stage_data, train_batches, valid_batches
+    from pipelines.batches import Sampling, train_batches, valid_batches
+    from pipelines.data import load_stage_data
+    from pipelines.shard_dataset import _shard_index
     from pipelines.shards import read_shards
 
     rows = pq.read_table(Path(midlevel_shards.out) / DATA_DIR, columns=["clip_id", "split"]).to_pydict()
@@ -276,13 +286,13 @@ def test_stage_data_streams_exactly_each_split_from_the_footers(midlevel_shards)
     assert ids(_iter_all(data.source_valid)) == truth["valid"]
     assert sum(len(b["audio"]) for b in valid_batches(data.source_valid, 4)) == len(truth["valid"])
     n = len(truth["train"]) // 4 * 4  # the last partial batch dropped
-    assert sum(len(b["audio"]) for b in train_batches(data.source_train, 4, 0, 0)) == n
+    assert sum(len(b["audio"]) for b in train_batches(data.source_train, Sampling(4, 0), 0)) == n
     for split in ("train", "valid"):  # the Ray Data path (Ray Train, evaluation): the same rows
         ds, _ = read_shards(midlevel_shards.out, splits=[split], columns=["clip_id"])
         assert sorted(r["clip_id"] for r in ds.take_all()) == truth[split]
 
 
 def _iter_all(ds):
-    from pipelines.data import _iter
+    from pipelines.batches import _iter
 
     return _iter(ds, 4, 0, 0, drop_last=False)

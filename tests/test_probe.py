@@ -85,3 +85,15 @@ def test_agreement_is_positive_when_a_lower_rank_goes_with_a_higher_piano_r():
     assert against.at["rank_emb", "rho_within_seed"] == pytest.approx(-1.0)
     # a constant signal orders nothing: no rho rather than a number
     assert np.isnan(agree.at["disc_emb", "rho"]) and np.isnan(agree.at["disc_emb", "rho_within_seed"])
+
+
+def test_the_probe_figure_plots_every_measured_signal_and_skips_an_unmeasured_one(tmp_path):
+    from mdlda.ablation_figures import probe_figure
+
+    models = _models(lambda r, s: 50 - 100 * r)
+    assert probe_figure(models, probe_agreement(models), tmp_path / "probe.png")
+    assert (tmp_path / "probe.png").stat().st_size > 5000
+    no_probe = models.drop(columns=["rank_emb", "disc_emb"])
+    no_probe = no_probe[no_probe.split == "test"]  # no piano rows: nothing to plot against
+    assert not probe_figure(no_probe, probe_agreement(no_probe), tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mdlda.manifest import DATA_DIR
-from pipelines.shard_reader import build_index, epoch_batches
+from pipelines.shard_index import build_index
+from pipelines.shard_reader import epoch_batches
 from pipelines.shards import WRITE_OPTIONS
 
 SPLITS = ("train", "valid", "test")

@@ -142,6 +142,20 @@ def test_spread_weighting_maps_the_teacher_spread_to_exp_minus_its_square():
         spread_weighted({"target_audio": np.zeros((3, 4)), "target_labels": np.ones((3, 7))}, "spread")
 
 
+def test_raw_pseudo_labels_replace_the_calibrated_ones_only_when_asked():
+    from mdlda.batches import pseudo_labels
+
+    cal, raw = np.full((3, 7), 5.0), np.full((3, 7), 7.0)
+    batch = {"target_audio": np.zeros((3, 4)), "target_labels": cal, "target_labels_raw": raw}
+    assert pseudo_labels(dict(batch), "raw")["target_labels"] is raw
+    kept = pseudo_labels(dict(batch), "calibrated")
+    assert kept["target_labels"] is cal and "target_labels_raw" not in kept
+    source_only = {"audio": np.zeros((3, 4)), "labels": cal}
+    assert pseudo_labels(dict(source_only), "raw") == source_only  # a source batch has no pseudo-labels to swap
+    with pytest.raises(ValueError, match="labels_raw"):
+        pseudo_labels({"target_audio": np.zeros((3, 4)), "target_labels": cal}, "raw")
+
+
 class ForwardOnly(nn.Module):
     """Like DistributedDataParallel: exposes forward() and nothing else of the wrapped model."""
 

@@ -140,12 +140,13 @@ ONE_TRIAL = {"lr": 2.0e-3, "adv_scale": 0.3, "seed": 1, "batch_size": 4}
 
 def _run_variant(first, **update):
     """run_sweep of a variant of the tiny chain's teacher sweep on its shards (no selection, no registry)."""
-    from pipelines.teachers import run_sweep
+    from pipelines.teachers import SweepPlace, run_sweep
 
     obj = _chain_obj(first)
     data, fstats, _ = obj.data
     sweep = obj.cfg.teachers.model_copy(update=update)
-    return run_sweep(sweep, data, fstats, os.path.join(first.workdir, "ray_results"), "sweeps", None, obj.uri)
+    place = SweepPlace(os.path.join(first.workdir, "ray_results"), "sweeps", None, obj.uri)
+    return run_sweep(sweep, data, fstats, place)
 
 
 def _kill_first_trial_worker(stop: threading.Event, killed: list) -> None:

@@ -190,7 +190,9 @@ def test_epoch_results_and_callback_stop():
         assert r.state()["next_epoch"] == r.epoch + 1
         return r.epoch == 1
 
-    result = fit(TinyModel(), shuffled_train, valid, quick(mode="dann", max_epochs=9), DomainHead(16), on_epoch)
+    result = fit(
+        TinyModel(), shuffled_train, valid, quick(mode="dann", max_epochs=9), DomainHead(16), on_epoch=on_epoch
+    )
     assert result.status == "stopped" and [r.epoch for r in seen] == [0, 1]
     r = seen[-1]
     assert r.lr == pytest.approx(1e-2) and seen[0].lr == pytest.approx(1e-2)

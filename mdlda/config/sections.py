@@ -106,6 +106,11 @@ class StudentConfig(_Strict):
         description="uniform: every pseudo-labelled segment weighs 1; spread: exp(-s^2), s the teachers' spread "
         "on it (std across teachers on the 1..10 scale, mean over features), so contested pseudo-labels count less.",
     )
+    labels: Literal["calibrated", "raw"] = Field(
+        "calibrated",
+        description="Which teacher mean the pseudo-labels carry: calibrated (each teacher's registered output, "
+        "shrunk to its validation fit) or raw (the teachers' outputs before that calibration).",
+    )
     init: Literal["scratch", "teacher"] = Field(
         "scratch",
         description="scratch: the student starts from a fresh initialisation; teacher: from the weights of the "

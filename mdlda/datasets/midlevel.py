@@ -34,16 +34,9 @@ DATASET = "midlevel"
 ANNOTATIONS = Path("metadata_annotations") / "annotations.csv"
 METADATA = Path("metadata_annotations") / "metadata.csv"
 AUDIO_DIR = Path("audio")
-# Rating columns of annotations.csv, in the order of params.FEATURES (melody -> melodiousness, ...).
-RATING_COLUMNS: tuple[str, ...] = (
-    "melody",
-    "articulation",
-    "rhythm_complexity",
-    "rhythm_stability",
-    "dissonance",
-    "tonal_stability",
-    "minorness",
-)
+# Rating columns of annotations.csv, in the order of params.FEATURES: the file names melodiousness "melody",
+# every other column is the feature's own name.
+RATING_COLUMNS: tuple[str, ...] = ("melody", *FEATURES[1:])
 ID_ANNOTATIONS, ID_METADATA, ARTIST, SOURCE = "song_id", "song id", "Artist", "Source"
 SPLITS = ("train", "valid", "test", "piano_test")
 assert len(RATING_COLUMNS) == len(FEATURES)

@@ -27,7 +27,7 @@ def demo_data(
 ) -> None:
     """Generate a small dataset in the real on-disk formats (audio files + CSVs), with a real timbre shift."""
     from mdlda.datasets import generate_demo
-    from pipelines.cli import console
+    from pipelines.cli.common import console
 
     summary = generate_demo(out, seed=seed, size=size)
     console.print_json(json.dumps(summary, default=str))
@@ -58,13 +58,13 @@ def prepare(
 ) -> None:
     """Decode, resample and segment audio into Parquet shards with Ray Data (resumable, idempotent)."""
     from mdlda.datasets.inputs import check_dataset_root
-    from pipelines.cli import _check_inputs, _console, _fail, _locked
+    from pipelines.cli.common import check_inputs, command_console, fail, locked
     from pipelines.prepare_folder import PrepareError, check_out_folder
 
     try:
         check_out_folder(out.resolve())  # before the lock file is written into it: a user's folder stays untouched
     except PrepareError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     options = dict(
         dataset=dataset.value,
         root=str(root),
@@ -76,9 +76,9 @@ def prepare(
         chunk_items=chunk_items,
         overwrite=overwrite,
     )
-    with _locked(out):  # before Ray (or even its import): a second writer on OUT is refused at once
-        _check_inputs(lambda: check_dataset_root(dataset.value, root, piano_ids))  # before Ray: one clear line
-        with _console(logs_home(out), verbose):
+    with locked(out):  # before Ray (or even its import): a second writer on OUT is refused at once
+        check_inputs(lambda: check_dataset_root(dataset.value, root, piano_ids))  # before Ray: one clear line
+        with command_console(logs_home(out), verbose):
             _prepare(options, address, verbose)
 
 
@@ -92,7 +92,7 @@ def logs_home(out: Path) -> Path:
 def _prepare(options: dict, address: str | None, verbose: bool = False) -> None:
     from mdlda.datasets import DatasetFormatError, DatasetSplitError
     from mdlda.manifest import ShardError
-    from pipelines.cli import _fail, console
+    from pipelines.cli.common import console, fail
     from pipelines.prepare import PrepareConfig, PrepareError, prepare
     from pipelines.raysetup import init_ray
 
@@ -101,7 +101,7 @@ def _prepare(options: dict, address: str | None, verbose: bool = False) -> None:
     try:
         result = prepare(cfg)
     except (PrepareError, DatasetFormatError, DatasetSplitError, ShardError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     m = result.manifest
     # the title on its own line: a table title wraps to the (narrow) table's width
     console.print(

@@ -52,19 +52,19 @@ def ui(
     that server's address: its UI is already there.
     """
     from mdlda.tracking import tracking_override
-    from pipelines.cli import _fail, console
+    from pipelines.cli.common import console, fail
 
     env_uri = tracking_override() or ""
     if env_uri.startswith(("http://", "https://")):
         console.print(f"MLFLOW_TRACKING_URI points at a tracking server; its UI: {env_uri}", soft_wrap=True)
         return
     if not env_uri and not (Path(workdir) / "mlflow.db").is_file():
-        _fail(
+        fail(
             f"{Path(workdir) / 'mlflow.db'} does not exist: {workdir} holds no MLflow store yet. Pass the --workdir "
             "of a chain (`mdlda run` or any stage writes the store there)."
         )
     if not _port_free(port):
-        _fail(f"port {port} on {HOST} is in use (another `mdlda ui` or MLflow server?): pass another --port")
+        fail(f"port {port} on {HOST} is in use (another `mdlda ui` or MLflow server?): pass another --port")
     cmd, uri = ui_command(workdir, port)
     console.print(f"MLflow UI on {uri}: http://{HOST}:{port}  (Ctrl-C stops it)", soft_wrap=True)
     proc = subprocess.Popen(cmd)
@@ -78,7 +78,7 @@ def ui(
             proc.kill()
         return
     if code:
-        _fail(f"the MLflow UI exited with code {code} (its messages are above)")
+        fail(f"the MLflow UI exited with code {code} (its messages are above)")
 
 
 def register(app: typer.Typer) -> None:
