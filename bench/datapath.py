@@ -9,18 +9,24 @@ way below delivers the ``train`` split, ``--epochs`` epochs, as ``(B, 330750)`` 
 host tensor (pinned when CUDA is there: what a ``.to(device, non_blocking=True)`` reads from):
 
 - bare: ``pq.read_table`` of each shard file's ``audio`` and ``split`` columns, ``np.frombuffer`` over the PCM
-  bytes (mdlda/pcm.py), the train rows gathered straight into the tensor; files in a seeded random order, one
-  process, no Ray. The reference: reading the same bytes with nothing else around it.
-- shards: ``pipelines.batches.train_batches`` over ``read_shards(...)`` (Ray Data streaming the Parquet files every
-  epoch), with the global seeded shuffle (Ray Data's ``random_shuffle``) and, as ``shards, local shuffle``,
-  without it (random block order + the 64-row local buffer, the previous behaviour).
+  bytes (mdlda/pcm.py), the train rows copied straight into the tensor; files in a seeded random order, one
+  process, no Ray. The reference the targets are stated against: reading the same bytes with pyarrow and nothing
+  else around it.
+- bare preadv: the floor under any reader of these files: each train segment's PCM read with one ``preadv``
+  straight into the tensor at the offset its one-row row group's footer gives.
+- shards: ``pipelines.batches.train_batches`` over the streamed set as ``load_stage_data`` makes it (a Dataset
+  carrying its row index, pipelines/shard_reader.py): a seeded permutation of all rows every epoch, each segment
+  read by one ``preadv`` into its batch by a background thread, no Ray Data executor.
+- shards via Ray Data random_shuffle: the previous path, the same Dataset without the index: Ray Data streams the
+  Parquet files every epoch through its seeded ``random_shuffle``.
 - materialised: the same over the dataset held in the object store in one-row blocks (what ``load_stage_data``
   does when it fits), where the global shuffle is a seeded random block order.
 
-CPU time is that of this process and all its children (Ray's workers and daemons: ``ray.init`` here starts a
-private 2-CPU Ray), so "seg/s per core" = segments / CPU seconds. The ways are run in interleaved rounds
-(bare, shards, shards local, materialised, then again) so other load on the machine hits all of them; the
-fastest round of each (by CPU) is reported, with every round's figure.
+CPU time is that of this process and all its descendants (Ray's workers and daemons: ``ray.init`` here starts a
+private 2-CPU Ray), live ones and those that exited in between (their reaped CPU, as their parents' children
+times), so "seg/s per core" = segments / CPU seconds. The ways are run in interleaved rounds (bare, bare preadv,
+shards, Ray Data shuffle, materialised, then again) so other load on the machine hits all of them; the fastest
+round of each (by CPU) is reported, with every round's figure.
 
 GPU demand: a GPU of ``--gpu-tflops`` peak at ``--efficiency`` trains peak x efficiency / FLOPs-per-sample
 segments/s; the FLOPs per training sample (forward + backward) are counted with ``FlopCounterMode`` on the
@@ -60,15 +66,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--efficiency", type=float, default=0.25, help="share of the peak a training step reaches")
     p.add_argument("--gflop-per-sample", type=float, help="training FLOPs per segment (default: counted)")
     p.add_argument("--width", type=int, default=128, help="RF-ResNet width whose FLOPs are counted")
+    p.add_argument("--skip-ray-shuffle", action="store_true", help="leave out the previous Ray Data shuffle path")
     return p.parse_args()
 
 
 def tree_cpu() -> float:
-    """CPU seconds (user + system) of this process and its live descendants."""
+    """CPU seconds (user + system) of this process and its live descendants, plus those of every descendant that
+    exited and was reaped (its parent's ``children_user`` / ``children_system``: a Ray worker that exits between
+    two readings is counted by its raylet's)."""
     total = 0.0
     for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
         try:
-            total += sum(p.cpu_times()[:2])
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
         except psutil.Error:
             pass
     return total
@@ -82,22 +92,49 @@ def host_tensor(batch: int, samples: int):
 
 
 def bare(files: list[Path], out, batch: int, epochs: int) -> int:
-    """Read each file's PCM, gather its train rows into ``out`` batch by batch; segments delivered."""
+    """Read each file's PCM, copy its train rows into ``out`` batch by batch; segments delivered."""
     import pyarrow.parquet as pq
-    import torch
 
     from mdlda.pcm import from_column
 
+    host = out.numpy()
     n = 0
     for epoch in range(epochs):
         for f in np.random.default_rng(epoch).permutation(files):
             t = pq.read_table(f, columns=["audio", "split"])
-            pcm = torch.from_numpy(from_column(t.column("audio")))  # (rows, N) int16 over the file's bytes
-            rows = torch.from_numpy(np.flatnonzero(t.column("split").to_numpy(zero_copy_only=False) == "train"))
-            for i in range(0, len(rows), batch):
-                idx = rows[i : i + batch]
-                torch.index_select(pcm, 0, idx, out=out[: len(idx)])
-                n += len(idx)
+            train = t.column("split").to_numpy(zero_copy_only=False) == "train"
+            rows = [r for c in t.column("audio").chunks for r in from_column(c)]  # views of each row group's bytes
+            picked = [r for r, keep in zip(rows, train, strict=True) if keep]
+            for i in range(0, len(picked), batch):
+                for j, r in enumerate(picked[i : i + batch]):
+                    host[j] = r
+                n += len(picked[i : i + batch])
+    return n
+
+
+def bare_pread(files: list[Path], out, batch: int, epochs: int) -> int:
+    """The floor under any reader of these files: each train segment's PCM read with one ``preadv`` straight into
+    the host tensor, at the offset its one-row row group's footer gives (as pipelines/shard_reader.py does, without
+    its shuffle, batch arrays and thread); segments delivered."""
+    import pyarrow.parquet as pq
+
+    from pipelines.shard_index import AUDIO, _leaf, _pcm_offset
+
+    host, n, width = out.numpy(), 0, out.shape[1] * 2
+    for epoch in range(epochs):
+        for f in np.random.default_rng(epoch).permutation(files):
+            pf = pq.ParquetFile(f)
+            md, leaf = pf.metadata, _leaf(pf.metadata, AUDIO)
+            train = pf.read(columns=["split"]).column("split").to_numpy(zero_copy_only=False) == "train"
+            offsets = [_pcm_offset(md, int(g), leaf, width) for g in np.flatnonzero(train)]  # one row per row group
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                for i in range(0, len(offsets), batch):
+                    for j, at in enumerate(offsets[i : i + batch]):
+                        assert os.preadv(fd, [host[j]], at) == width
+                    n += len(offsets[i : i + batch])
+            finally:
+                os.close(fd)
     return n
 
 
@@ -162,6 +199,8 @@ def main() -> None:
     from mdlda.manifest import DATA_DIR
     from mdlda.params import SEGMENT_SAMPLES
     from pipelines.data import TRAIN_COLUMNS, _materialize
+    from pipelines.shard_dataset import _attach_index
+    from pipelines.shard_index import build_index
     from pipelines.shards import read_shards
 
     torch.set_num_threads(1)
@@ -182,15 +221,22 @@ def main() -> None:
     ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
     shards = make_shards(args, out)
     files = sorted((shards / DATA_DIR).glob("*.parquet"))
+    t0 = time.perf_counter()
     streamed, manifest = read_shards(shards, splits=["train"], columns=TRAIN_COLUMNS)
-    held = _materialize(streamed, rows_per_block=1)
+    streamed = _attach_index(streamed, build_index(shards, ["train"], TRAIN_COLUMNS))  # as load_stage_data does
+    index_s = time.perf_counter() - t0
+    lazy, _ = read_shards(shards, splits=["train"], columns=TRAIN_COLUMNS)  # no index: Ray Data runs it
+    held = _materialize(lazy, rows_per_block=1)
     buf, pinned = host_tensor(args.batch, SEGMENT_SAMPLES)
     ways = {
         "bare read -> host tensor": lambda: bare(files, buf, args.batch, args.epochs),
-        "shards (global shuffle)": lambda: ray_way(streamed, buf, args.batch, args.epochs, True),
-        "shards, local shuffle only": lambda: ray_way(streamed, buf, args.batch, args.epochs, False),
+        "bare preadv -> host tensor": lambda: bare_pread(files, buf, args.batch, args.epochs),
+        "shards (seeded row permutation)": lambda: ray_way(streamed, buf, args.batch, args.epochs, True),
+        "shards via Ray Data random_shuffle": lambda: ray_way(lazy, buf, args.batch, args.epochs, True),
         "materialised (global shuffle)": lambda: ray_way(held, buf, args.batch, args.epochs, True),
     }
+    if args.skip_ray_shuffle:
+        del ways["shards via Ray Data random_shuffle"]
     for fn in ways.values():  # warm-up: workers started, files in the page cache
         fn()
     rounds: dict[str, list[dict]] = {k: [] for k in ways}
@@ -206,6 +252,7 @@ def main() -> None:
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "train_rows": manifest["counts"]["train"],
+        "index_build_s": index_s,
         "pinned": pinned,
         "rounds": rounds,
         "best": best,
@@ -220,18 +267,19 @@ def main() -> None:
         f"{'pinned' if pinned else 'not pinned (no CUDA here)'}; load average before {load_before[0]:.1f}, "
         f"after {res['load_after'][0]:.1f}\n"
     )
-    print(f"{'delivered as training batches':32}{'seg/s/core':>11}{'vs bare':>8}{'seg/s':>8}{'cores':>6}  rounds")
+    print(f"row index of the streamed set built in {index_s:.2f} s (footers and small columns of every file)\n")
+    print(f"{'delivered as training batches':38}{'seg/s/core':>11}{'vs bare':>8}{'seg/s':>8}{'cores':>6}  rounds")
     for name, b in best.items():
         every = "/".join(f"{r['per_core']:.0f}" for r in rounds[name])
         print(
-            f"{name:32}{b['per_core']:>11.0f}{b['per_core'] / ref:>7.2f}x{b['per_s']:>8.0f}{b['cores']:>6.2f}  {every}"
+            f"{name:38}{b['per_core']:>11.0f}{b['per_core'] / ref:>7.2f}x{b['per_s']:>8.0f}{b['cores']:>6.2f}  {every}"
         )
     print("\ntargets: shards and materialised >= 0.8x of bare; >= 2,000 seg/s per core from shards")
     print(
         f"\nGPU demand: {gflop:.1f} GFLOP per training segment (RF-ResNet width {args.width}, fwd + bwd); a "
         f"{args.gpu_tflops:.0f}-TFLOP/s GPU at {args.efficiency:.0%} trains {demand:,.0f} segments/s"
     )
-    for name in list(best)[1:]:
+    for name in list(best)[2:]:
         print(f"  CPUs per GPU to keep up, {name}: {demand / best[name]['per_core']:.1f}")
     print(f"\nresults: {out / 'results.json'}")
 

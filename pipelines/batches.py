@@ -2,9 +2,13 @@
 :mod:`pipelines.data`.
 
 Every batch iterator pairs each labelled source batch with an equal-sized target batch for DANN/distillation
-(:func:`train_batches`) or interleaves domain-pure batches (:func:`pooled_batches`); a :class:`Sampling` says how
-one reader draws its batches. ``audio`` arrives as ``(B, N)`` int16 viewed from the shards' raw PCM bytes
-(mdlda/pcm.py).
+(:func:`train_batches`; the target a seeded subset of the source set's size per run, :func:`_run_subset`) or
+interleaves domain-pure batches (:func:`pooled_batches`); a :class:`Sampling` says how one reader draws its
+batches. A set held in the object store in one-row blocks is read by its block references in a seeded order
+(:func:`_held_batches`); a set streamed from its shards carries its row index
+(:class:`pipelines.shard_dataset.ShardDataset`) and is read by :func:`pipelines.shard_reader.epoch_batches`, a
+seeded permutation of all its rows, one ``preadv`` per segment into its batch; neither starts Ray Data's executor
+every epoch. ``audio`` arrives as ``(B, N)`` int16 PCM (mdlda/pcm.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import numpy as np
 import ray
 
 from mdlda.pcm import numpy_batch
+from pipelines.shard_dataset import _shard_index
+from pipelines.shard_reader import background, epoch_batches
 
 SPREAD = "teacher_spread"
 RAW_LABELS = "labels_raw"  # pseudo-labels: the teachers' mean before their output calibration (StudentConfig.labels)
@@ -43,13 +49,46 @@ def _target_part(t: dict) -> dict:
     return out
 
 
+def _rows(ds) -> int | None:
+    """Rows of a set when known without reading it (an index, or a materialised Dataset's metadata)."""
+    index = _shard_index(ds)
+    if index is not None:
+        return len(index)
+    if isinstance(ds, _Blocks):
+        return len(ds.refs)
+    if isinstance(ds, ray.data.dataset.MaterializedDataset):
+        return ds.count()
+    return None
+
+
+def _run_subset(target, n: int | None, seed: int):
+    """The target rows one run pairs with its source: a seeded random subset of ``n`` rows (the source set's size),
+    the same every epoch of the run and different per run seed, drawn without reading a row not taken (from the
+    shard index, or from a materialised set's one-row blocks). A set of at most ``n`` rows, a Ray Train
+    ``DataIterator`` or a lazy Dataset without an index: the whole set (its order is new every epoch)."""
+    total = _rows(target)
+    if n is None or total is None or total <= n:
+        return target
+    seed = (seed * 2_654_435_761 + 12_345) % 2**63
+    index = _shard_index(target)
+    if index is not None:
+        return index.sample(n, seed)
+    if target.num_blocks() < total:  # blocks of several rows: no per-row draw without reading them
+        return target
+    blocks = _block_refs(target)  # one row each
+    pick = np.sort(np.random.default_rng(seed).choice(len(blocks), size=n, replace=False))
+    return _Blocks(tuple(blocks[i] for i in pick))
+
+
 def _order(ds, seed: int, shuffle_buffer: int, global_shuffle: bool) -> tuple[object, int]:
     """The epoch's row order: (dataset to iterate, local shuffle buffer to use).
 
     - A materialised Dataset of one-row blocks (:func:`_materialize`): a seeded random block order, which is a
-      global shuffle of the rows and moves no data (always: it costs nothing).
-    - A Dataset streamed from its shards, with ``global_shuffle``: Ray Data's seeded ``random_shuffle`` (an
-      all-to-all pass over the set every epoch; the source set's, never MAESTRO's as a cycling target).
+      global shuffle of the rows and moves no data (always: it costs nothing; :func:`_iter` reads such a Dataset
+      with :func:`_held_batches`, the same order without Ray Data's executor).
+    - A lazy Dataset without a shard index (a set streamed from its shards has one and never gets here:
+      :func:`_iter`), with ``global_shuffle``: Ray Data's seeded ``random_shuffle`` (an all-to-all pass over the
+      set every epoch; the source set's, never MAESTRO's as a cycling target).
     - Otherwise (blocks of several rows, ``global_shuffle`` off, or a Ray Train ``DataIterator``, whose order is
       its trainer's dataset's): a seeded random block order where possible, and the local shuffle buffer."""
     if not isinstance(ds, ray.data.Dataset):
@@ -68,7 +107,20 @@ def _iter(
     """Numpy batches of a Dataset or a Ray Train DataIterator (same API): ``audio`` as ``(B, N)`` int16 read
     straight from the shards' PCM bytes (:func:`mdlda.pcm.numpy_batch`), labels as (B, 7) float32.
 
-    With a seed, every pass reads the rows in a new seeded order (:func:`_order`); without one, in storage order."""
+    With a seed, every pass reads the rows in a new seeded order (:func:`_order`); without one, in storage order.
+    A set streamed from its shards with a row index (:func:`pipelines.shard_dataset._attach_index`; or a bare
+    :class:`~pipelines.shard_index.ShardIndex`) is read by :func:`pipelines.shard_reader.epoch_batches`: a seeded
+    uniform permutation of its rows (shards of the one-row-per-row-group layout; older ones: a seeded row-group
+    order mixed across ``shuffle_buffer`` rows). A set held in one-row blocks is read by :func:`_held_batches` (a
+    seeded block order)."""
+    index = _shard_index(ds)
+    if index is not None:
+        yield from epoch_batches(index, batch_size, seed, shuffle_buffer, drop_last)
+        return
+    if isinstance(ds, _Blocks) or _one_row_blocks(ds):
+        refs = ds.refs if isinstance(ds, _Blocks) else _block_refs(ds)
+        yield from background(_held_batches(refs, batch_size, seed, drop_last))
+        return
     buffer = 0
     if seed is not None:
         ds, buffer = _order(ds, seed, shuffle_buffer, global_shuffle)
@@ -77,6 +129,39 @@ def _iter(
         batch_size=batch_size, batch_format="pyarrow", drop_last=drop_last, prefetch_batches=4, **kwargs
     ):
         yield numpy_batch(table)
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Some one-row blocks of a held set, by reference: a run's subset of the target (:func:`_run_subset`)."""
+
+    refs: tuple
+
+
+def _one_row_blocks(ds) -> bool:
+    return isinstance(ds, ray.data.dataset.MaterializedDataset) and ds.num_blocks() >= ds.count()
+
+
+def _block_refs(ds: ray.data.Dataset) -> list:
+    return [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+
+
+def _held_batches(refs: list | tuple, batch_size: int, seed: int | None, drop_last: bool) -> Iterator[dict]:
+    """One-row blocks held in the object store (:func:`_materialize`): in a seeded random order (storage order
+    without a seed), fetched a batch at a time (``ray.get``: views of the object store) and joined into the batch
+    (the one copy), without starting Ray Data's executor every epoch."""
+    import pyarrow as pa
+    from ray.data.block import BlockAccessor
+
+    order = np.arange(len(refs)) if seed is None else np.random.default_rng(seed % 2**32).permutation(len(refs))
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        if len(chunk) < batch_size and drop_last:
+            return
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in ray.get([refs[i] for i in chunk])]
+        tables = [t for t in tables if t.num_rows]
+        if tables:
+            yield numpy_batch(pa.concat_tables(tables))
 
 
 def _cycle(ds, batch_size: int, seed: int, shuffle_buffer: int) -> Iterator[dict]:
@@ -109,10 +194,15 @@ def train_batches(
     """One epoch of training batches: ``{"audio", "labels"}`` plus, with a target set, an equal number of
     ``"target_audio"`` (and ``"target_labels"``, ``"target_spread"`` when the target is pseudo-labelled). The
     source decides the epoch length (last partial batch dropped, so BatchNorm never sees a batch of 1); the
-    target cycles. The source is shuffled globally each epoch, seeded by ``sampling.seed`` and ``epoch``
-    (:func:`_order`; ``sampling.global_shuffle=False``: a random block order and the local buffer only)."""
+    target cycles over a seeded subset of the source set's size drawn per run (``sampling.seed``;
+    :func:`_run_subset`). The source is shuffled globally each epoch, seeded by ``sampling.seed`` and ``epoch``: from
+    its shards by a seeded permutation of all its rows (:func:`_iter`), from memory by a seeded block order
+    (:func:`_order`); ``sampling.global_shuffle=False`` only matters for a lazy Dataset without a shard index: a
+    random block order and the local buffer instead of Ray Data's ``random_shuffle``."""
     batch_size, seed, shuffle_buffer = sampling.batch_size, sampling.seed, sampling.shuffle_buffer
-    tgt = _cycle(target, batch_size, seed + 7919 * (epoch + 1), shuffle_buffer) if target is not None else None
+    tgt = None
+    if target is not None:  # a seeded subset of the target per run (:func:`_run_subset`), in a new order each epoch
+        tgt = _cycle(_run_subset(target, _rows(source), seed), batch_size, seed + 7919 * (epoch + 1), shuffle_buffer)
     order = seed + 104_729 * (epoch + 1)
     for b in _iter(source, batch_size, order, shuffle_buffer, drop_last=True, global_shuffle=sampling.global_shuffle):
         out = {"audio": b["audio"], "labels": b["labels"]}

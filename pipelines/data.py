@@ -1,8 +1,11 @@
 """The datasets a training stage reads (the batch iterators over them are in :mod:`pipelines.batches`).
 
-Source (labelled Mid-level) and target (MAESTRO) segments stream from the Parquet shards through Ray Data.
-A set that fits in the object store's free memory is materialized once, in one-row blocks (a sweep of many trials
-then never re-reads Parquet, and a seeded random block order is a global shuffle).
+Source (labelled Mid-level) and target (MAESTRO) segments come from the Parquet shards. A set that fits in the
+object store's free memory is materialized once through Ray Data, in one-row blocks (a sweep of many trials then
+never re-reads Parquet, and a seeded random block order is a global shuffle). A set that does not fit stays a
+lazy Ray Dataset (what Ray Train's ``datasets=`` and other Ray Data readers run) carrying the row index of its
+split (:class:`pipelines.shard_dataset.ShardDataset`), built here from the Parquet footers at the stage start; the
+batch iterators read it themselves every epoch (:mod:`pipelines.shard_reader`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import ray
 
 from mdlda.params import SEGMENT_BYTES
 from pipelines.batches import RAW_LABELS, SPREAD, valid_batches
+from pipelines.shard_dataset import _attach_index
+from pipelines.shard_index import build_index
 from pipelines.shards import read_shards, split_count
 
 logger = logging.getLogger(__name__)
@@ -74,7 +79,7 @@ def object_store_free_bytes() -> tuple[float, float]:
 
 def _materialize(ds: ray.data.Dataset, rows_per_block: int) -> ray.data.Dataset:
     """Held in the object store in blocks of ``rows_per_block`` rows: with 1, a seeded random block order is a
-    global shuffle of the rows that copies nothing (see :func:`_iter`)."""
+    global shuffle of the rows that copies nothing (see :func:`pipelines.batches._iter`)."""
     return ds.repartition(target_num_rows_per_block=rows_per_block).materialize()
 
 
@@ -113,9 +118,16 @@ def load_stage_data(
     plan = plan_materialize({k: n * ROW_BYTES for k, n in counts.items()}, free, materialize_share)
     plan["object_store_total_bytes"] = int(total)
     sets = {"source_train": src, "source_valid": val, "target": tgt}
+    where = {
+        "source_train": (source_shards, ["train"], TRAIN_COLUMNS),
+        "source_valid": (source_shards, ["valid"], TRAIN_COLUMNS),
+        "target": (target_shards, target_splits, cols if target_shards is not None else None),
+    }
     for name, decision in plan["sets"].items():
         if decision["materialized"]:
             sets[name] = _materialize(sets[name], rows_per_block)
+        else:  # streamed: the training iterators read its rows themselves (pipelines/shard_reader.py)
+            sets[name] = _attach_index(sets[name], build_index(*where[name]))
         logger.info(
             "%s: %d rows, %.2f GB: %s (object store: %.2f GB free, budget %.0f%% = %.2f GB)",
             name,

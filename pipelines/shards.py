@@ -32,24 +32,66 @@ def read_shards(
         if unknown:
             raise ShardError(f"{folder}: no rows in split(s) {unknown}; it has {sorted(manifest['counts'])}")
     check_files_layout(folder)
-    ds = ray.data.read_parquet(str(folder / DATA_DIR))
-    if splits is not None:
-        ds = ds.filter(expr=col("split").is_in(list(splits)))
+    if splits is None:
+        ds = ray.data.read_parquet(str(folder / DATA_DIR))
+    else:
+        ds = _read_splits(folder, list(splits))
     if columns is not None:
         ds = ds.select_columns(list(columns))
     return ds, manifest
 
 
+def split_files(folder: Path, splits: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(files holding only rows of ``splits``, files mixing them with other splits), from the ``split`` column's
+    statistics in each file's footer (no data read); files without a row of ``splits`` are in neither."""
+    pure, mixed = [], []
+    wanted = set(splits)
+    for f in sorted((folder / DATA_DIR).glob("*.parquet")):
+        md = pq.read_metadata(f)
+        idx = next((i for i in range(md.num_columns) if md.schema.column(i).path == "split"), -1)
+        seen: set[str] = set()
+        for g in range(md.num_row_groups):
+            stats = md.row_group(g).column(idx).statistics if idx >= 0 else None
+            if stats is None or not stats.has_min_max or stats.min != stats.max:
+                seen = {"?"}  # unknown or several splits in one row group
+                break
+            seen.add(stats.min.decode() if isinstance(stats.min, bytes) else str(stats.min))
+        if seen and seen <= wanted:
+            pure.append(str(f))
+        elif seen & wanted or "?" in seen:
+            mixed.append(str(f))
+    return pure, mixed
+
+
+def _read_splits(folder: Path, splits: list[str]) -> ray.data.Dataset:
+    """The rows of ``splits``: the files holding only those splits are read as they are (MAESTRO's files hold one
+    performance, so one split), and only files mixing splits go through the row filter (which copies the rows it
+    keeps)."""
+    pure, mixed = split_files(folder, splits)
+    parts = []
+    if pure:
+        parts.append(ray.data.read_parquet(pure))
+    if mixed:
+        parts.append(ray.data.read_parquet(mixed).filter(expr=col("split").is_in(splits)))
+    if not parts:  # the manifest counts rows of these splits, but no file holds one: an empty Dataset
+        return ray.data.read_parquet(str(folder / DATA_DIR)).filter(expr=col("split").is_in(splits))
+    return parts[0] if len(parts) == 1 else parts[0].union(parts[1])
+
+
 # Parquet options of every shard writer. The audio column is raw int16 PCM in a fixed-size binary column
 # (mdlda/pcm.py), written uncompressed: PCM hardly compresses and every codec costs CPU on each read
 # (bench/parquet_write.py measures both; bench/README.md has the figures). Only the
-# short strings are dictionary-encoded and carry statistics (what the split filter can use); min/max statistics
-# of 661,500-byte values would cost a pass over them and bloat the footer.
+# short strings are dictionary-encoded and carry statistics (what the split selection uses); min/max statistics
+# of 661,500-byte values would cost a pass over them and bloat the footer. One row per row group: a row group is
+# the unit a Parquet reader reads, so a seeded permutation of row groups is a permutation of the segments (the
+# global shuffle of streamed sets) and a seeded subset reads only its own rows (pipelines/shard_reader.py); the
+# footer grows by ~1-2 KB per 661,500-byte segment.
 _STRINGS = ["clip_id", "dataset", "domain", "split", "group"]
 WRITE_OPTIONS = {
     "use_dictionary": _STRINGS,
     "compression": "none",
     "write_statistics": _STRINGS,
+    "row_group_size": 1,
 }
 
 

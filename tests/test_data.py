@@ -171,3 +171,128 @@ def test_stage_data_holds_what_fits_in_the_object_store_and_says_so(midlevel_sha
     assert not isinstance(streamed.source_train, type(held.source_train))  # lazy: read from the shards each epoch
     b = next(iter(streamed.source_train.iter_batches(batch_size=2, batch_format="pyarrow")))
     assert b.schema.field("audio").type.byte_width == 661_500
+
+
+def _shard_files(folder, n: int, offset: int = 0, per_file: int = 20, labelled: bool = True, **options):
+    """``n`` rows in shard files of ``per_file`` rows (one row per row group: prepare's layout, WRITE_OPTIONS)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.shards import WRITE_OPTIONS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, start in enumerate(range(offset, offset + n, per_file)):
+        t = _table(min(per_file, offset + n - start), labelled=labelled, offset=start)
+        t = t.append_column("split", pa.array(["train"] * len(t)))
+        pq.write_table(t, folder / f"part-{k:03d}.parquet", **{**WRITE_OPTIONS, **options})
+    return folder
+
+
+def _streamed(folder, columns=("clip_id", "audio", "labels")):
+    """A Dataset over shard files with its row index, as load_stage_data streams a set that does not fit."""
+    import ray
+
+    from pipelines.shard_dataset import _attach_index
+    from pipelines.shard_index import ShardIndex, build_index
+
+    index = build_index(folder.parent, ["train"], list(columns)) if folder.name == "data" else None
+    assert isinstance(index, ShardIndex)
+    return _attach_index(ray.data.read_parquet(str(folder)).select_columns(list(columns)), index)
+
+
+@pytest.mark.slow
+def test_streamed_shards_are_permuted_globally_each_epoch_without_ray_datas_shuffle(ray_local, tmp_path, monkeypatch):
+    """120 rows in 6 files: every epoch reads each row once, in a seeded order new every epoch, with the rows of a
+    file scattered over the whole epoch; Ray Data's random_shuffle is never run, and the index survives pickling
+    (a Tune trial receives the Dataset that way)."""
+    import ray
+    from ray import cloudpickle as pickle  # what Ray pickles with (tune.with_parameters, ray.put)
+
+    from pipelines.batches import Sampling, train_batches
+    from pipelines.shard_dataset import _shard_index
+
+    ds = _streamed(_shard_files(tmp_path / "data", 120))
+    monkeypatch.setattr(ray.data.Dataset, "random_shuffle", lambda *a, **k: pytest.fail("random_shuffle ran"))
+    first = _epoch(ds, 0)
+    assert sorted(first) == list(range(120))  # every row once (120 = 15 batches of 8)
+    assert first == _epoch(ds, 0) and first != _epoch(ds, 1)  # seeded, new every epoch
+    assert _block_spread(first, block=20) > 90  # a file's 20 rows spread over most of the 120 places
+    again = pickle.loads(pickle.dumps(ds))
+    assert len(_shard_index(again)) == 120 and _epoch(again, 0) == first
+    in_a_task = ray.remote(  # a Ray worker gets the Dataset, index and all, as a Tune trial does
+        lambda d: [int(x) for b in train_batches(d, Sampling(8, 0, shuffle_buffer=4), 0) for x in b["audio"][:, 0]]
+    )
+    assert ray.get(in_a_task.remote(ds)) == first
+    assert sorted(r["clip_id"] for r in again.take_all()) == sorted(f"c{i}" for i in range(120))  # still a Dataset
+
+
+@pytest.mark.slow
+def test_the_target_is_a_seeded_subset_of_the_source_size_per_run(ray_local, tmp_path):
+    """Teachers pair the 40 source rows with 40 of the 200 target rows: the same 40 every epoch of a run, others
+    for another run seed, streamed (row index) or held in memory (one-row blocks)."""
+    import ray
+
+    from pipelines.batches import Sampling, train_batches
+    from pipelines.data import _materialize
+
+    src = _ds(40)
+    streamed = _streamed(_shard_files(tmp_path / "data", 200, offset=1000, labelled=False), ("clip_id", "audio"))
+    held = _materialize(ray.data.from_arrow(_table(200, labelled=False, offset=1000)), rows_per_block=1)
+    for tgt in (streamed, held):
+
+        def seen(seed: int, epoch: int, tgt=tgt) -> list[int]:
+            return [
+                int(x)
+                for b in train_batches(src, Sampling(8, seed), epoch, target=tgt)
+                for x in b["target_audio"][:, 0]
+            ]
+
+        run = seen(1, 0)
+        assert len(run) == 40 and len(set(run)) == 40  # a subset of the source's size, each row once per epoch
+        assert set(seen(1, 1)) == set(run) and seen(1, 1) != run  # the run's subset, in a new order each epoch
+        assert seen(1, 0) == run  # seeded
+        other = set(seen(2, 0))
+        assert len(other) == 40 and other != set(run)  # another run seed, another subset
+        assert set(run) <= set(range(1000, 1200)) and set(run) != set(range(1000, 1040))  # not the first rows
+
+
+@pytest.mark.slow
+def test_stage_data_streams_exactly_each_split_from_the_footers(midlevel_shards):
+    """load_stage_data with nothing held in memory: the streamed sets' row indexes and read_shards' Datasets hold
+    exactly each split's rows, as the files say and as the manifest counts them."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from mdlda.manifest import DATA_DIR
+    from mdlda.pcm import from_column
+    from pipelines.batches import Sampling, train_batches, valid_batches
+    from pipelines.data import load_stage_data
+    from pipelines.shard_dataset import _shard_index
+    from pipelines.shards import read_shards
+
+    rows = pq.read_table(Path(midlevel_shards.out) / DATA_DIR, columns=["clip_id", "split"]).to_pydict()
+    pairs = list(zip(rows["clip_id"], rows["split"], strict=True))
+    truth = {s: sorted(c for c, t in pairs if t == s) for s in ("train", "valid")}
+    data = load_stage_data(midlevel_shards.out, materialize_share=0.0)
+    assert len(_shard_index(data.source_train)) == data.counts["source_train"] == len(truth["train"])
+    assert len(_shard_index(data.source_valid)) == data.counts["source_valid"] == len(truth["valid"])
+    assert _shard_index(data.source_train).addressable  # prepare's layout: each segment read at its offset
+    first = next(iter(_iter_all(data.source_train)))
+    for clip, pcm in zip(first["clip_id"], first["audio"], strict=True):  # the bytes pyarrow reads for that row
+        t = pq.read_table(Path(midlevel_shards.out) / DATA_DIR, columns=["audio"], filters=[("clip_id", "=", clip)])
+        assert np.array_equal(from_column(t.column("audio"))[0], pcm)
+    ids = lambda batches: sorted(str(c) for b in batches for c in b["clip_id"])  # noqa: E731
+    assert ids(_iter_all(data.source_train)) == truth["train"]
+    assert ids(_iter_all(data.source_valid)) == truth["valid"]
+    assert sum(len(b["audio"]) for b in valid_batches(data.source_valid, 4)) == len(truth["valid"])
+    n = len(truth["train"]) // 4 * 4  # the last partial batch dropped
+    assert sum(len(b["audio"]) for b in train_batches(data.source_train, Sampling(4, 0), 0)) == n
+    for split in ("train", "valid"):  # the Ray Data path (Ray Train, evaluation): the same rows
+        ds, _ = read_shards(midlevel_shards.out, splits=[split], columns=["clip_id"])
+        assert sorted(r["clip_id"] for r in ds.take_all()) == truth[split]
+
+
+def _iter_all(ds):
+    from pipelines.batches import _iter
+
+    return _iter(ds, 4, 0, 0, drop_last=False)
