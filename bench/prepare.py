@@ -225,7 +225,7 @@ def _load(item: dict) -> int:
 
 
 def _decode_write(job: tuple[list[dict], str]) -> int:
-    from pipelines.prepare import decode_group
+    from pipelines.prepare_decode import decode_group
 
     return len(decode_group(*job))
 

@@ -38,7 +38,8 @@ from mdlda.devices import compile_network
 from mdlda.domain_pair import DomainPair
 from mdlda.models import create_model
 from mdlda.params import NUM_FEATURES, SEGMENT_SAMPLES
-from mdlda.steps import Precision, optimizer_step, run_step
+from mdlda.precision import Precision, optimizer_step
+from mdlda.steps import run_step
 
 
 def parse_args() -> argparse.Namespace:

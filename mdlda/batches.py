@@ -83,7 +83,8 @@ def prepare_batch(
     in its dtype (float64 -> float32) for the model's front end. Labels (``"labels"``, ``"target_labels"``):
     ``(B, 7)`` on the 1..10 scale -> float32 on the 0..1 scale. NaN/inf labels raise ``ValueError``. A
     "distill" batch may hold one domain only (the student's pooled mix) or both (the paired mix), and optionally
-    ``"target_weights"`` ``(B_t,)``: a weight >= 0 per pseudo-labelled segment (see :func:`mdlda.steps.distill_loss`).
+    ``"target_weights"`` ``(B_t,)``: a weight >= 0 per pseudo-labelled segment
+    (see :func:`mdlda.distill_step.distill_loss`).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")

@@ -29,27 +29,10 @@ from collections.abc import Mapping
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdlda.batches import prepare_batch
-from mdlda.dann_step import dann_loss, dann_step, run_dann
-from mdlda.distill_step import distill_loss, distill_step, run_distill
+from mdlda.dann_step import run_dann
+from mdlda.distill_step import run_distill
 from mdlda.domain_pair import DomainPair, PairOutput
-from mdlda.precision import Precision, optimizer_step, resolve_device
 from mdlda.step_output import StepOutput, floats
-
-__all__ = [
-    "Precision",
-    "StepOutput",
-    "dann_loss",
-    "dann_step",
-    "distill_loss",
-    "distill_step",
-    "optimizer_step",
-    "prepare_batch",
-    "resolve_device",
-    "run_step",
-    "supervised_loss",
-    "supervised_step",
-]
 
 
 def supervised_loss(out: PairOutput, batch: Mapping[str, Tensor]) -> StepOutput:

@@ -173,7 +173,7 @@ class Chain:
     def rerun(self, sweep: SweepConfig, baseline: bool, trial_id: str):
         """Train one trial of this chain's stored sweep again from its recorded config and compare its
         per-epoch validation scores with the logged ones (a nested MLflow run under the sweep's stage run)."""
-        from pipelines.teachers import RERUN_TOLERANCE
+        from pipelines.rerun import RERUN_TOLERANCE
 
         inputs = self.data
         res = sweep_stage.rerun_stage(sweep, baseline, trial_id, inputs, self.ctx)

@@ -24,7 +24,7 @@ from mdlda.audio import decoder_info
 from mdlda.manifest import DATA_DIR, MANIFEST, build_manifest, index_digest, read_manifest, write_manifest
 from mdlda.params import MAX_PAD_SECONDS, NUM_FEATURES, SEGMENT_SAMPLES, check_audio_params  # noqa: F401
 from pipelines import prepare_resume as resume
-from pipelines.prepare_decode import decode_group, run_chunks
+from pipelines.prepare_decode import run_chunks
 from pipelines.prepare_folder import (
     STATE_DIR,
     STATE_FILE,
@@ -39,7 +39,7 @@ from pipelines.prepare_folder import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STATE_DIR", "PrepareConfig", "PrepareError", "PrepareResult", "decode_group", "prepare"]
+__all__ = ["STATE_DIR", "PrepareConfig", "PrepareError", "PrepareResult", "prepare"]
 
 
 @dataclass

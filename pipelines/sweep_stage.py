@@ -18,16 +18,9 @@ from mdlda.config import SweepConfig, config_digest, identity
 from mdlda.tracking import BASELINE_MODEL, TEACHER_MODEL
 from pipelines import runs
 from pipelines.prepare_stage import ChainInputs
+from pipelines.rerun import RerunResult, rerun_trial
 from pipelines.select import TIE_RULE, Registration, SweepId, rank_trials, register_top_k, select_top_k
-from pipelines.teachers import (
-    RerunResult,
-    SweepPlace,
-    SweepResult,
-    rerun_trial,
-    run_sweep,
-    summarize,
-    sweep_finished,
-)
+from pipelines.teachers import SweepPlace, SweepResult, run_sweep, summarize, sweep_finished
 
 logger = logging.getLogger(__name__)
 

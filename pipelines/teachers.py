@@ -22,7 +22,6 @@ from pipelines.budget import BudgetedVariantGenerator, set_budget
 from pipelines.data import StageData
 from pipelines.mlflow_callback import BatchedMLflowLoggerCallback
 from pipelines.progress import SweepProgress
-from pipelines.rerun import RERUN_TOLERANCE, RerunResult, recorded_trial, rerun_trial  # noqa: F401  (re-exported)
 from pipelines.spaces import grid_size, to_tune
 from pipelines.trial import train_trial
 

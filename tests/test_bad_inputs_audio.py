@@ -104,7 +104,7 @@ def test_a_group_with_bad_files_writes_every_good_row(tmp_path):
     """prepare's task body on a mixed group: the bad files come back as errors, the good ones are all written."""
     import pyarrow.parquet as pq
 
-    from pipelines.prepare import decode_group
+    from pipelines.prepare_decode import decode_group
 
     d = tmp_path / "audio"
     d.mkdir()

@@ -17,8 +17,11 @@ from tiny_models import (
 from torch import nn
 
 from mdlda.adapt import DomainHead
+from mdlda.batches import prepare_batch
+from mdlda.dann_step import dann_step
+from mdlda.distill_step import distill_step
 from mdlda.params import LABEL_SCALE
-from mdlda.steps import dann_step, distill_step, prepare_batch, supervised_step
+from mdlda.steps import supervised_step
 from mdlda.training import fit
 
 

@@ -101,7 +101,7 @@ def test_lineage_command_reports_a_broken_link(chain):
 
 # ------------------------------------------------------------------------------------------------------ rerun
 def test_rerun_of_a_trial_matches_its_logged_scores(chain):
-    from pipelines.teachers import RERUN_TOLERANCE
+    from pipelines.rerun import RERUN_TOLERANCE
 
     first, _ = chain
     trial_id = first.teachers[0]["trial_id"]

@@ -103,7 +103,7 @@ def test_non_finite_validation_ends_the_run_with_status_nan():
 
 @pytest.mark.parametrize("clip", [None, 0.5])
 def test_gradient_clipping_bounds_the_global_norm_the_optimiser_sees(clip):
-    from mdlda.steps import Precision, optimizer_step
+    from mdlda.precision import Precision, optimizer_step
 
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.zeros(3))
@@ -292,7 +292,7 @@ def test_channels_last_keeps_the_numbers_and_the_checkpoint_layout_free():
 
 def test_bf16_autocast_on_cpu_runs_the_network_in_bf16_and_the_front_end_in_fp32(caplog):
     from mdlda.models import create_model
-    from mdlda.steps import Precision
+    from mdlda.precision import Precision
 
     model = create_model("rfresnet", width=4).train()
     seen = {}
