@@ -84,6 +84,24 @@ GROUPS = {
             "student, from the best teacher, lr / 4": {"mode": "distill", "init": "teacher", "lr": 5e-4},
         },
     ),
+    "student_noise": (
+        "student, from the best teacher",
+        {
+            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
+            "noised: masks of 20 bands, 50 frames": {
+                "mode": "distill",
+                "init": "teacher",
+                "freq_mask": 20,
+                "time_mask": 50,
+            },
+            "noised: masks of 40 bands, 100 frames": {
+                "mode": "distill",
+                "init": "teacher",
+                "freq_mask": 40,
+                "time_mask": 100,
+            },
+        },
+    ),
     "calibrate": (
         "supervised, raw outputs",
         {
@@ -102,7 +120,8 @@ GROUPS = {
     ),
 }
 MODEL_KEYS = {"head", "head_bn_weight", "width"}
-NOT_TRAIN_KEYS = MODEL_KEYS | {"peak_normalize", "band_floor", "weighting", "mix", "init"}
+NOISE_KEYS = {"freq_mask", "time_mask"}  # the model's frontend: training-time spectrogram masks
+NOT_TRAIN_KEYS = MODEL_KEYS | NOISE_KEYS | {"peak_normalize", "band_floor", "weighting", "mix", "init"}
 
 
 def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) -> dict:
@@ -189,7 +208,8 @@ def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) ->
 
     seed_everything(seed)
     overrides = {"width": 8, **{k: v for k, v in variant.items() if k in MODEL_KEYS}}
-    model = create_model("rfresnet", **overrides, frontend={"peak_normalize": peak})
+    noise = {k: v for k, v in variant.items() if k in NOISE_KEYS}
+    model = create_model("rfresnet", **overrides, frontend={"peak_normalize": peak, **noise})
     model.frontend.set_standardization(mean.tolist(), std.tolist())
     if variant.get("init") == "teacher":  # the chain's student.init = teacher: the pseudo-labels' first teacher
         import mlflow
@@ -276,7 +296,7 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         return {**job, **json.loads(out)}
 
-    needs_pseudo = {"student", "student_mix", "select_on", "student_init"}
+    needs_pseudo = {"student", "student_mix", "select_on", "student_init", "student_noise"}
     groups = args.group or [g for g in GROUPS if g not in needs_pseudo or args.pseudo]
     if needs_pseudo & set(groups) and not args.pseudo:
         ap.error("the student group needs --pseudo (pseudo-label shards, e.g. an ablation's)")

@@ -54,6 +54,12 @@ class FrontendConfig:
     unique_filters: bool = True
     log_add: float = 1.0
     peak_normalize: bool = False  # scale each segment to a peak of 1 before the STFT (level-free features)
+    # training-time noise (SpecAugment, Park et al. 2019; a noised student, Xie et al. 2020): in train mode each
+    # segment's standardised spectrogram gets ``masks`` bands of up to ``freq_mask`` bands and ``masks`` spans of
+    # up to ``time_mask`` frames set to 0 (the training mean). Evaluation, pseudo-labels and serving never mask.
+    freq_mask: int = 0
+    time_mask: int = 0
+    masks: int = 2
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0 or self.hop_size <= 0:
@@ -66,6 +72,11 @@ class FrontendConfig:
             raise ValueError(f"need 0 < fmin < fmax, got fmin={self.fmin}, fmax={self.fmax}")
         if self.fref <= 0 or self.log_add <= 0:
             raise ValueError(f"fref and log_add must be positive, got {self.fref}, {self.log_add}")
+        if min(self.freq_mask, self.time_mask) < 0 or self.masks < 1:
+            raise ValueError(
+                f"freq_mask and time_mask must be >= 0 and masks >= 1, got {self.freq_mask}, {self.time_mask}, "
+                f"{self.masks}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,6 +215,11 @@ class Frontend(nn.Module):
         spec = self.spectrogram(audio)  # (B, 149, T)
         with torch.autocast(device_type=spec.device.type, enabled=False):
             spec = (spec - self.mean[:, None]) / self.std[:, None]  # (B, 149, T)
+            c = self.config
+            if self.training and (c.freq_mask or c.time_mask):
+                b, f, t = spec.shape
+                spec = spec * _keep(b, f, c.freq_mask, c.masks, spec)[:, :, None]
+                spec = spec * _keep(b, t, c.time_mask, c.masks, spec)[:, None, :]
         return spec[:, None]  # (B, 1, 149, T)
 
     def set_standardization(self, mean: Tensor | np.ndarray, std: Tensor | np.ndarray) -> None:
@@ -221,6 +237,17 @@ class Frontend(nn.Module):
         with torch.no_grad():
             self.mean.copy_(mean_t.detach().to(self.mean))
             self.std.copy_(std_t.detach().to(self.std).clamp_min(MIN_STD))
+
+
+def _keep(batch: int, size: int, width: int, masks: int, like: Tensor) -> Tensor:
+    """(batch, size) float 0/1: per segment, ``masks`` random spans of 0..``width`` positions are 0."""
+    if width == 0:
+        return torch.ones(batch, size, device=like.device)
+    widths = torch.randint(0, min(width, size) + 1, (batch, masks, 1), device=like.device)
+    starts = (torch.rand(batch, masks, 1, device=like.device) * (size - widths + 1)).long()
+    pos = torch.arange(size, device=like.device)  # (size,)
+    hit = ((pos >= starts) & (pos < starts + widths)).any(dim=1)  # (batch, size)
+    return (~hit).float()
 
 
 def floored_std(std: np.ndarray, band_floor: float) -> np.ndarray:

@@ -237,3 +237,22 @@ def test_bands_without_training_energy_are_centred_not_scaled():
     assert out.tolist() == [0.3, 0.25, 0.2, 0.28, 0.03, 1.0, 1.0]
     assert floored_std(std, 0.0).tolist() == [0.3, 0.25, 0.2, 0.28, 0.03, 0.001, 1.0]  # only the 1e-4 rule
     assert floored_std(std, 0.5)[4] == 1.0
+
+
+def test_spectrogram_masks_only_in_training_and_within_their_widths():
+    torch.manual_seed(0)
+    audio = torch.randn(4, SEGMENT_SAMPLES) * 0.1
+    noised = Frontend(FrontendConfig(freq_mask=10, time_mask=30, masks=2))
+    clean = Frontend()(audio)
+    assert torch.equal(noised.eval()(audio), clean)  # evaluation, pseudo-labels and serving: never masked
+    out = noised.train()(audio)[:, 0]  # (B, 149, T)
+    changed = out != clean[:, 0]
+    assert torch.all(out[changed] == 0)  # masked values are the training mean, everything else untouched
+    bands = changed.all(dim=2).sum(dim=1)  # whole bands masked per segment
+    frames = changed.all(dim=1).sum(dim=1)  # whole frames masked per segment
+    assert bands.max() <= 2 * 10 and frames.max() <= 2 * 30
+    assert changed.any(dim=(1, 2)).sum() >= 3  # a 0-wide draw is possible, but not for 3 of 4 segments twice
+    # every changed value lies in a masked band or frame: masks are whole bands and whole frames
+    assert torch.equal(changed, changed.all(dim=2, keepdim=True) | changed.all(dim=1, keepdim=True))
+    with pytest.raises(ValueError, match="freq_mask and time_mask must be >= 0"):
+        FrontendConfig(freq_mask=-1)
