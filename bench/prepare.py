@@ -318,6 +318,7 @@ def main() -> None:
     import soundfile as sf
 
     from mdlda.datasets import generate_demo
+    from pipelines.prepare import CLIPS_PER_TASK
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -338,7 +339,7 @@ def main() -> None:
     for name in reversed(sizes):  # the limit of the large folder right after its prepare run
         thr[name]["decode"] = pure_decode(roots[name], _decode_item, nice, args.repeat)
         thr[name]["load"] = pure_decode(roots[name], _load, nice, args.repeat)
-        per_task = args.files_per_task or 16
+        per_task = args.files_per_task or CLIPS_PER_TASK
         thr[name]["write"] = pure_decode(roots[name], _decode_write, nice, args.repeat, out / "pool-write", per_task)
     for name in sizes:
         thr[name]["naive"] = naive(paths[name], args.repeat)

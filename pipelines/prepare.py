@@ -38,6 +38,7 @@ from pipelines.prepare_folder import (
 )
 
 logger = logging.getLogger(__name__)
+CLIPS_PER_TASK = 64  # Mid-level clips decoded and written by one task (PrepareConfig.files_per_task)
 
 __all__ = ["STATE_DIR", "PrepareConfig", "PrepareError", "PrepareResult", "prepare"]
 
@@ -56,7 +57,9 @@ class PrepareConfig:
     max_pad_s: float = MAX_PAD_SECONDS
     max_failure_share: float = 0.1
     chunk_items: int = 512  # items per resumable chunk
-    files_per_task: int | None = None  # items decoded and written per task; None: 16 clips or 1 performance
+    # items decoded and written per task; None: CLIPS_PER_TASK clips (a task's fixed cost is then a few per cent
+    # of its work; the groups are evened out over the CPUs, so no core idles at the end) or 1 performance
+    files_per_task: int | None = None
     num_cpus_per_task: float = 1.0
     overwrite: bool = False
     progress: bool = True
@@ -148,7 +151,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     rest = table[~table.clip_id.astype(str).isin(finished)]
     size, first = max(1, config.chunk_items), max(done, default=-1) + 1
     todo = [(first + k, rest.iloc[s : s + size]) for k, s in enumerate(range(0, len(rest), size))]
-    per_task = config.files_per_task or (1 if config.dataset == "maestro" else 16)
+    per_task = config.files_per_task or (1 if config.dataset == "maestro" else CLIPS_PER_TASK)
     failed = index_failures.copy()  # and those of the chunks done before an interruption:
     for records in done_records.values():
         failed += _failures(records)
