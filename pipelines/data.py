@@ -107,7 +107,7 @@ def load_stage_data(
     if target_shards is not None:
         cols = TRAIN_COLUMNS if target_labelled else ["clip_id", "audio"]
         if target_labelled:  # pseudo-labels: the teachers' disagreement, their raw mean (StudentConfig)
-            cols = [*cols, *_pseudo_extras(target_shards)]
+            cols = [*cols, *pseudo_extras(target_shards)]
         tgt, tgt_manifest = read_shards(target_shards, splits=target_splits, columns=cols)
         counts["target"] = split_count(tgt_manifest, target_splits)
         manifests["target"] = tgt_manifest
@@ -142,7 +142,7 @@ def load_stage_data(
     return StageData(sets["source_train"], sets["source_valid"], sets["target"], counts, manifests, materialized, plan)
 
 
-def _pseudo_extras(shards: str | Path) -> list[str]:
+def pseudo_extras(shards: str | Path) -> list[str]:
     """The optional pseudo-label columns a shard folder has (its manifest's options name them)."""
     from mdlda.manifest import read_manifest
 

@@ -205,3 +205,38 @@ def check_files(out: Path, manifest: dict) -> list[tuple[str, str]]:
             )
     problems += [(name, "not listed in the manifest") for name in sorted(present)]
     return problems
+
+
+OUTPUT_MARK = ".mdlda-output"  # written first into a folder a stage then fills (a crash before its manifest)
+
+
+def clear_stage_output(out: Path, dataset: str) -> None:
+    """Make ``out`` ready for a stage's new output: delete what an earlier run of the stage wrote there (its
+    manifest of ``dataset``, the Parquet files in ``data/``, the mark) and nothing else, then mark the folder.
+
+    A folder holding anything else, or not marked as the stage's, is refused with the names of the files that are
+    in the way: the stage never deletes a file it did not write.
+    """
+    if out.exists():
+        marked = (out / OUTPUT_MARK).is_file()
+        try:
+            marked = marked or json.loads((out / MANIFEST).read_text()).get("dataset") == dataset
+        except (OSError, ValueError, AttributeError):
+            pass
+        data = out / DATA_DIR
+        ours = {MANIFEST, OUTPUT_MARK, DATA_DIR, LOCK_NAME}
+        strangers = [e.name for e in out.iterdir() if e.name not in ours or (e.name == DATA_DIR and not e.is_dir())]
+        if data.is_dir():
+            parquet = [e for e in data.iterdir() if e.is_file() and e.suffix == ".parquet"]
+            strangers += [f"{DATA_DIR}/{e.name}" for e in data.iterdir() if e not in parquet]
+        if strangers or (not marked and _has_files(out)):
+            listed = ", ".join(sorted(strangers)[:5]) or "its files"
+            raise FolderError(
+                f"{out} holds files this stage did not write ({listed}); it replaces only its own output there. "
+                "Move them out of the folder, or use another workdir."
+            )
+        _unlink_matching(data, re.compile(r".+\.parquet"))
+        rmdir_if_empty(data)
+        (out / MANIFEST).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUTPUT_MARK).write_text(dataset)

@@ -11,7 +11,6 @@ that names the teacher versions, so a rerun with the same teachers and seed does
 from __future__ import annotations
 
 import json
-import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,14 @@ from mdlda.manifest import DATA_DIR, MANIFEST, build_manifest, read_manifest, ro
 from mdlda.params import NUM_FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN, audio_params
 from mdlda.pcm import from_column, with_metadata
 from pipelines.data import RAW_LABELS
+from pipelines.prepare_folder import clear_stage_output
 from pipelines.shards import WRITE_OPTIONS, labels_array, read_shards
 
 if TYPE_CHECKING:
     from pipelines.prepare_stage import ChainInputs
     from pipelines.runs import StageContext
+
+PSEUDO_DATASET = "maestro-pseudo"  # the manifest's dataset name of a pseudo-label folder
 
 
 @dataclass
@@ -122,7 +124,7 @@ def pseudolabel(
 
     for uri in teacher_uris:  # a refused teacher stops here, in the driver, with its message (not in an actor)
         resolve(uri)
-    shutil.rmtree(out, ignore_errors=True)
+    clear_stage_output(out, PSEUDO_DATASET)  # an older output of this stage; nothing else is deleted
     ids = choose_segments(maestro_shards, n, cfg.seed, cfg.splits)
     cols = ["clip_id", "dataset", "domain", "split", "group", "offset_s", "audio"]
     ds, _ = read_shards(maestro_shards, splits=cfg.splits, columns=cols)  # unlabelled: never read the null labels
@@ -151,7 +153,7 @@ def pseudolabel(
     digests = {r.clip_id: row_digest(r.clip_id, r.split, r.labels, b"") for r in meta.itertuples()}
     counts = meta.split.value_counts().to_dict()
     manifest = build_manifest(
-        dataset="maestro-pseudo",
+        dataset=PSEUDO_DATASET,
         source_root=str(Path(maestro_shards).resolve()),
         counts=counts,
         skipped=[],

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from mdlda.config import ChainConfig, config_digest
+from mdlda.config import ChainConfig, StudentConfig, config_digest
 from mdlda.tracking import CHAMPION, STUDENT_MODEL, latest_version, log_model, move_champion_if_better
 from pipelines import runs
 from pipelines.prepare_stage import ChainInputs
@@ -30,6 +30,7 @@ def student_stage(
 ) -> StudentStageResult:
     """Distil (or find the already registered) student of this chain from the pseudo-labels in ``pseudo``, under
     the chain's stage run ``stage_name`` (the ablation's student variants each have their own)."""
+    check_pseudo_columns(cfg.student, pseudo)
     client = MlflowClient()
     skey = config_digest({"chain": ctx.key, "student": cfg.student.model_dump(mode="json")})
     with runs.stage(ctx, stage_name) as run:
@@ -42,6 +43,19 @@ def student_stage(
             return StudentStageResult(_student_info(client, v), False)
         version = _train_and_register(cfg, pseudo, inputs, ctx, run, skey)
     return StudentStageResult(_student_info(client, version), True)
+
+
+def check_pseudo_columns(student: StudentConfig, pseudo: Path) -> None:
+    """Before any run starts: ``student.labels: raw`` needs the raw-label column, which pseudo-label folders
+    written before it existed lack (the pseudolabel stage rewrites such a folder when the chain runs it)."""
+    from pipelines.data import RAW_LABELS, pseudo_extras
+
+    if student.labels == "raw" and RAW_LABELS not in pseudo_extras(pseudo):
+        raise ValueError(
+            f"student.labels is 'raw', but the pseudo-labels in {pseudo} have no {RAW_LABELS!r} column (written "
+            "before it existed): run `mdlda pseudolabel` with the same config first (it rewrites the folder), or "
+            "use student.labels: calibrated"
+        )
 
 
 def _train_and_register(cfg: ChainConfig, pseudo: Path, inputs: ChainInputs, ctx: runs.StageContext, run, skey: str):

@@ -45,3 +45,34 @@ def test_remove_ours_keeps_everything_else(tmp_path):
     remove_ours(out)
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert left == sorted(theirs)
+
+
+def test_a_stage_replaces_only_its_own_output_and_refuses_a_folder_with_other_files(tmp_path):
+    """The pseudolabel stage's output folder: an older output is cleared (also one a crash left without its
+    manifest), a folder holding anything else is refused and nothing in it is deleted."""
+    from pipelines.prepare_folder import OUTPUT_MARK, FolderError, clear_stage_output
+
+    out = tmp_path / "pseudolabels"
+    clear_stage_output(out, "maestro-pseudo")  # a new folder: made and marked
+    assert (out / OUTPUT_MARK).read_text() == "maestro-pseudo"
+    (out / "data").mkdir()
+    (out / "data" / "abc_000000-0.parquet").write_bytes(b"x")
+    clear_stage_output(out, "maestro-pseudo")  # interrupted before its manifest: the mark says it is ours
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARK]
+
+    (out / "data").mkdir()
+    (out / "data" / "abc_000000-0.parquet").write_bytes(b"x")
+    (out / "manifest.json").write_text(json.dumps({"dataset": "maestro-pseudo"}))
+    (out / "notes.txt").write_text("mine")
+    (out / "data" / "keep.csv").write_text("mine too")
+    with pytest.raises(FolderError, match=r"data/keep\.csv, notes\.txt"):
+        clear_stage_output(out, "maestro-pseudo")
+    assert (out / "notes.txt").exists() and (out / "data" / "keep.csv").exists()
+    assert (out / "data" / "abc_000000-0.parquet").exists() and (out / "manifest.json").exists()
+
+    stranger = tmp_path / "someone-elses"
+    (stranger / "data").mkdir(parents=True)
+    (stranger / "data" / "table.parquet").write_bytes(b"x")  # Parquet files, but no manifest or mark of ours
+    with pytest.raises(FolderError, match="holds files this stage did not write"):
+        clear_stage_output(stranger, "maestro-pseudo")
+    assert (stranger / "data" / "table.parquet").exists()
