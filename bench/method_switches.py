@@ -102,6 +102,15 @@ GROUPS = {
             },
         },
     ),
+    "source_soft": (
+        "teacher ensemble (the teachers' mean, not trained)",
+        {
+            "teacher ensemble (the teachers' mean, not trained)": {"mode": "distill", "ensemble_only": True},
+            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
+            "student, source labels + 0.5 ensemble": {"mode": "distill", "init": "teacher", "source_soft": 0.5},
+            "student, source labels + 0.3 ensemble": {"mode": "distill", "init": "teacher", "source_soft": 0.3},
+        },
+    ),
     "calibrate": (
         "supervised, raw outputs",
         {
@@ -121,7 +130,8 @@ GROUPS = {
 }
 MODEL_KEYS = {"head", "head_bn_weight", "width"}
 NOISE_KEYS = {"freq_mask", "time_mask"}  # the model's frontend: training-time spectrogram masks
-NOT_TRAIN_KEYS = MODEL_KEYS | NOISE_KEYS | {"peak_normalize", "band_floor", "weighting", "mix", "init"}
+STUDENT_KEYS = {"weighting", "mix", "init", "source_soft", "ensemble_only"}
+NOT_TRAIN_KEYS = MODEL_KEYS | NOISE_KEYS | STUDENT_KEYS | {"peak_normalize", "band_floor"}
 
 
 def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) -> dict:
@@ -211,36 +221,55 @@ def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) ->
     noise = {k: v for k, v in variant.items() if k in NOISE_KEYS}
     model = create_model("rfresnet", **overrides, frontend={"peak_normalize": peak, **noise})
     model.frontend.set_standardization(mean.tolist(), std.tolist())
-    if variant.get("init") == "teacher":  # the chain's student.init = teacher: the pseudo-labels' first teacher
+    teachers = []
+    if mode == "distill":  # the teachers that made the pseudo-labels, from the ablation workdir's registry
         import mlflow
 
         from mdlda.served import load_checkpoint
         from mdlda.tracking import tracking_uri
 
-        teachers = json.loads((folder / "manifest.json").read_text())["options"]["teachers"]
-        mlflow.set_tracking_uri(tracking_uri(Path(shards).parent))  # the ablation workdir's registry
-        model.load_state_dict(load_checkpoint(teachers[0]).state_dict())
-    train = {k: v for k, v in variant.items() if k not in NOT_TRAIN_KEYS}
-    cfg = TrainConfig(
-        **{"lr": 2e-3, "max_epochs": 8, "patience": 4, "lr_milestones": (4, 6), "seed": seed, "device": "cpu"}
-        | {"adv_scale": 0.3, **train}
-    )
-    head = DomainHead(model.embed_dim) if mode == "dann" else None
-    result = fit(model, batches, valid, cfg, domain_head=head)
-    model.eval()
-    out = {"best_epoch": result.best_epoch, "valid_r": result.best_score}
-    with torch.no_grad():
-        for split, (audio, labels) in tests.items():
-            chunks = [model(torch.from_numpy(audio[i : i + 8])) * 10 for i in range(0, len(audio), 8)]
-            pred = torch.cat(chunks).numpy()
-            m = regression_metrics(labels, pred)
-            out[f"{split}.r"], out[f"{split}.rmse"] = m["r_mean"], m["rmse_mean"]
-            out[f"{split}.in_scale"] = float(((pred >= 1) & (pred <= 10)).mean())
-            out[f"{split}.rmse_ref"] = regression_metrics(labels, np.broadcast_to(y_src.mean(0), labels.shape))[
-                "rmse_mean"
-            ]
-        pred = torch.cat([model(torch.from_numpy(tgt[i : i + 8])) * 10 for i in range(0, len(tgt), 8)]).numpy()
-        out["maestro.in_scale"] = float(((pred >= 1) & (pred <= 10)).mean())  # what `predict` gives on piano WAVs
+        uris = json.loads((folder / "manifest.json").read_text())["options"]["teachers"]
+        mlflow.set_tracking_uri(tracking_uri(Path(shards).parent))
+        teachers = [load_checkpoint(u).eval() for u in uris]
+
+    def predict(models, audio):  # mean rating of ``models`` over (B, N) audio, in batches of 8
+        with torch.no_grad():
+            return np.mean(
+                [
+                    torch.cat([m(torch.from_numpy(audio[i : i + 8])) * 10 for i in range(0, len(audio), 8)]).numpy()
+                    for m in models
+                ],
+                axis=0,
+            )
+
+    y_ref = y_src  # the training labels' mean: the predict-the-mean reference
+    if variant.get("source_soft"):  # source labels blended with the teacher ensemble's ratings of the same clips
+        alpha = float(variant["source_soft"])
+        y_src = ((1 - alpha) * y_src + alpha * predict(teachers, src)).astype(np.float32)
+    if variant.get("init") == "teacher":  # the chain's student.init = teacher: the pseudo-labels' first teacher
+        model.load_state_dict(teachers[0].state_dict())
+    out = {}
+    if variant.get("ensemble_only"):  # the teachers' mean itself, nothing trained: the bar the student must clear
+        models = teachers
+    else:
+        train = {k: v for k, v in variant.items() if k not in NOT_TRAIN_KEYS}
+        cfg = TrainConfig(
+            **{"lr": 2e-3, "max_epochs": 8, "patience": 4, "lr_milestones": (4, 6), "seed": seed, "device": "cpu"}
+            | {"adv_scale": 0.3, **train}
+        )
+        head = DomainHead(model.embed_dim) if mode == "dann" else None
+        result = fit(model, batches, valid, cfg, domain_head=head)
+        out = {"best_epoch": result.best_epoch, "valid_r": result.best_score}
+        models = [model.eval()]
+    for split, (audio, labels) in tests.items():
+        pred = predict(models, audio)
+        m = regression_metrics(labels, pred)
+        out[f"{split}.r"], out[f"{split}.rmse"] = m["r_mean"], m["rmse_mean"]
+        out[f"{split}.in_scale"] = float(((pred >= 1) & (pred <= 10)).mean())
+        ref = np.broadcast_to(y_ref.mean(0), labels.shape)
+        out[f"{split}.rmse_ref"] = regression_metrics(labels, ref)["rmse_mean"]
+    pred = predict(models, tgt)
+    out["maestro.in_scale"] = float(((pred >= 1) & (pred <= 10)).mean())  # what `predict` gives on piano WAVs
     return out
 
 
@@ -296,7 +325,7 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         return {**job, **json.loads(out)}
 
-    needs_pseudo = {"student", "student_mix", "select_on", "student_init", "student_noise"}
+    needs_pseudo = {"student", "student_mix", "select_on", "student_init", "student_noise", "source_soft"}
     groups = args.group or [g for g in GROUPS if g not in needs_pseudo or args.pseudo]
     if needs_pseudo & set(groups) and not args.pseudo:
         ap.error("the student group needs --pseudo (pseudo-label shards, e.g. an ablation's)")
