@@ -111,6 +111,19 @@ GROUPS = {
             "student, source labels + 0.3 ensemble": {"mode": "distill", "init": "teacher", "source_soft": 0.3},
         },
     ),
+    "student_epochs": (
+        "student, from the best teacher",
+        {
+            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
+            "the same, 16 epochs": {
+                "mode": "distill",
+                "init": "teacher",
+                "max_epochs": 16,
+                "patience": 8,
+                "lr_milestones": (8, 12),
+            },
+        },
+    ),
     "calibrate": (
         "supervised, raw outputs",
         {
@@ -325,7 +338,7 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         return {**job, **json.loads(out)}
 
-    needs_pseudo = {"student", "student_mix", "select_on", "student_init", "student_noise", "source_soft"}
+    needs_pseudo = {g for g, (_, vs) in GROUPS.items() if any(v.get("mode") == "distill" for v in vs.values())}
     groups = args.group or [g for g in GROUPS if g not in needs_pseudo or args.pseudo]
     if needs_pseudo & set(groups) and not args.pseudo:
         ap.error("the student group needs --pseudo (pseudo-label shards, e.g. an ablation's)")
