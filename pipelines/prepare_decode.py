@@ -109,6 +109,8 @@ def run_chunks(
     # cluster's CPUs back for operators that do not exist here, leaving decode CPUs idle.
     # This dataset's own context; the process-wide DataContext is left as it is.
     ds.context.op_resource_reservation_enabled = False
+    # Outcomes are keyed by chunk and part: any order will do (the chain's Ray setup asks for ordered batches).
+    ds.context.execution_options.preserve_order = False
     rows = iter(ds.iter_rows())
     try:
         for row in rows:
