@@ -259,7 +259,12 @@ def train_student(
         ),
         datasets={"source": data.source_train, "target": data.target, "valid": data.source_valid},
         # one worker reads whole datasets: no streaming-split coordinator between it and the data
-        dataset_config=DataConfig(datasets_to_split=["source", "target"] if cfg.num_workers > 1 else []),
+        dataset_config=DataConfig(
+            datasets_to_split=["source", "target"] if cfg.num_workers > 1 else [],
+            # resolved here: left unset, Ray Train resolves them in its DatasetManager actor, whose default
+            # context does not preserve order, so a run's batch order (and its student) depended on timing
+            execution_options=DataConfig.default_ingest_options(),
+        ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,
