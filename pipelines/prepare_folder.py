@@ -224,13 +224,11 @@ def clear_stage_output(out: Path, dataset: str) -> None:
         except (OSError, ValueError, AttributeError):
             pass
         data = out / DATA_DIR
-        ours = {MANIFEST, OUTPUT_MARK, DATA_DIR, LOCK_NAME}
-        strangers = [e.name for e in out.iterdir() if e.name not in ours or (e.name == DATA_DIR and not e.is_dir())]
-        if data.is_dir():
-            parquet = [e for e in data.iterdir() if e.is_file() and e.suffix == ".parquet"]
-            strangers += [f"{DATA_DIR}/{e.name}" for e in data.iterdir() if e not in parquet]
-        if strangers or (not marked and _has_files(out)):
-            listed = ", ".join(sorted(strangers)[:5]) or "its files"
+        files = [f for f in out.rglob("*") if (f.is_file() or f.is_symlink()) and f.name != LOCK_NAME]
+        ours = {out / MANIFEST, out / OUTPUT_MARK}
+        strangers = [f for f in files if not (marked and (f in ours or (f.parent == data and f.suffix == ".parquet")))]
+        if strangers:
+            listed = ", ".join(sorted(str(f.relative_to(out)) for f in strangers)[:5])
             raise FolderError(
                 f"{out} holds files this stage did not write ({listed}); it replaces only its own output there. "
                 "Move them out of the folder, or use another workdir."
