@@ -124,6 +124,23 @@ GROUPS = {
             },
         },
     ),
+    "student_average": (
+        "student, from the best teacher",
+        {
+            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
+            "the same, its last epoch (no selection)": {"mode": "distill", "init": "teacher", "average": 1},
+            "the same, mean weights of its last 3 epochs": {"mode": "distill", "init": "teacher", "average": 3},
+            "the same, mean weights of its last 5 epochs": {"mode": "distill", "init": "teacher", "average": 5},
+        },
+    ),
+    "student_shifted": (
+        "student, from the best teacher",
+        {
+            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
+            "the same + windows 7.5 s into each segment pair": {"mode": "distill", "init": "teacher", "shifts": 1},
+            "the same + windows 5 and 10 s into each pair": {"mode": "distill", "init": "teacher", "shifts": 2},
+        },
+    ),
     "calibrate": (
         "supervised, raw outputs",
         {
@@ -143,7 +160,7 @@ GROUPS = {
 }
 MODEL_KEYS = {"head", "head_bn_weight", "width"}
 NOISE_KEYS = {"freq_mask", "time_mask"}  # the model's frontend: training-time spectrogram masks
-STUDENT_KEYS = {"weighting", "mix", "init", "source_soft", "ensemble_only"}
+STUDENT_KEYS = {"weighting", "mix", "init", "source_soft", "ensemble_only", "average", "shifts"}
 NOT_TRAIN_KEYS = MODEL_KEYS | NOISE_KEYS | STUDENT_KEYS | {"peak_normalize", "band_floor"}
 
 
@@ -259,9 +276,15 @@ def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) ->
     if variant.get("source_soft"):  # source labels blended with the teacher ensemble's ratings of the same clips
         alpha = float(variant["source_soft"])
         y_src = ((1 - alpha) * y_src + alpha * predict(teachers, src)).astype(np.float32)
+    if variant.get("shifts"):  # more pseudo-labelled windows: straddling two consecutive segments, teacher-labelled
+        extra = shifted_windows(folder, int(variant["shifts"]))
+        y_extra = np.clip(predict(teachers, extra), 1, 10).astype(np.float32)
+        out_shift = {"pseudo_windows": len(pl) + len(extra)}
+        pl, y_pl = np.concatenate([pl, extra]), np.concatenate([y_pl, y_extra])
+        w = None if w is None else np.concatenate([w, np.ones(len(extra), w.dtype)])
     if variant.get("init") == "teacher":  # the chain's student.init = teacher: the pseudo-labels' first teacher
         model.load_state_dict(teachers[0].state_dict())
-    out = {}
+    out = out_shift if variant.get("shifts") else {}
     if variant.get("ensemble_only"):  # the teachers' mean itself, nothing trained: the bar the student must clear
         models = teachers
     else:
@@ -271,8 +294,15 @@ def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) ->
             | {"adv_scale": 0.3, **train}
         )
         head = DomainHead(model.embed_dim) if mode == "dann" else None
-        result = fit(model, batches, valid, cfg, domain_head=head)
+        states = []  # the raw (uncalibrated) weights at the end of every epoch, for "average"
+
+        def keep(_result) -> None:
+            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+        result = fit(model, batches, valid, cfg, domain_head=head, on_epoch=keep)
         out = {"best_epoch": result.best_epoch, "valid_r": result.best_score}
+        if variant.get("average"):  # the mean of the last k epochs' weights (and BN statistics), then calibrated
+            out |= average_weights(model, states[-int(variant["average"]) :], valid, y_src, cfg.calibrate)
         models = [model.eval()]
     for split, (audio, labels) in tests.items():
         pred = predict(models, audio)
@@ -283,6 +313,53 @@ def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) ->
         out[f"{split}.rmse_ref"] = regression_metrics(labels, ref)["rmse_mean"]
     pred = predict(models, tgt)
     out["maestro.in_scale"] = float(((pred >= 1) & (pred <= 10)).mean())  # what `predict` gives on piano WAVs
+    return out
+
+
+def shifted_windows(folder: Path, shifts: int):
+    """15-s windows that start ``k / (shifts + 1)`` of the way into one pseudo-labelled segment and end in the next
+    one of the same performance (offsets 15 s apart), for k = 1..shifts: (W, N) int16."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from mdlda.pcm import numpy_batch
+
+    t = pq.read_table(folder / "data", columns=["group", "offset_s", "audio"])
+    audio = numpy_batch(t.select(["audio"]))["audio"]
+    meta = t.select(["group", "offset_s"]).to_pandas()
+    at = {(g, round(o, 3)): i for i, (g, o) in enumerate(zip(meta.group, meta.offset_s, strict=True))}
+    n = audio.shape[1]
+    windows = []
+    for (g, o), i in sorted(at.items()):
+        j = at.get((g, round(o + 15.0, 3)))
+        if j is None:
+            continue
+        both = np.concatenate([audio[i], audio[j]])
+        windows += [both[k * n // (shifts + 1) :][:n] for k in range(1, shifts + 1)]
+    return np.stack(windows)
+
+
+def average_weights(model, states: list[dict], valid, y_src, calibrate: str) -> dict:
+    """Load the element-wise mean of ``states`` into ``model`` and fit its output calibration on the validation
+    split, as :func:`mdlda.training.fit` does for its kept epoch."""
+    import torch
+
+    from mdlda.epoch import validation_outputs
+    from mdlda.fit_calibration import calibrate_kept
+    from mdlda.params import LABEL_SCALE
+    from mdlda.precision import Precision
+
+    mean = {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) for k, v in states[-1].items()}
+    model.load_state_dict(mean)
+    if hasattr(model, "reset_output_calibration"):
+        model.reset_output_calibration()
+    model.eval()
+    pred, labels = validation_outputs(model, valid(), torch.device("cpu"), Precision(False, torch.device("cpu")))
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    out = {"averaged_epochs": len(states)}
+    if calibrate == "affine":
+        out |= calibrate_kept(kept, pred, labels, y_src.mean(0) / LABEL_SCALE)
+    model.load_state_dict(kept)
     return out
 
 
