@@ -29,13 +29,16 @@ LABEL_TYPE = pa.list_(pa.float32())
 
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
-    audio = np.stack([r["audio"] for r in rows]) if rows else np.zeros((0, SEGMENT_SAMPLES), dtype=np.int16)
+    # one chunk per row over the row's own PCM (no copy): the file is the same as from one stacked array, and a
+    # task neither copies nor page-faults its group's audio a second time (shards are written one row per row group)
+    empty = [to_column(np.zeros((0, SEGMENT_SAMPLES), dtype=np.int16))]
+    audio = pa.chunked_array([to_column(r["audio"][None, :]) for r in rows] or empty)
     labels = pa.array([None if r["labels"] is None else r["labels"].tolist() for r in rows], type=LABEL_TYPE)
     cols = {
         c: pa.array([r[c] for r in rows], type=pa.string()) for c in ("clip_id", "dataset", "domain", "split", "group")
     }
     cols["offset_s"] = pa.array([float(r["offset_s"]) for r in rows], type=pa.float32())
-    return with_metadata(pa.table({**cols, "audio": to_column(audio), "labels": labels}))
+    return with_metadata(pa.table({**cols, "audio": audio, "labels": labels}))
 
 
 def decode_group(items: list[dict], path: str, max_pad_s: float = MAX_PAD_SECONDS) -> list[dict]:

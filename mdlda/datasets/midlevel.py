@@ -194,13 +194,16 @@ def index_midlevel(
     ]
     conflicting_meta = {s["item"] for s in meta_skipped if "conflicting" in s["reason"]}
     rows = []
-    for sid, labels in zip(ann["clip_id"], ann["labels"], strict=True):
+    # plain dicts and lists: pandas' per-scalar access costs more than the rest of the loop
+    pairs = zip(meta[ARTIST].tolist(), meta[SOURCE].tolist(), strict=True)
+    about = dict(zip(meta.index.tolist(), pairs, strict=True))  # ids are unique after _dedupe
+    for sid, labels in zip(ann["clip_id"].tolist(), ann["labels"].tolist(), strict=True):
         if sid in conflicting_meta:
             continue  # already reported with the metadata conflict
-        if sid not in meta.index:
+        if sid not in about:
             skipped.append(skip(sid, "in annotations.csv but not in metadata.csv (artist unknown)"))
             continue
-        artist, source = meta.at[sid, ARTIST], meta.at[sid, SOURCE]
+        artist, source = about[sid]
         if not artist:
             skipped.append(skip(sid, "metadata.csv gives no artist"))
             continue
