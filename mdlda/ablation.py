@@ -76,7 +76,8 @@ def _signed(mean: float, ci: float) -> str:
 
 
 def headline(summary: pd.DataFrame, splits: Sequence[str] = ("test", "piano_test")) -> pd.DataFrame:
-    """model x (split, quantity) strings: mean r, paired Δr to the baseline, RMSE and share on the 1..10 scale."""
+    """model x (split, quantity) strings: mean r, paired Δr to the baseline, RMSE, level offset (when measured) and
+    share on the 1..10 scale."""
     rows = []
     models = list(dict.fromkeys(summary.model))
     for model in models:
@@ -93,6 +94,8 @@ def headline(summary: pd.DataFrame, splits: Sequence[str] = ("test", "piano_test
             row[f"{name} r"] = _pm(get("r_mean", "mean"), get("r_mean", "ci"))
             row[f"{name} Δr vs baseline"] = _signed(get("r_mean", "diff"), get("r_mean", "diff_ci"))
             row[f"{name} RMSE"] = _pm(get("rmse_mean", "mean"), get("rmse_mean", "ci"), 2)
+            if "offset_mean" in s.index:  # mean |mean prediction - mean label|: the level part of the RMSE
+                row[f"{name} offset"] = _pm(get("offset_mean", "mean"), get("offset_mean", "ci"), 2)
             row[f"{name} on scale"] = _pm(get("in_scale", "mean"), get("in_scale", "ci"), 3)
             if split == "piano_test" and "in_scale_maestro" in s.index:
                 row["MAESTRO on scale"] = _pm(get("in_scale_maestro", "mean"), get("in_scale_maestro", "ci"), 3)

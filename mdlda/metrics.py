@@ -83,6 +83,26 @@ def regression_metrics(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]
     return out
 
 
+def level_offsets(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
+    """How far the predictions sit above (+) or below (-) the labels on the rating scale, per feature: mean
+    prediction minus mean label (``offset_<feature>``), and the mean absolute offset over the features
+    (``offset_mean``).
+
+    The part of the RMSE that is level, not ranking: per feature, RMSE^2 = offset^2 + the error about the means, so
+    a model whose piano outputs are shifted by the domain can have a good r and an RMSE above predicting the mean;
+    Pearson r cannot see this.
+    """
+    t, p = _as_2d(y_true, "y_true"), _as_2d(y_pred, "y_pred")
+    if t.shape != p.shape:
+        raise ValueError(f"y_true {t.shape} and y_pred {p.shape} differ in shape")
+    if t.shape[0] < 1 or t.shape[1] != NUM_FEATURES:
+        raise ValueError(f"expected (N >= 1, {NUM_FEATURES}) arrays; got {t.shape}")
+    d = p.mean(axis=0) - t.mean(axis=0)
+    out = {f"offset_{name}": float(v) for name, v in zip(FEATURES, d, strict=True)}
+    out["offset_mean"] = float(np.abs(d).mean())
+    return out
+
+
 def domain_discrepancy(source_emb: ArrayLike, target_emb: ArrayLike) -> float:
     """D(S', T'; phi) = || mean phi(S') - mean phi(T') ||_2 between two sets of embeddings.
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from mdlda.metrics import regression_metrics
+from mdlda.metrics import level_offsets, regression_metrics
 from mdlda.params import FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN
 from mdlda.tracking import load_served
 from pipelines.shards import numpy_batches, read_shards
@@ -94,10 +94,11 @@ def predict_splits(
 
 
 def results_table(preds: Predictions) -> pd.DataFrame:
-    """One row per (model, split): mean r, mean RMSE and per-feature r / RMSE (1..10 scale)."""
+    """One row per (model, split): mean r, mean RMSE, mean level offset and per-feature r / RMSE / offset (1..10
+    scale)."""
     rows = []
     for (name, split), y_pred in preds.y_pred.items():
-        m = regression_metrics(preds.y_true[split], y_pred)
+        m = regression_metrics(preds.y_true[split], y_pred) | level_offsets(preds.y_true[split], y_pred)
         in_scale = float(((y_pred >= RATING_MIN) & (y_pred <= RATING_MAX)).mean())
         rows.append({"model": name, "split": split, "n": len(y_pred), **m, "in_scale": in_scale})
     return pd.DataFrame(rows)
@@ -173,7 +174,7 @@ def write_results(
     csv = out_dir / "results.csv"
     table.to_csv(csv, index=False)
     md = out_dir / "results.md"
-    cols = ["model", "split", "n", "r_mean", "rmse_mean", "in_scale"] + [f"r_{f}" for f in FEATURES]
+    cols = ["model", "split", "n", "r_mean", "rmse_mean", "offset_mean", "in_scale"] + [f"r_{f}" for f in FEATURES]
     cols = [c for c in cols if c in table.columns]
     md.write_text(
         table[cols].to_markdown(index=False, floatfmt=".3f")
@@ -267,8 +268,15 @@ def _evaluate(models, ensembles, adabn, cfg: ChainConfig, workdir: Path) -> Eval
         for probe_metric in ("rank_emb", "rank_out"):
             if probe_metric in row and math.isfinite(row[probe_metric]):
                 mlflow.log_metric(f"{name}.{probe_metric}", row[probe_metric])
-    for row in table.itertuples():
-        mlflow.log_metric(f"{row.model.replace('+', '_')}.{row.split}.r_mean", row.r_mean)
+    logged = ("r_mean", "rmse_mean", "offset_mean", "in_scale")  # r beside RMSE: r cannot see a level or scale error
+    mlflow.log_metrics(
+        {
+            f"{row['model'].replace('+', '_')}.{row['split']}.{m}": float(row[m])
+            for row in table.to_dict("records")
+            for m in logged
+            if m in row and math.isfinite(row[m])
+        }
+    )
     (workdir / "results" / "latest").unlink(missing_ok=True)
     (workdir / "results" / "latest").symlink_to(key)
     return EvaluateResult(table, True)

@@ -16,7 +16,7 @@ import torch
 
 from mdlda.adapt import recalibrate_batchnorm
 from mdlda.config import ChainConfig
-from mdlda.metrics import domain_discrepancy, regression_metrics
+from mdlda.metrics import domain_discrepancy, level_offsets, regression_metrics
 from mdlda.params import LABEL_SCALE, PCM_SCALE, RATING_MAX, RATING_MIN, SEGMENT_SAMPLES
 from pipelines.evaluate import load_split
 from pipelines.shards import numpy_batches, read_shards
@@ -130,6 +130,7 @@ def metric_rows(name: str, seed: int, data: EvalData, pred: dict, emb: dict | No
         p = pred[split]
         ref = np.broadcast_to(data.label_mean, d["labels"].shape)
         row = {"seed": seed, "model": name, "split": split, **regression_metrics(d["labels"], p)}
+        row |= level_offsets(d["labels"], p)
         row["in_scale"] = float(((p >= RATING_MIN) & (p <= RATING_MAX)).mean())
         row["rmse_ref"] = regression_metrics(d["labels"], ref)["rmse_mean"]
         if split == "piano_test":

@@ -30,7 +30,9 @@ def _per_seed() -> pd.DataFrame:
     for seed, (b, s) in {1: (0.30, 0.38), 2: (0.34, 0.37), 3: (0.20, 0.31)}.items():
         for split in ("test", "piano_test"):
             rows.append({"seed": seed, "model": "baseline", "split": split, "r_mean": b, "rmse_mean": 2.0})
+            rows[-1]["offset_mean"] = 0.5 * seed
             rows.append({"seed": seed, "model": "student", "split": split, "r_mean": s, "rmse_mean": 1.5 + seed})
+            rows[-1]["offset_mean"] = 0.25
     return pd.DataFrame(rows)
 
 
@@ -54,6 +56,7 @@ def test_headline_markdown_and_figure(tmp_path):
     head = stats.headline(summary)
     assert list(head.model) == ["baseline", "student"]
     assert head.loc[1, "piano Δr vs baseline"].startswith("+0.073 ± ")
+    assert head.loc[0, "piano offset"].startswith("1.00 ± ") and head.loc[1, "piano offset"] == "0.25 ± 0.00"
     md = stats.markdown(head)
     assert md.count("\n") == 4 and "| student |" in md
     from mdlda.ablation_figures import figure

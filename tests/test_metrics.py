@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy import stats
 
-from mdlda.metrics import domain_accuracy, domain_discrepancy, pearson_r, regression_metrics, rmse
+from mdlda.metrics import domain_accuracy, domain_discrepancy, level_offsets, pearson_r, regression_metrics, rmse
 from mdlda.params import FEATURES
 
 
@@ -29,6 +29,23 @@ def test_regression_metrics_match_scipy_and_numpy():
     assert m["rmse_mean"] == pytest.approx(np.mean(errs), abs=1e-12)
     assert set(m) == {f"{k}_{f}" for k in ("r", "rmse") for f in (*FEATURES, "mean")}
     assert all(type(v) is float for v in m.values())
+
+
+def test_level_offsets_are_the_level_part_of_the_rmse():
+    y, pred = _ratings()
+    shift = np.array([1.5, -0.5, 0.0, 0.25, -2.0, 0.0, 1.0])
+    m = level_offsets(y, pred + shift)
+    base = level_offsets(y, pred)
+    for j, name in enumerate(FEATURES):
+        assert m[f"offset_{name}"] == pytest.approx(base[f"offset_{name}"] + shift[j], abs=1e-12)
+        # RMSE^2 = offset^2 + the squared error about the means, so a shift moves the RMSE but never r
+        centred = (pred + shift)[:, j] - m[f"offset_{name}"]
+        e2 = rmse(y, pred + shift)[j] ** 2
+        assert e2 == pytest.approx(m[f"offset_{name}"] ** 2 + np.mean((centred - y[:, j]) ** 2), rel=1e-9)
+    assert m["offset_mean"] == pytest.approx(np.mean(np.abs([m[f"offset_{f}"] for f in FEATURES])))
+    assert regression_metrics(y, pred + shift)["r_mean"] == pytest.approx(regression_metrics(y, pred)["r_mean"])
+    with pytest.raises(ValueError, match="differ in shape"):
+        level_offsets(y, pred[:3])
 
 
 def test_metrics_accept_tensors_and_are_scale_aware():
