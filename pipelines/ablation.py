@@ -19,8 +19,9 @@ Rows of the results (``results/ablation/<digest>/``, ``results/ablation/latest``
 
 Metrics: Pearson r and RMSE per feature and averaged, ``in_scale`` (share of outputs inside 1..10) on both tests
 and on MAESTRO test-split segments (``in_scale_maestro``, what ``mdlda predict`` sees on piano recordings),
-``rmse_ref`` (predicting the training mean), and the domain discrepancy (paper Eq. 1) between non-piano and piano
-test clips on the 512-d embedding (``disc_emb``) and on the 7 outputs (``disc_out``).
+``offset_<feature>`` / ``offset_mean`` (mean prediction minus mean rating: the level part of the RMSE),
+``rmse_ref`` and ``offset_ref`` (predicting the training mean), and the domain discrepancy (paper Eq. 1) between
+non-piano and piano test clips on the 512-d embedding (``disc_emb``) and on the 7 outputs (``disc_out``).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def write_ablation(
     client = MlflowClient()
     for path in out.iterdir():
         client.log_artifact(run_id, str(path), artifact_path="ablation")
-    r = summary[summary.metric.isin(["r_mean", "rmse_mean", "rank_emb", "rank_out"])]
+    r = summary[summary.metric.isin(["r_mean", "rmse_mean", "offset_mean", "rank_emb", "rank_out"])]
     now = int(time.time() * 1000)
     metrics = [
         mlflow.entities.Metric(metric_key(row.model, row.split, row.metric), float(row.mean), now, 0)
@@ -100,11 +100,9 @@ def _report(per_seed, summary, head, teachers, agreement) -> str:
         f"# Ablation over {n} seeds ({', '.join(map(str, sorted(per_seed.seed.unique())))})\n\n"
         "Mean ± 95% t-interval over seeds; Δr is the paired difference to the baseline (same seed, same split). "
         "RMSE in rating points; predicting the training mean gives "
-        + ", ".join(
-            f"{stats._pm(*stats.t_interval(g.tolist()), 2)} ({'piano' if split == 'piano_test' else 'non-piano'})"
-            for split, g in per_seed[per_seed.model == BASELINE].groupby("split").rmse_ref
-        )
-        + ". On scale: share of outputs inside 1..10.\n\n"
+        + _reference(per_seed)
+        + ". Offset: mean over the features of |mean prediction - mean rating|, the level part of the RMSE that r "
+        "cannot see. On scale: share of outputs inside 1..10.\n\n"
         + stats.markdown(head)
         + "\n## Domain discrepancy (non-piano vs piano test; embedding and outputs)\n\n"
         + stats.markdown(disc_md.reset_index())
@@ -134,6 +132,17 @@ def _variants_md(per_seed: pd.DataFrame, variants: list[str]) -> str:
         "pseudo-labels; Δr is the paired difference to that seed's student.\n\n"
         + stats.markdown(variant_summary(per_seed, variants))
     )
+
+
+def _reference(per_seed: pd.DataFrame) -> str:
+    """What predicting the training mean gives on each test: RMSE (and its offset, when measured)."""
+    parts = []
+    for split, g in per_seed[per_seed.model == BASELINE].groupby("split"):
+        text = f"RMSE {stats._pm(*stats.t_interval(g.rmse_ref.tolist()), 2)}"
+        if "offset_ref" in g:
+            text += f", offset {stats._pm(*stats.t_interval(g.offset_ref.tolist()), 2)}"
+        parts.append(f"{text} ({'piano' if split == 'piano_test' else 'non-piano'})")
+    return "; ".join(parts)
 
 
 def _probe_md(summary: pd.DataFrame, agreement: pd.DataFrame) -> str:

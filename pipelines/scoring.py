@@ -133,6 +133,7 @@ def metric_rows(name: str, seed: int, data: EvalData, pred: dict, emb: dict | No
         row |= level_offsets(d["labels"], p)
         row["in_scale"] = float(((p >= RATING_MIN) & (p <= RATING_MAX)).mean())
         row["rmse_ref"] = regression_metrics(d["labels"], ref)["rmse_mean"]
+        row["offset_ref"] = level_offsets(d["labels"], ref)["offset_mean"]  # how far the split's level is from it
         if split == "piano_test":
             row["disc_out"] = domain_discrepancy(pred["test"], p)
             row["disc_emb"] = domain_discrepancy(emb["test"], emb["piano_test"]) if emb else math.nan

@@ -161,6 +161,12 @@ def test_ablation_of_the_tiny_chain(ray_local, demo_root, tmp_path, monkeypatch,
     assert (sr.loc["student-weighting-spread"] != sr.loc["student"]).any()
     assert per_seed.r_mean.notna().all() and per_seed.rmse_mean.gt(0).all()
     assert per_seed.in_scale.between(0, 1).all()
+    # a level offset is part of the RMSE (RMSE^2 = offset^2 + the error about the means), per feature
+    from mdlda.params import FEATURES
+
+    for f in FEATURES:
+        assert (per_seed[f"offset_{f}"].abs() <= per_seed[f"rmse_{f}"] + 1e-9).all()
+    assert per_seed.offset_ref.ge(0).all() and per_seed.offset_mean.ge(0).all()
     piano = per_seed[per_seed.split == "piano_test"].set_index("model")
     assert piano.disc_out.notna().all() and piano.loc[["baseline", "student"]].disc_emb.notna().all()
     # AdaBN keeps the weights and changes the BatchNorm statistics, so the predictions
@@ -184,7 +190,7 @@ def test_ablation_of_the_tiny_chain(ray_local, demo_root, tmp_path, monkeypatch,
     assert row["diff"].item() == pytest.approx(piano.at["student", "r_mean"] - piano.at["baseline", "r_mean"])
     assert math.isnan(row["ci"].item())  # one seed: no interval
     text = (res.out_dir / "ablation.md").read_text()
-    assert "over 1 seeds" in text and "| student |" in text and (res.out_dir / "ablation.png").stat().st_size > 5000
+    assert "over 1 seeds" in text and "| student |" in text and "piano offset" in text and ", offset " in text and (res.out_dir / "ablation.png").stat().st_size > 5000
     assert (res.out_dir.parent / "latest").resolve() == res.out_dir.resolve()
 
     client = MlflowClient()
