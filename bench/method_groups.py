@@ -124,6 +124,27 @@ GROUPS = {
             "the same + windows 5 and 10 s into each pair": {"mode": "distill", "init": "teacher", "shifts": 2},
         },
     ),
+    "student_adversary": (
+        "student, from the best teacher, paired",
+        {
+            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
+            "student, from the best teacher, paired": {"mode": "distill", "init": "teacher", "mix": "paired"},
+            "the same + domain head, adversarial weight 0.1": {
+                "mode": "distill",
+                "init": "teacher",
+                "mix": "paired",
+                "adversary": True,
+                "adv_scale": 0.1,
+            },
+            "the same + domain head, adversarial weight 0.3": {
+                "mode": "distill",
+                "init": "teacher",
+                "mix": "paired",
+                "adversary": True,
+                "adv_scale": 0.3,
+            },
+        },
+    ),
     "calibrate": (
         "supervised, raw outputs",
         {
@@ -143,5 +164,5 @@ GROUPS = {
 }
 MODEL_KEYS = {"head", "head_bn_weight", "width"}
 NOISE_KEYS = {"freq_mask", "time_mask"}  # the model's frontend: training-time spectrogram masks
-STUDENT_KEYS = {"weighting", "mix", "init", "source_soft", "ensemble_only", "average", "shifts"}
+STUDENT_KEYS = {"weighting", "mix", "init", "source_soft", "ensemble_only", "average", "shifts", "adversary"}
 NOT_TRAIN_KEYS = MODEL_KEYS | NOISE_KEYS | STUDENT_KEYS | {"peak_normalize", "band_floor"}

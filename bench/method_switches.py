@@ -156,7 +156,7 @@ def run_one(shards: str, variant: dict, seed: int, pseudo: str | None = None) ->
             **{"lr": 2e-3, "max_epochs": 8, "patience": 4, "lr_milestones": (4, 6), "seed": seed, "device": "cpu"}
             | {"adv_scale": 0.3, **train}
         )
-        head = DomainHead(model.embed_dim) if mode == "dann" else None
+        head = DomainHead(model.embed_dim) if mode == "dann" or variant.get("adversary") else None
         states = []  # the raw (uncalibrated) weights at the end of every epoch, for "average"
 
         def keep(_result) -> None:

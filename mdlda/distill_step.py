@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from mdlda.adapt import domain_bce
 from mdlda.batches import DOMAIN_PAIRS
 from mdlda.domain_pair import DomainPair, PairOutput
 from mdlda.step_output import StepOutput, floats
@@ -43,10 +44,22 @@ def distill_loss(out: PairOutput, batch: Mapping[str, Tensor]) -> StepOutput:
     return StepOutput(loss, floats(logs))
 
 
-def run_distill(net: nn.Module, batch: Mapping[str, Tensor]) -> StepOutput:
-    """One forward call of ``net`` (a :class:`DomainPair` without a head, or a DDP module around one) on the
-    domains the batch holds, and :func:`distill_loss`."""
-    return distill_loss(net(batch.get("audio"), batch.get("target_audio")), batch)
+def run_distill(net: nn.Module, batch: Mapping[str, Tensor], adv_lambda: float = 0.0) -> StepOutput:
+    """One forward call of ``net`` (a :class:`DomainPair`, or a DDP module around one) on the domains the batch
+    holds, and :func:`distill_loss`.
+
+    With a domain head in the pair (an adversarial student: ``DomainPair(..., predict_target=True)``, batches of
+    both domains), the domain head's loss on the labelled and the pseudo-labelled segments is added as in DANN
+    (:func:`mdlda.adapt.domain_bce`, gradient reversal at ``adv_lambda``).
+    """
+    out = net(batch.get("audio"), batch.get("target_audio"), adv_lambda)
+    step = distill_loss(out, batch)
+    if out.source_logits is None:
+        return step
+    bce = domain_bce(out.source_logits, out.target_logits)
+    logs = step.losses | floats({"domain_bce": bce}) | {"adv_lambda": float(adv_lambda)}
+    logs["loss"] = logs["loss"] + logs["domain_bce"]
+    return StepOutput(step.loss + bce, logs)
 
 
 def distill_step(model: nn.Module, batch: Mapping[str, Tensor], bn_stats: str = "both") -> StepOutput:

@@ -63,11 +63,19 @@ class DomainPair(nn.Module):
     own: checkpoints save ``pair.model``, never the pair or a DDP wrapper around it.
     """
 
-    def __init__(self, model: nn.Module, domain_head: nn.Module | None = None, bn_stats: str = "both") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        domain_head: nn.Module | None = None,
+        bn_stats: str = "both",
+        predict_target: bool = False,
+    ) -> None:
         super().__init__()
         if bn_stats not in BN_STATS:
             raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
         self.model, self.domain_head, self.bn_stats = model, domain_head, bn_stats
+        # with a domain head: also predict the target batch (an adversarial student's pseudo-labelled segments)
+        self.predict_target = predict_target
 
     def _updates_stats(self, domain: str) -> bool:
         return self.bn_stats in ("both", domain)
@@ -93,5 +101,9 @@ class DomainPair(nn.Module):
         with running_stats_frozen(self.model, not self._updates_stats("target")):
             feat_t = self.model.forward_features(target)  # (B, D) — BN over target only
         pred = self.model.forward_head(feat_s)  # (B, 7): the regression head (and its BN) sees source only
+        pred_t = None
+        if self.predict_target:  # the head once more, over the target features (its BN over target only)
+            with running_stats_frozen(self.model, not self._updates_stats("target")):
+                pred_t = self.model.forward_head(feat_t)
         # the domain head has no BatchNorm, but each domain still gets its own call: (B,) logits each
-        return PairOutput(pred, None, self.domain_head(feat_s.float()), self.domain_head(feat_t.float()))
+        return PairOutput(pred, pred_t, self.domain_head(feat_s.float()), self.domain_head(feat_t.float()))

@@ -48,7 +48,7 @@ def run_step(mode: str, net: nn.Module, batch: Mapping[str, Tensor], adv_lambda:
         return supervised_loss(net(batch.get("audio")), batch)
     if mode == "dann":
         return run_dann(net, batch, adv_lambda)
-    return run_distill(net, batch)
+    return run_distill(net, batch, adv_lambda)
 
 
 def supervised_step(model: nn.Module, batch: Mapping[str, Tensor]) -> StepOutput:

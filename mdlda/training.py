@@ -57,7 +57,8 @@ def fit(
     domain_head: nn.Module | None = None,
     **hooks: Unpack[FitHooks],
 ) -> FitResult:
-    """Train ``model`` (and ``domain_head`` in "dann" mode) and keep the weights of the best validation epoch.
+    """Train ``model`` (and ``domain_head`` in "dann" mode, or in "distill" mode for an adversarial student whose
+    batches hold both domains) and keep the weights of the best validation epoch.
 
     ``train_batches(epoch)`` yields batch dicts: ``"audio"`` (B, N) float/int16 and ``"labels"`` (B, 7),
     ratings 1..10; "dann" adds ``"target_audio"`` (as many segments as the source); "distill" adds
@@ -76,7 +77,7 @@ def fit(
     """
     if config.mode == "dann" and domain_head is None:
         raise ValueError("mode 'dann' needs a domain_head (mdlda.adapt.DomainHead)")
-    if config.mode != "dann" and domain_head is not None:
+    if config.mode == "supervised" and domain_head is not None:
         logger.warning("domain_head is ignored in mode %r", config.mode)
         domain_head = None
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -99,7 +100,8 @@ class _Fit(FitState):
         self.device = resolve_device(config.device)
         params = place(model, head, self.device, config.channels_last, config.compile)
         # a supervised batch has one domain: its pass always updates the running statistics
-        pair = DomainPair(model, head, config.bn_stats if config.mode != "supervised" else "both")
+        bn_stats = config.bn_stats if config.mode != "supervised" else "both"
+        pair = DomainPair(model, head, bn_stats, predict_target=config.mode == "distill")
         self.net = wrap(pair) if wrap is not None else pair
         self.replicated = wrap is not None and world_size() > 1
         self.precision = Precision(config.mixed_precision, self.device, config.amp_dtype, config.mixed_precision_cpu)

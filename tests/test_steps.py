@@ -102,6 +102,34 @@ def test_distill_step_uses_both_domains_in_separate_passes():
     assert out.losses["mse_target"] > 0 and out.losses["mse_source"] > 0
 
 
+def test_an_adversarial_student_adds_the_domain_loss_to_the_distillation_loss():
+    from mdlda.distill_step import distill_loss, run_distill
+    from mdlda.domain_pair import DomainPair
+
+    torch.manual_seed(0)
+    model = TinyModel()
+    seen = record_bn_batch_sizes(model)
+    raw = {"audio": TRAIN[0][:8], "labels": TRAIN[1][:8], "target_audio": TARGET[0][:8], "target_labels": TARGET[1][:8]}
+    batch = prepare_batch(raw, "distill", "cpu")
+    grads = {}
+    for lam in (0.0, 1.0):
+        torch.manual_seed(1)
+        head = DomainHead(model.embed_dim)
+        pair = DomainPair(model, head, "both", predict_target=True)
+        model.zero_grad()
+        out = run_distill(pair, batch, lam)
+        out.loss.backward()
+        grads[lam] = model.proj.weight.grad.clone()
+        assert all(p.grad is not None for p in head.parameters()) and out.losses["adv_lambda"] == lam
+    # both domains predicted, each in its own pass (the regression head included): the distillation loss is the
+    # head-less pair's, and the domain loss is added to it
+    assert all(sizes[-2:] == [8, 8] for sizes in seen.values())
+    plain = distill_loss(DomainPair(model, None, "both")(raw["audio"], raw["target_audio"]), batch)
+    assert out.losses["mse_target"] == pytest.approx(plain.losses["mse_target"], rel=1e-5)
+    assert out.losses["loss"] == pytest.approx(plain.losses["loss"] + out.losses["domain_bce"], rel=1e-5)
+    assert not torch.allclose(grads[0.0], grads[1.0])  # the reversed domain gradient reaches the features
+
+
 def test_distill_target_weights_scale_each_pseudo_labelled_segment():
     torch.manual_seed(0)
     model = TinyModel()
