@@ -145,6 +145,18 @@ GROUPS = {
             },
         },
     ),
+    "student_calibrate": (
+        "student, from the best teacher",
+        {
+            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
+            "teacher ensemble (the teachers' mean, not trained)": {"mode": "distill", "ensemble_only": True},
+            "the same, raw outputs (no calibration on the validation split)": {
+                "mode": "distill",
+                "init": "teacher",
+                "calibrate": "none",
+            },
+        },
+    ),
     "calibrate": (
         "supervised, raw outputs",
         {

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from pipelines.runs import StageContext
 
 PSEUDO_DATASET = "maestro-pseudo"  # the manifest's dataset name of a pseudo-label folder
+FILE_ROWS = 1024  # segments per file at most (~0.7 GB): the default 500 in one file
 
 
 @dataclass
@@ -146,6 +147,10 @@ def pseudolabel(
         num_cpus=cfg.cpus_per_actor,
         **resources,
     )
+    # stored in clip-id order: the actors' batches come back in an order that varies from run to run, and the
+    # student draws its seeded batches over row positions, so the same pseudo-labels must be stored the same way
+    # (a sort writes a file per sort block: its blocks are joined, in order, into files of up to FILE_ROWS rows)
+    ds = ds.sort("clip_id").repartition(max(1, -(-len(ids) // FILE_ROWS)))
     with progress:
         ds.write_parquet(str(out / DATA_DIR), **WRITE_OPTIONS)
     meta = pq.read_table(out / DATA_DIR, columns=["clip_id", "split", "labels", "teacher_spread"]).to_pandas()

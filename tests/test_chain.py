@@ -122,6 +122,9 @@ def test_pseudolabels(chain):
     cols = ["clip_id", "labels", "teacher_spread", "labels_raw"]
     table = pq.read_table(os.path.join(out, DATA_DIR), columns=cols).to_pandas()
     assert len(table) == 4 and table.clip_id.is_unique
+    # stored in clip-id order, whatever order the actors finished in: the student's seeded batches are drawn over
+    # row positions, so the same pseudo-labels train the same student
+    assert table.clip_id.is_monotonic_increasing
     for name in ("labels", "labels_raw"):  # the calibrated and the raw teacher mean, both clipped to the scale
         labels = np.stack(table[name].to_numpy())
         assert labels.shape == (4, 7) and labels.min() >= 1.0 and labels.max() <= 10.0, name
