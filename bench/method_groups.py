@@ -5,6 +5,9 @@ A variant is a dict of TrainConfig fields plus the keys below that are not Train
 (``STUDENT_KEYS``); ``mode: distill`` variants need a pseudo-label folder (``--pseudo``).
 """
 
+# the chain's student: distilled, started from the best-ranked teacher (student.init = teacher)
+WARM = {"mode": "distill", "init": "teacher"}
+
 # group -> (reference variant, variants); a variant is the TrainConfig / model overrides it changes
 GROUPS = {
     "head": (
@@ -63,23 +66,21 @@ GROUPS = {
         "student, from scratch",
         {
             "student, from scratch": {"mode": "distill"},
-            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
-            "student, from the best teacher, lr / 4": {"mode": "distill", "init": "teacher", "lr": 5e-4},
+            "student, from the best teacher": WARM,
+            "student, from the best teacher, lr / 4": {**WARM, "lr": 5e-4},
         },
     ),
     "student_noise": (
         "student, from the best teacher",
         {
-            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
+            "student, from the best teacher": WARM,
             "noised: masks of 20 bands, 50 frames": {
-                "mode": "distill",
-                "init": "teacher",
+                **WARM,
                 "freq_mask": 20,
                 "time_mask": 50,
             },
             "noised: masks of 40 bands, 100 frames": {
-                "mode": "distill",
-                "init": "teacher",
+                **WARM,
                 "freq_mask": 40,
                 "time_mask": 100,
             },
@@ -89,18 +90,17 @@ GROUPS = {
         "teacher ensemble (the teachers' mean, not trained)",
         {
             "teacher ensemble (the teachers' mean, not trained)": {"mode": "distill", "ensemble_only": True},
-            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
-            "student, source labels + 0.5 ensemble": {"mode": "distill", "init": "teacher", "source_soft": 0.5},
-            "student, source labels + 0.3 ensemble": {"mode": "distill", "init": "teacher", "source_soft": 0.3},
+            "student, from the best teacher": WARM,
+            "student, source labels + 0.5 ensemble": {**WARM, "source_soft": 0.5},
+            "student, source labels + 0.3 ensemble": {**WARM, "source_soft": 0.3},
         },
     ),
     "student_epochs": (
         "student, from the best teacher",
         {
-            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
+            "student, from the best teacher": WARM,
             "the same, 16 epochs": {
-                "mode": "distill",
-                "init": "teacher",
+                **WARM,
                 "max_epochs": 16,
                 "patience": 8,
                 "lr_milestones": (8, 12),
@@ -110,35 +110,33 @@ GROUPS = {
     "student_average": (
         "student, from the best teacher",
         {
-            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
-            "the same, its last epoch (no selection)": {"mode": "distill", "init": "teacher", "average": 1},
-            "the same, mean weights of its last 3 epochs": {"mode": "distill", "init": "teacher", "average": 3},
-            "the same, mean weights of its last 5 epochs": {"mode": "distill", "init": "teacher", "average": 5},
+            "student, from the best teacher": WARM,
+            "the same, its last epoch (no selection)": {**WARM, "average": 1},
+            "the same, mean weights of its last 3 epochs": {**WARM, "average": 3},
+            "the same, mean weights of its last 5 epochs": {**WARM, "average": 5},
         },
     ),
     "student_shifted": (
         "student, from the best teacher",
         {
-            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
-            "the same + windows 7.5 s into each segment pair": {"mode": "distill", "init": "teacher", "shifts": 1},
-            "the same + windows 5 and 10 s into each pair": {"mode": "distill", "init": "teacher", "shifts": 2},
+            "student, from the best teacher": WARM,
+            "the same + windows 7.5 s into each segment pair": {**WARM, "shifts": 1},
+            "the same + windows 5 and 10 s into each pair": {**WARM, "shifts": 2},
         },
     ),
     "student_adversary": (
         "student, from the best teacher, paired",
         {
-            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
-            "student, from the best teacher, paired": {"mode": "distill", "init": "teacher", "mix": "paired"},
+            "student, from the best teacher": WARM,
+            "student, from the best teacher, paired": {**WARM, "mix": "paired"},
             "the same + domain head, adversarial weight 0.1": {
-                "mode": "distill",
-                "init": "teacher",
+                **WARM,
                 "mix": "paired",
                 "adversary": True,
                 "adv_scale": 0.1,
             },
             "the same + domain head, adversarial weight 0.3": {
-                "mode": "distill",
-                "init": "teacher",
+                **WARM,
                 "mix": "paired",
                 "adversary": True,
                 "adv_scale": 0.3,
@@ -148,11 +146,10 @@ GROUPS = {
     "student_calibrate": (
         "student, from the best teacher",
         {
-            "student, from the best teacher": {"mode": "distill", "init": "teacher"},
+            "student, from the best teacher": WARM,
             "teacher ensemble (the teachers' mean, not trained)": {"mode": "distill", "ensemble_only": True},
             "the same, raw outputs (no calibration on the validation split)": {
-                "mode": "distill",
-                "init": "teacher",
+                **WARM,
                 "calibrate": "none",
             },
         },

@@ -94,7 +94,10 @@ class DomainPair(nn.Module):
 
     def _dann(self, source: Tensor | None, target: Tensor | None, adv_lambda: float) -> PairOutput:
         if source is None or target is None:
-            raise ValueError("a DANN step needs both a source and a target batch")
+            raise ValueError(
+                "a step with a domain head needs a source and a target batch in every call (DANN; an adversarial "
+                "student needs the paired mix, whose batches hold both domains)"
+            )
         self.domain_head.set_lambda(adv_lambda)
         with running_stats_frozen(self.model, not self._updates_stats("source")):
             feat_s = self.model.forward_features(source)  # (B, D) — BN over source only

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from mdlda.params import FEATURES, NUM_FEATURES
+from mdlda.params import FEATURES, NUM_FEATURES, RATING_MAX, RATING_MIN
 
 
 def _as_2d(x: ArrayLike, name: str) -> np.ndarray:
@@ -101,6 +101,18 @@ def level_offsets(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     out = {f"offset_{name}": float(v) for name, v in zip(FEATURES, d, strict=True)}
     out["offset_mean"] = float(np.abs(d).mean())
     return out
+
+
+def in_scale(y_pred: ArrayLike) -> float:
+    """Share of the outputs inside the rating scale (1..10)."""
+    p = np.asarray(y_pred, dtype=np.float64)
+    return float(((p >= RATING_MIN) & (p <= RATING_MAX)).mean())
+
+
+def rating_metrics(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
+    """What a results table reports of a model on a test split: :func:`regression_metrics`,
+    :func:`level_offsets` and ``in_scale``."""
+    return regression_metrics(y_true, y_pred) | level_offsets(y_true, y_pred) | {"in_scale": in_scale(y_pred)}
 
 
 def domain_discrepancy(source_emb: ArrayLike, target_emb: ArrayLike) -> float:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from mdlda.metrics import level_offsets, regression_metrics
-from mdlda.params import FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN
+from mdlda.metrics import rating_metrics
+from mdlda.params import FEATURES, PCM_SCALE
 from mdlda.tracking import load_served
 from pipelines.shards import numpy_batches, read_shards
 
@@ -98,9 +98,7 @@ def results_table(preds: Predictions) -> pd.DataFrame:
     scale)."""
     rows = []
     for (name, split), y_pred in preds.y_pred.items():
-        m = regression_metrics(preds.y_true[split], y_pred) | level_offsets(preds.y_true[split], y_pred)
-        in_scale = float(((y_pred >= RATING_MIN) & (y_pred <= RATING_MAX)).mean())
-        rows.append({"model": name, "split": split, "n": len(y_pred), **m, "in_scale": in_scale})
+        rows.append({"model": name, "split": split, "n": len(y_pred), **rating_metrics(preds.y_true[split], y_pred)})
     return pd.DataFrame(rows)
 
 

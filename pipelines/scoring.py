@@ -16,8 +16,8 @@ import torch
 
 from mdlda.adapt import recalibrate_batchnorm
 from mdlda.config import ChainConfig
-from mdlda.metrics import domain_discrepancy, level_offsets, regression_metrics
-from mdlda.params import LABEL_SCALE, PCM_SCALE, RATING_MAX, RATING_MIN, SEGMENT_SAMPLES
+from mdlda.metrics import domain_discrepancy, in_scale, level_offsets, rating_metrics, regression_metrics
+from mdlda.params import LABEL_SCALE, PCM_SCALE, SEGMENT_SAMPLES
 from pipelines.evaluate import load_split
 from pipelines.shards import numpy_batches, read_shards
 
@@ -129,18 +129,14 @@ def metric_rows(name: str, seed: int, data: EvalData, pred: dict, emb: dict | No
     for split, d in (("test", data.test), ("piano_test", data.piano)):
         p = pred[split]
         ref = np.broadcast_to(data.label_mean, d["labels"].shape)
-        row = {"seed": seed, "model": name, "split": split, **regression_metrics(d["labels"], p)}
-        row |= level_offsets(d["labels"], p)
-        row["in_scale"] = float(((p >= RATING_MIN) & (p <= RATING_MAX)).mean())
+        row = {"seed": seed, "model": name, "split": split, **rating_metrics(d["labels"], p)}
         row["rmse_ref"] = regression_metrics(d["labels"], ref)["rmse_mean"]
         row["offset_ref"] = level_offsets(d["labels"], ref)["offset_mean"]  # how far the split's level is from it
         if split == "piano_test":
             row["disc_out"] = domain_discrepancy(pred["test"], p)
             row["disc_emb"] = domain_discrepancy(emb["test"], emb["piano_test"]) if emb else math.nan
             m = pred.get("maestro")
-            row["in_scale_maestro"] = (
-                float(((m >= RATING_MIN) & (m <= RATING_MAX)).mean()) if m is not None else math.nan
-            )
+            row["in_scale_maestro"] = in_scale(m) if m is not None else math.nan
             row |= probe_rows(pred, emb, data)
         rows.append(row)
     return rows

@@ -3,7 +3,16 @@ import pytest
 import torch
 from scipy import stats
 
-from mdlda.metrics import domain_accuracy, domain_discrepancy, level_offsets, pearson_r, regression_metrics, rmse
+from mdlda.metrics import (
+    domain_accuracy,
+    domain_discrepancy,
+    in_scale,
+    level_offsets,
+    pearson_r,
+    rating_metrics,
+    regression_metrics,
+    rmse,
+)
 from mdlda.params import FEATURES
 
 
@@ -46,6 +55,15 @@ def test_level_offsets_are_the_level_part_of_the_rmse():
     assert regression_metrics(y, pred + shift)["r_mean"] == pytest.approx(regression_metrics(y, pred)["r_mean"])
     with pytest.raises(ValueError, match="differ in shape"):
         level_offsets(y, pred[:3])
+
+
+def test_rating_metrics_are_r_rmse_offsets_and_the_share_on_the_scale():
+    y, pred = _ratings()
+    pred[:4, 0] = [0.5, 10.5, 1.0, 10.0]  # two outside 1..10, the bounds themselves inside
+    m = rating_metrics(y, pred)
+    assert m == regression_metrics(y, pred) | level_offsets(y, pred) | {"in_scale": in_scale(pred)}
+    inside = ((pred >= 1) & (pred <= 10)).sum()
+    assert m["in_scale"] == pytest.approx(inside / pred.size) and inside < pred.size
 
 
 def test_metrics_accept_tensors_and_are_scale_aware():

@@ -128,6 +128,9 @@ def test_an_adversarial_student_adds_the_domain_loss_to_the_distillation_loss():
     assert out.losses["mse_target"] == pytest.approx(plain.losses["mse_target"], rel=1e-5)
     assert out.losses["loss"] == pytest.approx(plain.losses["loss"] + out.losses["domain_bce"], rel=1e-5)
     assert not torch.allclose(grads[0.0], grads[1.0])  # the reversed domain gradient reaches the features
+    one_domain = prepare_batch({"audio": TRAIN[0][:8], "labels": TRAIN[1][:8]}, "distill", "cpu")  # a pooled batch
+    with pytest.raises(ValueError, match="paired mix"):
+        run_distill(pair, one_domain, 1.0)
 
 
 def test_distill_target_weights_scale_each_pseudo_labelled_segment():
