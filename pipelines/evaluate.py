@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from mdlda.manifest import ShardError
 from mdlda.metrics import rating_metrics
 from mdlda.params import FEATURES, PCM_SCALE
 from mdlda.tracking import load_served
-from pipelines.shards import numpy_batches, read_shards
+from pipelines.shards import local_rows
 
 if TYPE_CHECKING:
     from mdlda.config import ChainConfig
@@ -53,9 +54,10 @@ def pin_models(models: dict[str, str]) -> tuple[dict[str, str], dict[str, dict]]
 def load_split(shards: str | Path, split: str) -> dict[str, np.ndarray]:
     """One evaluation split in memory (int16 audio, labels, ids): test splits are small, and every model then
     reads the same arrays instead of re-reading Parquet."""
-    ds, _ = read_shards(shards, splits=[split], columns=["clip_id", "audio", "labels"])
-    parts = list(numpy_batches(ds))
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("clip_id", "audio", "labels")}
+    rows = local_rows(shards, [split], ["clip_id", "audio", "labels"])
+    if not rows:
+        raise ShardError(f"{shards}: the {split} split has no rows to evaluate on")
+    return rows
 
 
 def _batched(model_fn, audio: np.ndarray, batch_size: int) -> np.ndarray:

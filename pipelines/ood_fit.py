@@ -13,7 +13,7 @@ from torch import nn
 
 from mdlda import ood
 from mdlda.params import PCM_SCALE
-from pipelines.shards import numpy_batches, read_shards
+from pipelines.shards import local_batches
 
 OOD_SPLIT = "train"
 
@@ -22,9 +22,8 @@ def training_ood(
     models: Sequence[nn.Module], shards: str | Path, split: str = OOD_SPLIT, batch_size: int = 8
 ) -> list[ood.OodStats]:
     """The :class:`~mdlda.ood.OodStats` of every model on ``split`` of ``shards``, reading the shards once."""
-    ds, _ = read_shards(shards, splits=[split], columns=["audio"])
     embeddings: list[list[np.ndarray]] = [[] for _ in models]
-    for batch in numpy_batches(ds, batch_size=64):
+    for batch in local_batches(shards, [split], ["audio"], batch_size=64):
         audio = batch["audio"]  # (b, 330750) int16
         for i in range(0, len(audio), batch_size):
             x = torch.from_numpy(audio[i : i + batch_size].astype(np.float32) / PCM_SCALE)

@@ -28,7 +28,7 @@ from mdlda.params import NUM_FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN, audio_
 from mdlda.pcm import from_column, with_metadata
 from pipelines.data import RAW_LABELS
 from pipelines.prepare_folder import clear_stage_output
-from pipelines.shards import WRITE_OPTIONS, labels_array, read_shards
+from pipelines.shards import WRITE_OPTIONS, labels_array, local_rows, read_shards
 
 if TYPE_CHECKING:
     from pipelines.prepare_stage import ChainInputs
@@ -81,8 +81,7 @@ class TeacherEnsemble:
 
 def choose_segments(maestro_shards: str | Path, n: int, seed: int, splits: list[str] | None) -> list[str]:
     """A seeded random subset of ``n`` of the shards' segment ids (:func:`sample_ids`)."""
-    ds, _ = read_shards(maestro_shards, splits=splits, columns=["clip_id"])
-    return sample_ids(ds.to_pandas().clip_id, n, seed)
+    return sample_ids(local_rows(maestro_shards, splits, ["clip_id"]).get("clip_id", []), n, seed)
 
 
 def sample_ids(ids, n: int, seed: int) -> list[str]:

@@ -26,6 +26,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     ctx = ray.data.DataContext.get_current()
     # batches in the same order on every run: a seeded trial is reproducible (the local shuffle is seeded)
     ctx.execution_options.preserve_order = True
+    # Parquet through Ray Data's V1 datasource unless RAY_DATA_USE_DATASOURCE_V2 says otherwise: V2 (Ray 2.60's
+    # default) lists the files in a task of its own before the read, ~1.2 s more per read on 2 CPUs whatever its
+    # size (bench/README.md, parquet_read.py), and a chain makes a few dozen reads
+    if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
+        ctx.use_datasource_v2 = False
     if quiet:
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False

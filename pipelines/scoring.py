@@ -19,7 +19,7 @@ from mdlda.config import ChainConfig
 from mdlda.metrics import domain_discrepancy, in_scale, level_offsets, rating_metrics, regression_metrics
 from mdlda.params import LABEL_SCALE, PCM_SCALE, SEGMENT_SAMPLES
 from pipelines.evaluate import load_split
-from pipelines.shards import numpy_batches, read_shards
+from pipelines.shards import local_rows
 
 ADAPT_CAP = 512  # segments per domain used to recompute BatchNorm statistics
 
@@ -52,11 +52,9 @@ def adabn(model, domain_audio: np.ndarray):
 
 
 def _sample(shards: Path, splits: list[str] | None, cap: int, seed: int) -> np.ndarray:
-    ds, _ = read_shards(shards, splits=splits, columns=["audio"])
-    parts = [b["audio"] for b in numpy_batches(ds)]
-    if not parts:
+    audio = local_rows(shards, splits, ["audio"]).get("audio")
+    if audio is None:
         return np.zeros((0, SEGMENT_SAMPLES), dtype=np.int16)
-    audio = np.concatenate(parts)
     if len(audio) > cap:
         audio = audio[np.sort(np.random.default_rng(seed).choice(len(audio), cap, replace=False))]
     return audio
@@ -92,11 +90,9 @@ def eval_data(workdir: Path, cfg: ChainConfig) -> EvalData:
 def probe_segments(shards: Path, cap: int, seed: int) -> dict | None:
     """Whole MAESTRO performances (every split: the probe needs no labels), drawn at random until ``cap``
     segments: a segment's successor is always in the set. None when the shards hold no segments."""
-    ds, _ = read_shards(shards, columns=["audio", "group", "offset_s"])
-    parts = list(numpy_batches(ds))  # audio decoded from the PCM column (mdlda/pcm.py)
-    if not parts:
+    seg = local_rows(shards, None, ["audio", "group", "offset_s"])
+    if not seg:
         return None
-    seg = {k: np.concatenate([p[k] for p in parts]) for k in ("audio", "group", "offset_s")}
     keep, total = [], 0
     groups, sizes = np.unique(seg["group"], return_counts=True)
     for k in np.random.default_rng(seed).permutation(len(groups)):
