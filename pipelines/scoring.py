@@ -19,7 +19,7 @@ from mdlda.config import ChainConfig
 from mdlda.metrics import domain_discrepancy, in_scale, level_offsets, rating_metrics, regression_metrics
 from mdlda.params import LABEL_SCALE, PCM_SCALE, SEGMENT_SAMPLES
 from pipelines.evaluate import load_split
-from pipelines.shards import local_rows
+from pipelines.shards import local_index, local_rows
 
 ADAPT_CAP = 512  # segments per domain used to recompute BatchNorm statistics
 
@@ -52,12 +52,10 @@ def adabn(model, domain_audio: np.ndarray):
 
 
 def _sample(shards: Path, splits: list[str] | None, cap: int, seed: int) -> np.ndarray:
-    audio = local_rows(shards, splits, ["audio"]).get("audio")
-    if audio is None:
-        return np.zeros((0, SEGMENT_SAMPLES), dtype=np.int16)
-    if len(audio) > cap:
-        audio = audio[np.sort(np.random.default_rng(seed).choice(len(audio), cap, replace=False))]
-    return audio
+    """A seeded random subset of up to ``cap`` segments of ``splits``, in storage order; only those are read."""
+    index = local_index(shards, splits, ["audio"]).sample(cap, seed)
+    audio = local_rows(shards, index=index).get("audio")
+    return np.zeros((0, SEGMENT_SAMPLES), dtype=np.int16) if audio is None else audio
 
 
 @dataclass
@@ -90,18 +88,18 @@ def eval_data(workdir: Path, cfg: ChainConfig) -> EvalData:
 def probe_segments(shards: Path, cap: int, seed: int) -> dict | None:
     """Whole MAESTRO performances (every split: the probe needs no labels), drawn at random until ``cap``
     segments: a segment's successor is always in the set. None when the shards hold no segments."""
-    seg = local_rows(shards, None, ["audio", "group", "offset_s"])
-    if not seg:
+    index = local_index(shards, None, ["audio", "group", "offset_s"])  # no audio read yet
+    if not len(index):
         return None
     keep, total = [], 0
-    groups, sizes = np.unique(seg["group"], return_counts=True)
+    groups, sizes = np.unique(index.small["group"], return_counts=True)
     for k in np.random.default_rng(seed).permutation(len(groups)):
         if total and total + sizes[k] > cap:
             continue
         keep.append(groups[k])
         total += sizes[k]
-    rows = np.flatnonzero(np.isin(seg["group"], keep))
-    return {k: v[rows] for k, v in seg.items()}
+    rows = np.flatnonzero(np.isin(index.small["group"], keep))
+    return local_rows(shards, index=index.take(rows))  # only the chosen performances' audio is read
 
 
 def probe_rows(pred: dict, emb: dict | None, data: EvalData) -> dict:

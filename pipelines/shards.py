@@ -36,35 +36,47 @@ def read_shards(
     return ds, manifest
 
 
-def local_batches(
-    folder: str | Path,
-    splits: Sequence[str] | None = None,
-    columns: Sequence[str] | None = None,
-    batch_size: int = 256,
-) -> Iterator[dict[str, np.ndarray]]:
-    """The rows of ``splits`` of a finished shard folder in storage order, read in this process without Ray, as
-    :func:`numpy_batches` gives them; the same checks as :func:`read_shards` (before the first batch).
-
-    For what one process consumes whole or in one pass: the evaluation splits, the BatchNorm samples, the probe's
-    segments, an OOD pass. Each Ray Data read costs seconds of executor start on any size (2-5 s for 24 clips on 2
-    CPUs), more than reading such a set; sets for training go through :func:`read_shards` (materialised, or a row
-    index that the trials read)."""
+def local_index(folder: str | Path, splits: Sequence[str] | None = None, columns: Sequence[str] | None = None):
+    """The :class:`~pipelines.shard_index.ShardIndex` of the rows of ``splits`` (every column when ``columns`` is
+    None), after the same checks as :func:`read_shards`: footers and small columns only, no audio read. Take or
+    sample its rows, then read them in this process with :func:`local_batches` or :func:`local_rows`."""
     from pipelines.shard_index import build_index
-    from pipelines.shard_reader import epoch_batches
 
     folder = Path(folder).resolve()
     _checked_folder(folder, splits)
     if columns is None:
         files = sorted((folder / DATA_DIR).glob("*.parquet"))
         columns = pq.read_schema(files[0]).names if files else []
-    return epoch_batches(build_index(folder, splits, list(columns)), batch_size, seed=None)
+    return build_index(folder, splits, list(columns))
+
+
+def local_batches(
+    folder: str | Path,
+    splits: Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
+    batch_size: int = 256,
+    index=None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of ``splits`` of a finished shard folder (or of ``index``, from :func:`local_index`) in storage
+    order, read in this process without Ray, as :func:`numpy_batches` gives them; the folder is checked as
+    :func:`read_shards` checks it, before the first batch.
+
+    For what one process consumes whole or in one pass: the evaluation splits, the BatchNorm samples, the probe's
+    segments, an OOD pass. A Ray Data read costs from half a second to seconds of executor start whatever its size
+    (bench/README.md, parquet_read.py), more than reading such a set; sets for training go through
+    :func:`read_shards` (materialised, or a row index that the trials read)."""
+    from pipelines.shard_reader import epoch_batches
+
+    index = index if index is not None else local_index(folder, splits, columns)
+    return epoch_batches(index, batch_size, seed=None)
 
 
 def local_rows(
-    folder: str | Path, splits: Sequence[str] | None = None, columns: Sequence[str] | None = None
+    folder: str | Path, splits: Sequence[str] | None = None, columns: Sequence[str] | None = None, index=None
 ) -> dict[str, np.ndarray]:
-    """Every row of ``splits`` in memory, column by column (:func:`local_batches`); {} when there are none."""
-    parts = list(local_batches(folder, splits, columns))
+    """Every row of ``splits`` (or of ``index``) in memory, column by column (:func:`local_batches`); {} when
+    there are none."""
+    parts = list(local_batches(folder, splits, columns, index=index))
     if not parts:
         return {}
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

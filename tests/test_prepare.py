@@ -97,6 +97,13 @@ def test_a_local_read_gives_ray_datas_rows_of_each_split(midlevel_shards):
     assert len(everything["clip_id"]) == midlevel_shards.manifest["rows"] and "audio" in everything
     with pytest.raises(ShardError, match="no rows in split"):
         local_rows(midlevel_shards.out, ["nope"])
+    # a seeded sample reads only its rows: the same rows as drawing from the whole split
+    from pipelines.scoring import _sample
+
+    train = local_rows(midlevel_shards.out, ["train"], ["audio"])["audio"]
+    pick = np.sort(np.random.default_rng(3).choice(len(train), 5, replace=False))
+    assert np.array_equal(_sample(midlevel_shards.out, ["train"], 5, 3), train[pick])
+    assert np.array_equal(_sample(midlevel_shards.out, ["train"], 10_000, 3), train)
 
 
 def _to_old_layout(folder: Path) -> None:
