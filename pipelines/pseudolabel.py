@@ -28,7 +28,7 @@ from mdlda.params import NUM_FEATURES, PCM_SCALE, RATING_MAX, RATING_MIN, audio_
 from mdlda.pcm import from_column, with_metadata
 from pipelines.data import RAW_LABELS
 from pipelines.prepare_folder import clear_stage_output
-from pipelines.shards import WRITE_OPTIONS, labels_array, local_rows, read_shards
+from pipelines.shards import WRITE_OPTIONS, labels_array, local_index, read_shards
 
 if TYPE_CHECKING:
     from pipelines.prepare_stage import ChainInputs
@@ -79,9 +79,15 @@ class TeacherEnsemble:
         return with_metadata(table)
 
 
-def choose_segments(maestro_shards: str | Path, n: int, seed: int, splits: list[str] | None) -> list[str]:
-    """A seeded random subset of ``n`` of the shards' segment ids (:func:`sample_ids`)."""
-    return sample_ids(local_rows(maestro_shards, splits, ["clip_id"]).get("clip_id", []), n, seed)
+def choose_segments(
+    maestro_shards: str | Path, n: int, seed: int, splits: list[str] | None
+) -> tuple[list[str], list[str]]:
+    """A seeded random subset of ``n`` of the shards' segment ids (:func:`sample_ids`), and the shard files that
+    hold them (from the footers and the ids: no audio read), so that only those files are read."""
+    index = local_index(maestro_shards, splits, ["clip_id"])
+    ids = sample_ids(index.small.get("clip_id", []), n, seed)
+    held = np.unique(index.file[np.isin(index.small.get("clip_id", np.zeros(0, dtype=object)), ids)])
+    return ids, [index.files[k] for k in held]
 
 
 def sample_ids(ids, n: int, seed: int) -> list[str]:
@@ -125,9 +131,12 @@ def pseudolabel(
     for uri in teacher_uris:  # a refused teacher stops here, in the driver, with its message (not in an actor)
         resolve(uri)
     clear_stage_output(out, PSEUDO_DATASET)  # an older output of this stage; nothing else is deleted
-    ids = choose_segments(maestro_shards, n, cfg.seed, cfg.splits)
+    ids, files = choose_segments(maestro_shards, n, cfg.seed, cfg.splits)
+    if not ids:
+        raise ValueError(f"pseudolabel: {maestro_shards} holds no segment in the splits {cfg.splits or 'all'}")
     cols = ["clip_id", "dataset", "domain", "split", "group", "offset_s", "audio"]
-    ds, _ = read_shards(maestro_shards, splits=cfg.splits, columns=cols)  # unlabelled: never read the null labels
+    # only the files holding a chosen segment (MAESTRO's hold one performance each); unlabelled: no labels column
+    ds, _ = read_shards(maestro_shards, splits=cfg.splits, columns=cols, files=files)
     ds = ds.filter(expr=col("clip_id").is_in(ids))
     resources = {"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}
     from mdlda.console import progress_bar

@@ -19,18 +19,23 @@ def read_shards(
     folder: str | Path,
     splits: Sequence[str] | None = None,
     columns: Sequence[str] | None = None,
+    files: Sequence[str] | None = None,
 ) -> tuple[ray.data.Dataset, dict]:
-    """A lazy Ray Dataset over a finished shard folder, optionally only some splits and columns.
+    """A lazy Ray Dataset over a finished shard folder, optionally only some splits and columns, and only the data
+    ``files`` given (paths of the folder's files; e.g. those holding the rows one wants, from :func:`local_index`).
 
     Refuses (``ShardError`` / ``AudioParamsMismatch``) a folder without a manifest, one made with other audio
     parameters, or a request for a split the folder does not have.
     """
     folder = Path(folder).resolve()
     manifest = _checked_folder(folder, splits)
+    only = None if files is None else {str(Path(f).resolve()) for f in files}
+    if only is not None and not only:
+        raise ShardError(f"{folder}: no data file to read (an empty file list)")
     if splits is None:
-        ds = ray.data.read_parquet(str(folder / DATA_DIR))
+        ds = ray.data.read_parquet(sorted(only) if only is not None else str(folder / DATA_DIR))
     else:
-        ds = _read_splits(folder, list(splits))
+        ds = _read_splits(folder, list(splits), only)
     if columns is not None:
         ds = ds.select_columns(list(columns))
     return ds, manifest
@@ -114,18 +119,22 @@ def split_files(folder: Path, splits: Sequence[str]) -> tuple[list[str], list[st
     return pure, mixed
 
 
-def _read_splits(folder: Path, splits: list[str]) -> ray.data.Dataset:
-    """The rows of ``splits``: the files holding only those splits are read as they are (MAESTRO's files hold one
-    performance, so one split), and only files mixing splits go through the row filter (which copies the rows it
-    keeps)."""
+def _read_splits(folder: Path, splits: list[str], only: set[str] | None = None) -> ray.data.Dataset:
+    """The rows of ``splits`` (in the files of ``only`` when given): the files holding only those splits are read as
+    they are (MAESTRO's files hold one performance, so one split), and only files mixing splits go through the row
+    filter (which copies the rows it keeps)."""
     pure, mixed = split_files(folder, splits)
+    if only is not None:
+        pure = [f for f in pure if str(Path(f).resolve()) in only]
+        mixed = [f for f in mixed if str(Path(f).resolve()) in only]
     parts = []
     if pure:
         parts.append(ray.data.read_parquet(pure))
     if mixed:
         parts.append(ray.data.read_parquet(mixed).filter(expr=col("split").is_in(splits)))
     if not parts:  # the manifest counts rows of these splits, but no file holds one: an empty Dataset
-        return ray.data.read_parquet(str(folder / DATA_DIR)).filter(expr=col("split").is_in(splits))
+        every = sorted(only) if only else str(folder / DATA_DIR)
+        return ray.data.read_parquet(every).filter(expr=col("split").is_in(splits))
     return parts[0] if len(parts) == 1 else parts[0].union(parts[1])
 
 

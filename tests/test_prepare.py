@@ -106,6 +106,25 @@ def test_a_local_read_gives_ray_datas_rows_of_each_split(midlevel_shards):
     assert np.array_equal(_sample(midlevel_shards.out, ["train"], 10_000, 3), train)
 
 
+def test_pseudolabel_reads_only_the_files_holding_its_segments(midlevel_shards):
+    """choose_segments names the files that hold the chosen ids; read_shards(files=...) reads only those."""
+    from mdlda.manifest import ShardError
+    from pipelines.pseudolabel import choose_segments
+    from pipelines.shards import local_index, read_shards
+
+    index = local_index(midlevel_shards.out, ["train"], ["clip_id"])
+    ids, files = choose_segments(midlevel_shards.out, 3, 0, ["train"])
+    assert len(ids) == 3 and set(ids) <= set(index.small["clip_id"])
+    holding = {index.files[k] for k, c in zip(index.file, index.small["clip_id"], strict=True) if c in ids}
+    assert set(files) == holding and len(files) < len(index.files)
+    ds, _ = read_shards(midlevel_shards.out, splits=["train"], columns=["clip_id", "split"], files=files)
+    got = ds.to_pandas()
+    in_files = {c for k, c in zip(index.file, index.small["clip_id"], strict=True) if index.files[k] in holding}
+    assert set(got.clip_id) == in_files and set(got.split) == {"train"}  # every train row of those files, no more
+    with pytest.raises(ShardError, match="empty file list"):
+        read_shards(midlevel_shards.out, splits=["train"], files=[])
+
+
 def _to_old_layout(folder: Path) -> None:
     """Rewrite a shard folder as an older mdlda wrote it: audio as large_list<int16>, no layout in the manifest."""
     import pyarrow as pa
