@@ -48,7 +48,7 @@ class PseudoLabelResult:
 class TeacherEnsemble:
     """Ray Data actor: holds the teachers, returns the batch with mean labels and the teacher spread."""
 
-    def __init__(self, uris: list[str], tracking_uri: str, progress=None) -> None:
+    def __init__(self, uris: list[str], tracking_uri: str, progress=None, batch_size: int | None = None) -> None:
         import mlflow
         import torch
 
@@ -59,14 +59,23 @@ class TeacherEnsemble:
         # weights-only checkpoints and mdlda's model code: a registered version cannot run code on the workers
         self.teachers = [load_served(uri).to(self.device) for uri in uris]
         self.progress = progress  # a ray.util.queue.Queue of labelled segment counts (the driver's bar), or None
+        # a shorter batch is padded with silence to this size: which rows Ray Data groups into a batch depends on
+        # its blocks (the reader, the cluster), and a segment's float32 rating in a batch of 1 differs from the
+        # same segment's in a batch of 4 by ~1e-7, enough to move a student's kept epoch. Padded, a segment's
+        # labels do not depend on its neighbours (eval-mode BatchNorm: each output is its own input's).
+        self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
         pcm = from_column(batch.column("audio"))  # (B, N) int16, a view of the shard bytes
-        audio = torch.from_numpy(pcm.astype(np.float32) / PCM_SCALE).to(self.device)
+        n = len(pcm)
+        audio = torch.from_numpy(pcm.astype(np.float32) / PCM_SCALE)
+        if self.batch_size and n < self.batch_size:
+            audio = torch.cat([audio, audio.new_zeros(self.batch_size - n, audio.shape[1])])
+        audio = audio.to(self.device)
         with torch.no_grad():
-            rated = [t(audio).float() for t in self.teachers]
+            rated = [t(audio).float()[:n] for t in self.teachers]
             # each teacher's output before its calibration (RatingModel.uncalibrated)
             raw = np.stack([t.uncalibrated(r).cpu().numpy() for t, r in zip(self.teachers, rated, strict=True)])
         preds = np.stack([r.cpu().numpy() for r in rated])  # (k, B, 7) on 1..10
@@ -75,7 +84,7 @@ class TeacherEnsemble:
         table = table.append_column("teacher_spread", pa.array(preds.std(axis=0).mean(axis=1).astype(np.float32)))
         table = table.append_column(RAW_LABELS, labels_array(np.clip(raw.mean(axis=0), RATING_MIN, RATING_MAX)))
         if self.progress is not None:
-            self.progress.put(len(audio))
+            self.progress.put(n)
         return with_metadata(table)
 
 
@@ -148,7 +157,12 @@ def pseudolabel(
     queue = progress.enter_context(watched_queue(lambda n: bar.advance(task, n)))
     ds = ds.map_batches(
         TeacherEnsemble,
-        fn_constructor_kwargs={"uris": teacher_uris, "tracking_uri": tracking_uri, "progress": queue},
+        fn_constructor_kwargs={
+            "uris": teacher_uris,
+            "tracking_uri": tracking_uri,
+            "progress": queue,
+            "batch_size": cfg.batch_size,
+        },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=cfg.concurrency or 1),  # `concurrency=` is deprecated since Ray 2.51

@@ -131,6 +131,27 @@ def test_pseudolabels(chain):
     assert (table.teacher_spread >= 0).all()
 
 
+def test_a_segments_pseudo_label_does_not_depend_on_its_batch(chain):
+    """The teacher actor pads a short batch to its batch size: the same segment gets bit-identical labels alone
+    and among others, in any position (Ray Data's blocks decide which rows share a batch)."""
+    import pyarrow as pa
+
+    from pipelines.pseudolabel import TeacherEnsemble
+
+    first, _ = chain
+    uris = [f"models:/mdlda-teacher/{v.version}" for v in _client(first).search_model_versions("name='mdlda-teacher'")]
+    maestro = os.path.join(first.workdir, "shards", "maestro", DATA_DIR)
+    table = pq.read_table(maestro, columns=["clip_id", "audio"]).slice(0, 4)
+    actor = TeacherEnsemble(uris, first.tracking_uri, batch_size=4)
+    together = actor(table)
+    for i in range(4):
+        alone = actor(table.slice(i, 1))
+        for name in ("labels", "labels_raw"):
+            assert alone.column(name).to_pylist() == together.column(name).to_pylist()[i : i + 1], (i, name)
+    reordered = actor(pa.concat_tables([table.slice(3, 1), table.slice(0, 3)]))
+    assert reordered.column("labels").to_pylist()[1:] == together.column("labels").to_pylist()[:3]
+
+
 def test_summary_covers_every_model(chain):
     first, _ = chain
     models = set(first.summary.model)
