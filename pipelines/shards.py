@@ -30,8 +30,12 @@ def read_shards(
     folder = Path(folder).resolve()
     manifest = _checked_folder(folder, splits)
     only = None if files is None else {str(Path(f).resolve()) for f in files}
-    if only is not None and not only:
-        raise ShardError(f"{folder}: no data file to read (an empty file list)")
+    if only is not None:
+        if not only:
+            raise ShardError(f"{folder}: no data file to read (an empty file list)")
+        foreign = sorted(f for f in only if Path(f).parent != folder / DATA_DIR)
+        if foreign:
+            raise ShardError(f"{folder}: {foreign[0]} is not one of this folder's data files")
     if splits is None:
         ds = ray.data.read_parquet(sorted(only) if only is not None else str(folder / DATA_DIR))
     else:

@@ -123,6 +123,8 @@ def test_pseudolabel_reads_only_the_files_holding_its_segments(midlevel_shards):
     assert set(got.clip_id) == in_files and set(got.split) == {"train"}  # every train row of those files, no more
     with pytest.raises(ShardError, match="empty file list"):
         read_shards(midlevel_shards.out, splits=["train"], files=[])
+    with pytest.raises(ShardError, match="not one of this folder's data files"):
+        read_shards(midlevel_shards.out, files=[*files, "/etc/passwd"])
 
 
 def _to_old_layout(folder: Path) -> None:
